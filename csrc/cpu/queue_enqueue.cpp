@@ -1,0 +1,46 @@
+// CPU kernel of the FIFO enqueue.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../queue.h"
+
+namespace dcq_ops {
+
+void queue_enqueue_cpu(at::Tensor& weights, at::Tensor& labels, at::Tensor& ptr, const at::Tensor& keys,
+                       const at::Tensor& key_labels) {
+  const at::Tensor keys_f32 = check_enqueue_args(weights, labels, ptr, keys, key_labels);
+  const at::Tensor key_labels_c = key_labels.contiguous();
+  const int64_t batch = keys.size(0);
+  const int64_t slots = weights.size(0);
+  const int64_t dim = weights.size(1);
+  if (batch == 0) return;
+  int64_t* head = ptr.data_ptr<int64_t>();
+  const int64_t start = ((*head % slots) + slots) % slots;
+  const float* src = keys_f32.data_ptr<float>();
+  const int64_t* src_labels = key_labels_c.data_ptr<int64_t>();
+  int64_t* dst_labels = labels.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "queue_enqueue_cpu", [&] {
+    scalar_t* dst = weights.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float* key = src + i * dim;
+        float sq = 0.f;
+        for (int64_t d = 0; d < dim; ++d) sq += key[d] * key[d];
+        const float inv = 1.f / std::fmax(std::sqrt(sq), 1e-12f);
+        const int64_t slot = (start + i) % slots;
+        scalar_t* out = dst + slot * dim;
+        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(key[d] * inv);
+        dst_labels[slot] = src_labels[i];
+      }
+    });
+  });
+  *head = (start + batch) % slots;
+}
+
+TORCH_LIBRARY_IMPL(dcq_ops, CPU, m) { m.impl("queue_enqueue_", &queue_enqueue_cpu); }
+
+}  // namespace dcq_ops

@@ -1,0 +1,66 @@
+// CUDA kernel of the FIFO enqueue: one block per key normalises it and writes
+// it at slot (ptr + i) mod K; a second launch on the same stream advances ptr,
+// so every block reads the pointer before it moves and the host never syncs.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "../queue.h"
+
+namespace dcq_ops {
+namespace {
+
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ int64_t wrap(int64_t v, int64_t slots) { return ((v % slots) + slots) % slots; }
+
+template <typename scalar_t>
+__global__ void enqueue_kernel(scalar_t* __restrict__ weights, int64_t* __restrict__ labels,
+                               const int64_t* __restrict__ ptr, const float* __restrict__ keys,
+                               const int64_t* __restrict__ key_labels, int64_t slots, int64_t dim) {
+  using BlockReduce = cub::BlockReduce<float, kThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  __shared__ float inv_norm;
+  const int64_t i = blockIdx.x;
+  const float* key = keys + i * dim;
+  float sq = 0.f;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) sq += key[d] * key[d];
+  const float total = BlockReduce(temp).Sum(sq);
+  if (threadIdx.x == 0) inv_norm = 1.f / fmaxf(sqrtf(total), 1e-12f);
+  __syncthreads();
+  const int64_t slot = wrap(ptr[0] + i, slots);
+  scalar_t* out = weights + slot * dim;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) out[d] = static_cast<scalar_t>(key[d] * inv_norm);
+  if (threadIdx.x == 0) labels[slot] = key_labels[i];
+}
+
+__global__ void advance_ptr_kernel(int64_t* ptr, int64_t batch, int64_t slots) {
+  ptr[0] = wrap(wrap(ptr[0], slots) + batch, slots);
+}
+
+}  // namespace
+
+void queue_enqueue_cuda(at::Tensor& weights, at::Tensor& labels, at::Tensor& ptr, const at::Tensor& keys,
+                        const at::Tensor& key_labels) {
+  const at::Tensor keys_f32 = check_enqueue_args(weights, labels, ptr, keys, key_labels);
+  const at::Tensor key_labels_c = key_labels.contiguous();
+  const int64_t batch = keys.size(0);
+  if (batch == 0) return;
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "queue_enqueue_cuda", [&] {
+    enqueue_kernel<scalar_t><<<batch, kThreads, 0, stream>>>(
+        weights.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(),
+        keys_f32.data_ptr<float>(), key_labels_c.data_ptr<int64_t>(), weights.size(0), weights.size(1));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  advance_ptr_kernel<<<1, 1, 0, stream>>>(ptr.data_ptr<int64_t>(), batch, weights.size(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+TORCH_LIBRARY_IMPL(dcq_ops, CUDA, m) { m.impl("queue_enqueue_", &queue_enqueue_cuda); }
+
+}  // namespace dcq_ops

@@ -1,0 +1,102 @@
+"""Build of dcq_ops and its compiled extension dcq_ops._C.
+
+The extension's sources are listed once, in csrc/sources.txt (CMakeLists.txt
+reads the same file). CPU kernels are always built; the CUDA kernels as well
+when the installed torch has CUDA and nvcc is found. Set DCQ_OPS_REQUIRE_CUDA=1
+to fail instead of silently building CPU-only (CI does), DCQ_OPS_NO_EXTENSION=1
+to build the pure-Python package only.
+
+Build with the torch that will run it: `pip install --no-build-isolation .`.
+Without torch in the build environment (a plain isolated `pip install .`), the
+package is installed without the extension, and `import dcq_ops` says so.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+
+def read_sources():
+    lines = (CSRC / "sources.txt").read_text().splitlines()
+    sources = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    cpu = [f"csrc/{s}" for s in sources if not s.endswith(".cu")]
+    cuda = [f"csrc/{s}" for s in sources if s.endswith(".cu")]
+    return cpu, cuda
+
+
+def cuda_include_dirs():
+    """Headers of the CUDA toolkit wheels (cusparse.h and friends) that torch's headers include."""
+    dirs = []
+    for entry in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
+            candidate = Path(entry) / sub
+            if candidate.is_dir():
+                dirs.append(str(candidate))
+    return dirs
+
+
+def build_extensions():
+    if os.environ.get("DCQ_OPS_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print(
+            "dcq_ops: torch is not importable in the build environment, so the compiled "
+            "extension is NOT built. Install torch first, then `pip install --no-build-isolation .`.",
+            file=sys.stderr,
+        )
+        if os.environ.get("DCQ_OPS_REQUIRE_CUDA") == "1":
+            raise SystemExit("DCQ_OPS_REQUIRE_CUDA=1 but torch is not importable at build time")
+        return [], {}
+
+    cpu_sources, cuda_sources = read_sources()
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if os.environ.get("DCQ_OPS_REQUIRE_CUDA") == "1" and not with_cuda:
+        raise SystemExit(
+            f"DCQ_OPS_REQUIRE_CUDA=1 but CUDA kernels cannot be built: torch.version.cuda="
+            f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    # No -std flag: torch's cpp_extension picks the standard its headers need
+    # (C++17 for torch 2.11, C++20 for newer releases).
+    extra = {"cxx": ["-O3"]}
+    define_macros = []
+    if with_cuda:
+        # Without a GPU to detect, default to Ampere and Hopper (and PTX for newer).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        define_macros.append(("WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "-DWITH_CUDA"]
+        ext = cpp_extension.CUDAExtension(
+            "dcq_ops._C",
+            cpu_sources + cuda_sources,
+            include_dirs=[str(CSRC)] + cuda_include_dirs(),
+            extra_compile_args=extra,
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "dcq_ops._C",
+            cpu_sources,
+            include_dirs=[str(CSRC)],
+            extra_compile_args=extra,
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+    print(f"dcq_ops: building dcq_ops._C ({'CPU + CUDA' if with_cuda else 'CPU only'}) against torch {torch.__version__}")
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = build_extensions()
+
+setup(
+    packages=find_packages(include=["dcq_ops", "dcq_ops.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
