@@ -95,7 +95,9 @@ def dcq_cross_entropy(
     acc = _accumulation_dtype(embeddings, class_weights, queue_weights)
     q = F.normalize(embeddings.to(acc), dim=1)
     w = F.normalize(class_weights.detach().to(acc), dim=1)
-    queue_w = queue_weights.detach().to(acc)
+    # A copy: DCQLoss overwrites the queue in place right after the loss, before
+    # backward() runs, and the matmul below saves its operand for the backward.
+    queue_w = queue_weights.detach().to(acc, copy=True)
 
     positive_cos = (q * w).sum(dim=1)
     positive_logit = _MarginLogit.apply(positive_cos, scale, m1, m2, m3, straight_through_margin)

@@ -1,0 +1,1 @@
+"""Op families: margin cross-entropy and queue enqueue (registration, fake kernels, autograd)."""

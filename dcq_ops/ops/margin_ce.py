@@ -1,0 +1,136 @@
+"""dcq_cross_entropy: argument checks, backend dispatch, and the chunked op's
+fake kernel and autograd (DESIGN.md §2-§3)."""
+
+from __future__ import annotations
+
+import torch
+
+from dcq_ops import reference
+from dcq_ops._extension import extension_loaded
+from dcq_ops.backends import select_backend
+from dcq_ops.ops.fused_autograd import fused_fake, register_fused_autograd
+
+# Chunk of the queue per GEMM in the chunked backend; 0 lets the kernel choose
+# (bounded logits workspace, see csrc/margin_ce.cpp).
+DEFAULT_CHUNK_SIZE = 0
+
+if extension_loaded():
+
+    @torch.library.register_fake("dcq_ops::margin_cross_entropy")
+    def _margin_cross_entropy_fake(
+        embeddings, class_weights, labels, queue_weights, queue_labels,
+        scale, m1, m2, m3, filter_threshold, straight_through, compute_grad, chunk_size,
+    ):
+        return fused_fake(embeddings, compute_grad)
+
+    register_fused_autograd("dcq_ops::margin_cross_entropy", num_inputs=13)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensor(name: str, value, *, dim: int, floating: bool) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
+    if not floating and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+
+
+def check_arguments(embeddings, class_weights, labels, queue_weights, queue_labels) -> None:
+    """Shape, dtype and device checks; they read no tensor data, so no host sync."""
+    _check_tensor("embeddings", embeddings, dim=2, floating=True)
+    _check_tensor("class_weights", class_weights, dim=2, floating=True)
+    _check_tensor("labels", labels, dim=1, floating=False)
+    _check_tensor("queue_weights", queue_weights, dim=2, floating=True)
+    _check_tensor("queue_labels", queue_labels, dim=1, floating=False)
+    rows, dim = embeddings.shape
+    if rows == 0:
+        raise ValueError("embeddings must hold at least one row, got an empty batch (shape [0, D])")
+    if class_weights.shape != embeddings.shape:
+        raise ValueError(
+            f"class_weights must have the shape of embeddings {tuple(embeddings.shape)}, got {tuple(class_weights.shape)}"
+        )
+    if labels.shape[0] != rows:
+        raise ValueError(f"labels must have {rows} entries (one per embedding), got {labels.shape[0]}")
+    if queue_weights.shape[1] != dim:
+        raise ValueError(f"queue_weights must be [K, {dim}] (embedding size {dim}), got {tuple(queue_weights.shape)}")
+    if queue_labels.shape[0] != queue_weights.shape[0]:
+        raise ValueError(
+            f"queue_labels must have {queue_weights.shape[0]} entries (one per queue slot), got {queue_labels.shape[0]}"
+        )
+    device = embeddings.device
+    for name, t in (("class_weights", class_weights), ("labels", labels),
+                    ("queue_weights", queue_weights), ("queue_labels", queue_labels)):
+        if t.device != device:
+            raise ValueError(f"{name} must be on the device of embeddings ({device}), got {t.device}")
+
+
+def check_margin(scale: float, m1: float, m2: float, m3: float, threshold: float, reduction: str) -> None:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if not m1 >= 1:
+        raise ValueError(f"m1 (multiplicative angular margin) must be >= 1, got {m1}")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"interclass_filtering_threshold must be in [0, 1) (0 = off), got {threshold}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def dcq_cross_entropy(
+    embeddings: torch.Tensor,
+    class_weights: torch.Tensor,
+    labels: torch.Tensor,
+    queue_weights: torch.Tensor,
+    queue_labels: torch.Tensor,
+    *,
+    scale: float = 50.0,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.3,
+    interclass_filtering_threshold: float = 0.0,
+    straight_through_margin: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The DCQ margin cross-entropy of DESIGN.md §2.
+
+    Loss of each embedding against its own (normalised) class weight as the
+    positive, with the queue's entries of other classes as negatives. The
+    gradient flows to ``embeddings`` only. ``backend``: "auto", "triton",
+    "chunked" or "reference" (see ``dcq_ops.backends()``).
+    """
+    check_arguments(embeddings, class_weights, labels, queue_weights, queue_labels)
+    check_margin(scale, m1, m2, m3, interclass_filtering_threshold, reduction)
+    labels = labels.long()
+    queue_labels = queue_labels.long()
+    margin = dict(scale=float(scale), m1=float(m1), m2=float(m2), m3=float(m3))
+    resolved = select_backend(embeddings.device, backend)
+    if resolved == "reference":
+        return reference.dcq_cross_entropy(
+            embeddings, class_weights, labels, queue_weights, queue_labels, **margin,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            straight_through_margin=straight_through_margin, reduction=reduction,
+        )
+    compute_grad = embeddings.requires_grad and torch.is_grad_enabled()
+    class_weights = class_weights.detach()
+    queue_weights = queue_weights.detach()
+    if resolved == "chunked":
+        loss_rows, _ = torch.ops.dcq_ops.margin_cross_entropy(
+            embeddings, class_weights, labels, queue_weights, queue_labels,
+            margin["scale"], margin["m1"], margin["m2"], margin["m3"],
+            float(interclass_filtering_threshold), bool(straight_through_margin), compute_grad,
+            DEFAULT_CHUNK_SIZE,
+        )
+    else:
+        from dcq_ops.triton.margin_ce import margin_cross_entropy_triton
+
+        loss_rows, _ = margin_cross_entropy_triton(
+            embeddings, class_weights, labels, queue_weights, queue_labels,
+            margin["scale"], margin["m1"], margin["m2"], margin["m3"],
+            float(interclass_filtering_threshold), bool(straight_through_margin), compute_grad,
+        )
+    return reference.reduce_loss(loss_rows, reduction)
