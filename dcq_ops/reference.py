@@ -60,6 +60,12 @@ class _MarginLogit(torch.autograd.Function):
         return grad_out * dz_dc, None, None, None, None, None
 
 
+def margin_logit(cosine: torch.Tensor, scale: float, m1: float, m2: float, m3: float,
+                 straight_through: bool = False) -> torch.Tensor:
+    """The positive logit z = s*(cos(m1*acos(c) + m2) - m3), with the stable derivative."""
+    return _MarginLogit.apply(cosine, scale, m1, m2, m3, straight_through)
+
+
 def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     if any(t.dtype == torch.float64 for t in tensors):
         return torch.float64
@@ -100,7 +106,7 @@ def dcq_cross_entropy(
     queue_w = queue_weights.detach().to(acc, copy=True)
 
     positive_cos = (q * w).sum(dim=1)
-    positive_logit = _MarginLogit.apply(positive_cos, scale, m1, m2, m3, straight_through_margin)
+    positive_logit = margin_logit(positive_cos, scale, m1, m2, m3, straight_through_margin)
 
     cos = q @ queue_w.t()  # [N, K]: the logits the fused backends never materialise
     excluded = (queue_labels.view(1, -1) == labels.view(-1, 1)) | (queue_labels.view(1, -1) < 0)
