@@ -85,8 +85,12 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
   const at::Tensor w = class_w / class_w.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
   const at::Tensor positive_cos = (q * w).sum(1);
 
-  // The GEMMs run in the promoted input dtype with fp32 results.
-  const auto gemm_dtype = at::promote_types(embeddings.scalar_type(), queue_weights.scalar_type());
+  // On a GPU the GEMMs run in the promoted input dtype (tensor cores) with fp32
+  // results; a CPU has no fast half GEMM, so there everything runs in fp32 and
+  // the normalised embeddings are never rounded to 16 bits.
+  const auto gemm_dtype = embeddings.is_cuda()
+                              ? at::promote_types(embeddings.scalar_type(), queue_weights.scalar_type())
+                              : at::kFloat;
   const at::Tensor q_gemm = q.to(gemm_dtype);
   const at::Tensor labels_c = labels.contiguous();
   const at::Tensor queue_w = queue_weights.contiguous();
