@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcq_ops.backends import select_backend
@@ -27,8 +29,11 @@ class DCQLoss(nn.Module):
     are the weight generator's embeddings of a second view of each sample and
     receive no gradient.
 
-    ``fp16=True`` keeps the queue in float16 (fp32 accumulation in the kernels).
-    ``validate=True`` checks labels and finiteness with one host sync per step;
+    ``fp16=True`` keeps the queue in float16 and, as ``PartialFC_V2(fp16=True)``,
+    runs the loss's GEMMs in it (fp32 accumulation). Under autocast the loss is
+    still accumulated in fp32, whatever the backend.
+    ``validate=True`` checks labels and finiteness with one host sync per step
+    (under torch.compile: asynchronous asserts, no graph break, RuntimeError);
     ``validate=False`` turns that off. ``save_queue=False`` leaves the queue out
     of ``state_dict`` (as the paper's code did).
     """
@@ -112,6 +117,18 @@ class DCQLoss(nn.Module):
         if bad_weights:
             raise ValueError(f"class_weights must be finite, got {bad_weights} NaN or infinite values")
 
+    def _assert_values(self, embeddings, labels, class_weights) -> None:
+        """The checks of _check_values inside a torch.compile graph: asynchronous asserts
+        (no host sync, no graph break) that raise RuntimeError with these messages
+        (on CUDA, a device-side assert)."""
+        torch._assert_async((labels >= 0).all(), "labels must be >= 0, got a negative label")
+        if self.num_classes is not None:
+            torch._assert_async((labels < self.num_classes).all(),
+                                f"labels must be < num_classes = {self.num_classes}, got a larger label")
+        torch._assert_async(torch.isfinite(embeddings).all(), "embeddings must be finite, got NaN or infinite values")
+        torch._assert_async(torch.isfinite(class_weights).all(),
+                            "class_weights must be finite, got NaN or infinite values")
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
         labels = self._flatten_labels(labels)
         check_arguments(embeddings, class_weights, labels, self.queue.weights, self.queue.labels)
@@ -121,11 +138,24 @@ class DCQLoss(nn.Module):
             self.queue.check_enqueue(class_weights, labels)  # before anything runs: a bad batch leaves the queue as it was
         class_weights = class_weights.detach()
         if self.validate:
-            self._check_values(embeddings, labels, class_weights)
-        loss = dcq_cross_entropy(
-            embeddings, class_weights, labels, self.queue.weights, self.queue.labels,
-            **self.margin.kwargs(), reduction=self.reduction, backend=self.backend,
-        )
+            if torch.compiler.is_compiling():
+                self._assert_values(embeddings, labels, class_weights)
+            else:
+                self._check_values(embeddings, labels, class_weights)
+        # Under autocast the loss still accumulates in fp32 (the reference backend's
+        # matmul would otherwise run in half precision).
+        device_type = embeddings.device.type
+        no_autocast = (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
+                       else contextlib.nullcontext())
+        with no_autocast:
+            if self.fp16 and embeddings.dtype != torch.float16:
+                # As PartialFC_V2(fp16=True): the GEMMs in half precision, fp32 accumulation.
+                # Normalised first (fp32, differentiable), so the cast cannot overflow.
+                embeddings = F.normalize(embeddings.float(), dim=1).half()
+            loss = dcq_cross_entropy(
+                embeddings, class_weights, labels, self.queue.weights, self.queue.labels,
+                **self.margin.kwargs(), reduction=self.reduction, backend=self.backend,
+            )
         if self.training:
             self.queue.enqueue(class_weights, labels)
         return loss

@@ -3,6 +3,8 @@ and how to read them from arcface_torch's margin objects by attribute."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -13,6 +15,8 @@ class MarginConfig:
     CosFace: m1=1, m2=0, m3>0. ArcFace: m1=1, m2>0, m3=0. SphereFace: m1>1.
     ``straight_through`` gives the positive the gradient of scale * cos, as
     arcface_torch's CombinedMarginLoss does for ArcFace (margin under no_grad).
+    ``interclass_filtering_threshold`` (0 = off): inter-class cosines above it
+    count as 0, with no gradient.
     """
 
     scale: float = 50.0
@@ -21,6 +25,22 @@ class MarginConfig:
     m3: float = 0.3
     interclass_filtering_threshold: float = 0.0
     straight_through: bool = False
+
+    def __post_init__(self):
+        for name in ("scale", "m1", "m2", "m3", "interclass_filtering_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise TypeError(f"MarginConfig.{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # plain floats (numpy scalars, ints accepted)
+        if not self.scale > 0:
+            raise ValueError(f"MarginConfig.scale must be > 0, got {self.scale}")
+        if not self.m1 >= 1:
+            raise ValueError(f"MarginConfig.m1 (multiplicative angular margin) must be >= 1, got {self.m1}")
+        if not 0 <= self.interclass_filtering_threshold < 1:
+            raise ValueError("MarginConfig.interclass_filtering_threshold must be in [0, 1) (0 = off), "
+                             f"got {self.interclass_filtering_threshold}")
+        if not isinstance(self.straight_through, bool):
+            raise TypeError(f"MarginConfig.straight_through must be a bool, got {self.straight_through!r}")
 
     def kwargs(self) -> dict:
         """Keyword arguments of dcq_cross_entropy."""
@@ -35,9 +55,9 @@ class MarginConfig:
 PAPER_MARGIN = MarginConfig()
 
 ACCEPTED = (
-    "None (the paper's CosFace, s=50, m=0.3); a dcq_ops.MarginConfig; an object with "
-    "arcface_torch CombinedMarginLoss attributes (s, m1, m2, m3[, interclass_filtering_threshold]); "
-    "an ArcFace-like object (s, margin); a CosFace-like object (s, m)"
+    "None (the paper's CosFace, s=50, m=0.3); a dcq_ops.MarginConfig; an object with arcface_torch "
+    "CombinedMarginLoss attributes (s, m1, m2, m3[, interclass_filtering_threshold]); an arcface_torch "
+    "ArcFace-like object (margin, and s or scale); a CosFace-like object (s, m)"
 )
 
 
@@ -45,29 +65,73 @@ def _number(obj, name):
     value = getattr(obj, name)
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, bool):
+        raise TypeError(f"margin_loss.{name} must be a number, got {value!r}")
     try:
-        return float(value)
+        value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"margin_loss.{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"margin_loss.{name} must be finite, got {value!r}")
+    return value
+
+
+def _combined(margin_loss) -> MarginConfig:
+    """arcface_torch's CombinedMarginLoss, branch for branch:
+
+    - ``m1 == 1 and m3 == 0``: ArcFace, cos(theta + m2), applied under no_grad,
+      so the gradient is that of s * cos (straight-through);
+    - ``m3 > 0``: CosFace, cos - m3, exact gradient; arcface_torch then ignores
+      m1 and m2, so a nonzero m2 or m1 != 1 here is ambiguous and refused;
+    - otherwise arcface_torch raises; DCQ computes the combined margin of
+      DESIGN.md §2 (e.g. SphereFace, m1 > 1) with its exact gradient.
+
+    Filtering is on for a threshold > 0, as in arcface_torch; a threshold >= 1
+    filters nothing there (cosines are clamped to [-1, 1]), so it means off.
+    """
+    s, m1, m2, m3 = (_number(margin_loss, a) for a in ("s", "m1", "m2", "m3"))
+    threshold = 0.0
+    if hasattr(margin_loss, "interclass_filtering_threshold"):
+        threshold = _number(margin_loss, "interclass_filtering_threshold")
+        if not 0.0 < threshold < 1.0:
+            threshold = 0.0
+    if m1 == 1.0 and m3 == 0.0:
+        return MarginConfig(s, 1.0, m2, 0.0, threshold, straight_through=True)
+    if m3 > 0.0 and (m1 != 1.0 or m2 != 0.0):
+        raise ValueError(
+            f"margin_loss has m1={m1}, m2={m2}, m3={m3}: arcface_torch's CombinedMarginLoss applies only the "
+            "CosFace margin m3 when m3 > 0 and silently ignores m1 and m2. DCQLoss does not guess: set m1=1, m2=0 "
+            "to keep arcface_torch's behaviour, or pass dcq_ops.MarginConfig(scale, m1, m2, m3) for the combined "
+            "margin cos(m1*theta + m2) - m3")
+    return MarginConfig(s, m1, m2, m3, threshold, straight_through=False)
 
 
 def margin_from(margin_loss) -> MarginConfig:
     """Read the margin from what arcface_torch passes to PartialFC_V2, by attribute only:
-    the margin object is never called (the margin is applied inside the fused kernel)."""
+    the margin object is never called (the margin is applied inside the fused kernel).
+
+    - ``CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold)``: see
+      ``_combined`` (ArcFace branch straight-through, CosFace branch exact, filtering).
+    - ``ArcFace(s, margin)`` (stores ``scale`` or ``s``, and ``margin``): ArcFace,
+      applied under no_grad in arcface_torch, so straight-through.
+    - ``CosFace(s, m)``: CosFace. An old arcface_torch ``ArcFace(s, m)`` also stored
+      ``(s, m)``; it is recognised by its class name and backpropagated through the
+      margin, so it gets the exact gradient.
+    """
     if margin_loss is None:
         return PAPER_MARGIN
     if isinstance(margin_loss, MarginConfig):
         return margin_loss
-    if all(hasattr(margin_loss, a) for a in ("s", "m1", "m2", "m3")):
-        s, m1, m2, m3 = (_number(margin_loss, a) for a in ("s", "m1", "m2", "m3"))
-        threshold = _number(margin_loss, "interclass_filtering_threshold") if hasattr(
-            margin_loss, "interclass_filtering_threshold") else 0.0
-        # CombinedMarginLoss applies the ArcFace margin (m1 == 1, m2 > 0, m3 == 0)
-        # under torch.no_grad(): its gradient is that of s * cos.
-        straight_through = m1 == 1.0 and m2 > 0.0 and m3 == 0.0
-        return MarginConfig(s, m1, m2, m3, threshold, straight_through)
-    if hasattr(margin_loss, "s") and hasattr(margin_loss, "margin"):  # ArcFace(s, margin)
-        return MarginConfig(_number(margin_loss, "s"), 1.0, _number(margin_loss, "margin"), 0.0, 0.0, False)
-    if hasattr(margin_loss, "s") and hasattr(margin_loss, "m"):  # CosFace(s, m)
+    has = lambda name: hasattr(margin_loss, name)  # noqa: E731
+    if all(has(a) for a in ("s", "m1", "m2", "m3")):
+        return _combined(margin_loss)
+    if has("margin") and (has("s") or has("scale")):  # ArcFace(s, margin)
+        scale = _number(margin_loss, "s" if has("s") else "scale")
+        return MarginConfig(scale, 1.0, _number(margin_loss, "margin"), 0.0, 0.0, straight_through=True)
+    if has("s") and has("m"):
+        if "arcface" in type(margin_loss).__name__.lower():  # arcface_torch's first ArcFace(s, m)
+            return MarginConfig(_number(margin_loss, "s"), 1.0, _number(margin_loss, "m"), 0.0, 0.0, False)
         return MarginConfig(_number(margin_loss, "s"), 1.0, 0.0, _number(margin_loss, "m"), 0.0, False)
-    raise TypeError(f"margin_loss must be one of: {ACCEPTED}; got {type(margin_loss).__name__}")
+    attributes = sorted(a for a in getattr(margin_loss, "__dict__", {}) if not a.startswith("_"))
+    raise TypeError(f"margin_loss must be one of: {ACCEPTED}; got {type(margin_loss).__name__} "
+                    f"with attributes {attributes}")
