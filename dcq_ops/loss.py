@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcq_ops.backends import select_backend
+from dcq_ops.distributed import check_mode, distributed_forward, make_queue, resolve_mode
 from dcq_ops.margin import margin_from
 from dcq_ops.ops.margin_ce import check_arguments, dcq_cross_entropy
 from dcq_ops.queue import ClassQueue
@@ -36,6 +37,11 @@ class DCQLoss(nn.Module):
     (under torch.compile: asynchronous asserts, no graph break, RuntimeError);
     ``validate=False`` turns that off. ``save_queue=False`` leaves the queue out
     of ``state_dict`` (as the paper's code did).
+
+    ``distributed`` ("auto", "none", "gathered", "sharded") and ``process_group``
+    (default: the default group): how ranks of torch.distributed share the queue;
+    "auto" is "gathered" (the paper's: every rank holds the same queue) under a
+    process group of more than one rank. See docs/distributed.md.
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class DCQLoss(nn.Module):
         reduction: str = "mean",
         save_queue: bool = True,
         device=None,
+        distributed: str = "auto",
+        process_group=None,
     ):
         super().__init__()
         self.margin = margin_from(margin_loss)
@@ -75,8 +83,11 @@ class DCQLoss(nn.Module):
         self.backend = backend
         self.validate = validate
         self.reduction = reduction
-        self.queue = ClassQueue(queue_size, embedding_size, dtype=torch.float16 if fp16 else torch.float32,
-                                device=device, persistent=save_queue)
+        # Several ranks: see dcq_ops/distributed.py and docs/distributed.md.
+        self.distributed = check_mode(distributed)
+        self.process_group = process_group
+        self.queue = make_queue(self.distributed, process_group, queue_size, embedding_size,
+                                dtype=torch.float16 if fp16 else torch.float32, device=device, persistent=save_queue)
         select_backend(self.queue.weights.device, backend)  # fail early on an unusable backend
 
     def extra_repr(self) -> str:
@@ -130,6 +141,18 @@ class DCQLoss(nn.Module):
                             "class_weights must be finite, got NaN or infinite values")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        mode = resolve_mode(self.distributed, self.process_group)
+        if mode != "none":  # "gathered" or "sharded" on several ranks (dcq_ops/distributed.py)
+            return distributed_forward(self, mode, embeddings, labels, class_weights)
+        labels, class_weights = self._prepare(embeddings, labels, class_weights)
+        loss = self._loss(embeddings, labels, class_weights, self.reduction)
+        if self.training:
+            self.queue.enqueue(class_weights, labels)
+        return loss
+
+    def _prepare(self, embeddings, labels, class_weights):
+        """Every check of forward, before anything runs (a bad batch leaves the queue as it
+        was); returns the labels as int64 [N] and the detached class weights."""
         labels = self._flatten_labels(labels)
         check_arguments(embeddings, class_weights, labels, self.queue.weights, self.queue.labels)
         if embeddings.shape[1] != self.embedding_size:
@@ -142,6 +165,10 @@ class DCQLoss(nn.Module):
                 self._assert_values(embeddings, labels, class_weights)
             else:
                 self._check_values(embeddings, labels, class_weights)
+        return labels, class_weights
+
+    def _loss(self, embeddings, labels, class_weights, reduction: str) -> torch.Tensor:
+        """The loss against the queue as it is now (nothing enqueued)."""
         # Under autocast the loss still accumulates in fp32 (the reference backend's
         # matmul would otherwise run in half precision).
         device_type = embeddings.device.type
@@ -154,8 +181,6 @@ class DCQLoss(nn.Module):
                 embeddings = F.normalize(embeddings.float(), dim=1).half()
             loss = dcq_cross_entropy(
                 embeddings, class_weights, labels, self.queue.weights, self.queue.labels,
-                **self.margin.kwargs(), reduction=self.reduction, backend=self.backend,
+                **self.margin.kwargs(), reduction=reduction, backend=self.backend,
             )
-        if self.training:
-            self.queue.enqueue(class_weights, labels)
         return loss
