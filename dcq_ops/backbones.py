@@ -1,0 +1,146 @@
+"""Backbones: a small CNN (the CPU default) and IResNet-18/34/50/100.
+
+Both end the way arcface_torch's backbones do: BatchNorm over the last feature
+map, dropout, flatten, a fully connected layer to the embedding, and a
+BatchNorm1d whose scale is fixed at 1 (the embedding's norm is left to the
+network; the heads normalise it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class EmbeddingOutput(nn.Module):
+    """BN2d -> dropout -> flatten -> FC -> BN1d (fixed unit scale): feature map to embedding."""
+
+    def __init__(self, channels: int, spatial: int, embedding_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=1e-5)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(channels * spatial * spatial, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        # A learned BN scale would only rescale the embedding, which the margin
+        # heads normalise away; fixing it at 1 (as arcface_torch does) removes a
+        # useless degree of freedom.
+        nn.init.constant_(self.features.weight, 1.0)
+        self.features.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.bn(x)).flatten(1)
+        return self.features(self.fc(x))
+
+
+def _conv_bn_act(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout))
+
+
+class SmallCNN(nn.Module):
+    """A small CNN for small images (the CPU default): three stages of
+    conv-BN-PReLU at widths w, 2w, 4w, the last two opening with a stride-2 conv,
+    so a 32x32 input ends as an 8x8 map."""
+
+    def __init__(self, in_channels: int = 3, embedding_size: int = 128, width: int = 32, image_size: int = 32,
+                 dropout: float = 0.0):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("embedding_size", embedding_size),
+                            ("width", width), ("image_size", image_size)):
+            _check_positive_int(name, value)
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4 (two stride-2 stages), got {image_size}")
+        w = width
+        self.body = nn.Sequential(
+            _conv_bn_act(in_channels, w, 1),
+            _conv_bn_act(w, 2 * w, 2),
+            _conv_bn_act(2 * w, 2 * w, 1),
+            _conv_bn_act(2 * w, 4 * w, 2),
+            _conv_bn_act(4 * w, 4 * w, 1),
+        )
+        self.output = EmbeddingOutput(4 * w, image_size // 4, embedding_size, dropout)
+        self.in_channels, self.image_size, self.embedding_size = in_channels, image_size, embedding_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.body(x))
+
+
+class IBasicBlock(nn.Module):
+    """The "improved" residual unit of ArcFace (Deng et al. 2019, Fig. 7):
+    BN -> conv3x3 -> BN -> PReLU -> conv3x3 (carries the stride) -> BN, plus the
+    shortcut (1x1 conv + BN where the shape changes). No activation after the sum."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(cin, eps=1e-5),
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-5),
+            nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-5),
+        )
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+IRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+
+
+class IResNet(nn.Module):
+    """IResNet of ArcFace: a stride-1 3x3 stem at 64 channels, four stages of
+    IBasicBlocks at 64/128/256/512 channels, each halving the resolution in its
+    first block (112x112 -> 7x7), then the embedding output. ``image_size`` must
+    be a multiple of 16."""
+
+    def __init__(self, depth: int = 50, in_channels: int = 3, embedding_size: int = 512, image_size: int = 112,
+                 dropout: float = 0.0, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+                 zero_init_residual: bool = False):
+        super().__init__()
+        if depth not in IRESNET_DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(IRESNET_DEPTHS)}, got {depth!r}")
+        for name, value in (("in_channels", in_channels), ("embedding_size", embedding_size),
+                            ("image_size", image_size)):
+            _check_positive_int(name, value)
+        if image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 (four stride-2 stages), got {image_size}")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0], eps=1e-5), nn.PReLU(widths[0]))
+        stages, cin = [], widths[0]
+        for blocks, cout in zip(IRESNET_DEPTHS[depth], widths):
+            units = [IBasicBlock(cin, cout, 2)] + [IBasicBlock(cout, cout, 1) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*units))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.output = EmbeddingOutput(cin, image_size // 16, embedding_size, dropout)
+        if zero_init_residual:
+            # Each block then starts as the identity, which helps very deep nets early on.
+            for m in self.modules():
+                if isinstance(m, IBasicBlock):
+                    nn.init.zeros_(m.residual[-1].weight)
+        self.depth, self.in_channels, self.image_size, self.embedding_size = depth, in_channels, image_size, embedding_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.stages(self.stem(x)))
+
+
+BACKBONES = ("small_cnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+
+
+def build_backbone(name: str, *, in_channels: int = 3, embedding_size: int = 512, image_size: int = 112,
+                   width: int = 32, dropout: float = 0.0) -> nn.Module:
+    """A backbone by name: "small_cnn" (``width`` sets its channels) or "iresnet{18,34,50,100}"."""
+    if name == "small_cnn":
+        return SmallCNN(in_channels, embedding_size, width, image_size, dropout)
+    if name.startswith("iresnet") and name[len("iresnet"):].isdigit() and int(name[len("iresnet"):]) in IRESNET_DEPTHS:
+        return IResNet(int(name[len("iresnet"):]), in_channels, embedding_size, image_size, dropout)
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
