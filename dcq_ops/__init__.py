@@ -6,6 +6,7 @@ Public API (DESIGN.md): dcq_cross_entropy, ClassQueue, DCQLoss, backends().
 from dcq_ops import reference
 from dcq_ops._extension import EXTENSION_ERROR, extension_loaded, has_cuda_kernels
 from dcq_ops.backends import backends, select_backend
+from dcq_ops.distributed import DistributedInputError, ShardedClassQueue, shuffled_forward
 from dcq_ops.loss import DCQLoss
 from dcq_ops.heads import DCQHead, FullSoftmaxHead, PartialFCHead, build_head
 from dcq_ops.margin import MarginConfig, margin_from
@@ -17,6 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassQueue",
+    "DistributedInputError",
+    "ShardedClassQueue",
+    "shuffled_forward",
     "DCQHead",
     "DCQLoss",
     "FullSoftmaxHead",
