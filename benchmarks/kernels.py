@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Forward + backward time and peak extra memory of the DCQ loss backends,
+against the plain GEMMs of the same shape (the roofline).
+
+    python benchmarks/kernels.py                  # GPU: the issue's shapes; CPU: small ones (< 1 min)
+    python benchmarks/kernels.py --rows 512 --slots 262144 --dim 512 --dtype bf16
+    python benchmarks/kernels.py --out /tmp/kernels.json --budget-s 240
+
+Rows of the table, for each shape (N embeddings, K queue slots, D dims):
+
+- ``gemm``: the two plain GEMMs a fused loss cannot avoid, q @ W^T ([N, K]) then
+  P @ W ([N, D]), in the benchmark dtype: 4·N·K·D FLOPs. Their time is the
+  roofline; ``gemm_fraction`` of a backend = gemm time / backend time.
+- ``triton``, ``chunked``, ``reference``: dcq_cross_entropy with that backend
+  (ArcFace, s = 64, m2 = 0.5), forward + backward to the embeddings.
+- ``reference_compile``: the reference under torch.compile (default automatic
+  dynamic shapes: the second shape recompiles once for all the following;
+  compilation happens in the warm-up and is not timed).
+- ``liger``, ``cce``: Liger-Kernel's fused linear cross-entropy and Apple's
+  cut-cross-entropy on the same shapes, without margin or queue mask (logits
+  s·q·W^T, targets in [0, K)), when they are installed and on CUDA.
+
+Timing: warm-up runs (compilation, autotuning), then the median of timed
+repeats (CUDA events on a GPU). Peak extra memory: on CUDA
+``max_memory_allocated`` during one step minus what was allocated before it
+(inputs excluded); on CPU the growth of the peak resident set size (VmHWM,
+reset through /proc/self/clear_refs; empty where that is not possible).
+
+A configuration that runs out of memory is recorded as "OOM" and the run goes
+on; ``--budget-s`` skips what remains once the budget is spent. Output: a table
+on stdout with the device, and the records as a JSON list in
+benchmarks/results/kernels_<device>.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dcq_ops
+from dcq_ops import reference
+from dcq_ops.backends import why_unavailable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MARGIN = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
+MIB = 2**20
+BACKENDS = ("gemm", "triton", "chunked", "reference", "reference_compile", "liger", "cce")
+
+
+# ----------------------------------------------------------------------------
+# Measurement
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(step, device: torch.device, *, warmup: int, min_iters: int = 3, max_iters: int = 20,
+            min_total_s: float = 0.25) -> float:
+    """Median milliseconds of step() after `warmup` calls; at least min_iters
+    repeats, more (up to max_iters) until min_total_s has been measured."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    while len(times) < min_iters or (sum(times) < 1e3 * min_total_s and len(times) < max_iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_extra_mib(step, device: torch.device) -> float | None:
+    """Peak memory of one step() above what was allocated before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / MIB
+    # CPU: reset the high-water mark of the resident set to the current size.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _proc_status_kib("VmRSS")
+    step()
+    peak = _proc_status_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom_type) or "out of memory" in str(exc).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------
+# What is measured
+
+
+def make_inputs(rows, slots, dim, dtype, device, seed=0):
+    """Embeddings, class weights, labels, a unit-norm queue and its labels:
+    K slots = 10% of 10·K classes, 1% of the slots empty."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    classes = 10 * slots
+    x = torch.randn(rows, dim, device=device, generator=g)
+    k = 0.7 * x + torch.randn(rows, dim, device=device, generator=g)
+    y = torch.randint(0, classes, (rows,), device=device, generator=g)
+    w = F.normalize(torch.randn(slots, dim, device=device, generator=g), dim=1)
+    yq = torch.randint(0, classes, (slots,), device=device, generator=g)
+    yq[torch.rand(slots, device=device, generator=g) < 0.01] = -1
+    return x.to(dtype), k.to(dtype), y, w.to(dtype), yq
+
+
+def gemm_step(x, w):
+    """The loss's two GEMMs in the input dtype, over K in chunks of at most
+    2^28 logits (so that the roofline never needs more memory than a backend)."""
+    rows, slots = x.shape[0], w.shape[0]
+    chunk = max(1, min(slots, (1 << 28) // max(rows, 1)))
+
+    def step():
+        for start in range(0, slots, chunk):
+            wc = w[start:start + chunk]
+            logits = x @ wc.t()
+            logits @ wc
+
+    return step
+
+
+def loss_step(backend, inputs, compiled=None):
+    x, k, y, w, yq = inputs
+    x = x.detach().requires_grad_(True)
+
+    def step():
+        x.grad = None
+        if backend == "reference_compile":
+            loss = compiled(x, k, y, w, yq, **MARGIN)
+        else:
+            loss = dcq_ops.dcq_cross_entropy(x, k, y, w, yq, **MARGIN, backend=backend)
+        loss.backward()
+
+    return step
+
+
+def liger_step(inputs):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    x, _, _, w, _ = inputs
+    x = x.detach().requires_grad_(True)
+    targets = torch.randint(0, w.shape[0], (x.shape[0],), device=x.device)
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def step():
+        x.grad = None
+        loss_fn(w, MARGIN["scale"] * F.normalize(x, dim=1), targets).backward()
+
+    return step
+
+
+def cce_step(inputs):
+    from cut_cross_entropy import linear_cross_entropy
+
+    x, _, _, w, _ = inputs
+    x = x.detach().requires_grad_(True)
+    targets = torch.randint(0, w.shape[0], (x.shape[0],), device=x.device)
+
+    def step():
+        x.grad = None
+        linear_cross_entropy(MARGIN["scale"] * F.normalize(x, dim=1), w, targets).backward()
+
+    return step
+
+
+def unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot run here, or None."""
+    if backend == "triton" and device.type == "cpu":
+        return "CPU tensors run only in Triton's interpreter, not worth timing"
+    if backend in ("triton", "chunked"):
+        return why_unavailable(backend, device)
+    if backend in ("liger", "cce"):
+        if device.type != "cuda":
+            return "CUDA only"
+        module = "liger_kernel" if backend == "liger" else "cut_cross_entropy"
+        try:
+            __import__(module)
+        except Exception as exc:  # ImportError, or a broken install
+            return f"{module} not importable ({exc.__class__.__name__})"
+        if backend == "cce" and dtype == torch.float32:
+            return "cut-cross-entropy needs fp16/bf16"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Driver
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {model} x{os.cpu_count()}"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
+
+
+def parse_list(text: str) -> list[int]:
+    return [int(float(v)) for v in text.split(",") if v.strip()]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=parse_list, help="N values (default: 128,512,4096 on GPU; 64,256 on CPU)")
+    parser.add_argument("--slots", type=parse_list,
+                        help="K values (default: 65536,262144,1048576 on GPU; 8192 on CPU)")
+    parser.add_argument("--dim", type=int, help="D (default: 512 on GPU, 128 on CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="inputs and queue (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip what remains once this many seconds have passed")
+    parser.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/kernels_<device>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    rows_list = args.rows or ([128, 512, 4096] if on_gpu else [64, 256])
+    slots_list = args.slots or ([1 << 16, 1 << 18, 1 << 20] if on_gpu else [8192])
+    dim = args.dim or (512 if on_gpu else 128)
+    dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
+    dtype = DTYPES[dtype_name]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            parser.error(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if "gemm" not in backends:
+        backends.insert(0, "gemm")  # every fraction is relative to it
+
+    name = device_name(device)
+    versions = dict(torch=torch.__version__)
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    print(f"# device: {name} | torch {versions['torch']} | triton {versions['triton']} | "
+          f"dtype {dtype_name} | D={dim} | margin {MARGIN}", flush=True)
+
+    out = args.out or RESULTS_DIR / f"kernels_{device_slug(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiled = None
+    started = time.monotonic()
+    records = []
+    header = (f"{'backend':<18} {'N':>6} {'K':>9} {'ms fwd+bwd':>11} {'TFLOP/s':>8} {'of GEMM':>8} "
+              f"{'vs ref':>7} {'peak MiB':>9}  status")
+    print(header)
+    print("-" * len(header), flush=True)
+    for rows in rows_list:
+        for slots in slots_list:
+            flops = 4.0 * rows * slots * dim
+            inputs = make_inputs(rows, slots, dim, dtype, device)
+            shape_records = []
+            for backend in backends:
+                record = dict(device=name, backend=backend, dtype=dtype_name, N=rows, K=slots, D=dim,
+                              ms_fwd_bwd=None, peak_extra_mib=None, tflops=None, gemm_fraction=None,
+                              speedup_vs_reference=None, status="ok", **versions)
+                reason = unavailable(backend, device, dtype)
+                if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                    reason = "skipped: time budget spent"
+                if reason is not None:
+                    record["status"] = reason if reason.startswith("skipped") else f"unavailable: {reason}"
+                else:
+                    try:
+                        if backend == "gemm":
+                            step = gemm_step(inputs[0], inputs[3])
+                        elif backend == "liger":
+                            step = liger_step(inputs)
+                        elif backend == "cce":
+                            step = cce_step(inputs)
+                        else:
+                            if backend == "reference_compile" and compiled is None:
+                                compiled = torch.compile(reference.dcq_cross_entropy)
+                            step = loss_step(backend, inputs, compiled)
+                        ms = time_ms(step, device, warmup=args.warmup)
+                        record["ms_fwd_bwd"] = ms
+                        record["tflops"] = flops / (ms * 1e-3) / 1e12
+                        record["peak_extra_mib"] = peak_extra_mib(step, device)
+                    except Exception as exc:  # noqa: BLE001 - record and go on
+                        if is_oom(exc):
+                            record["ms_fwd_bwd"] = "OOM"
+                            record["status"] = "OOM"
+                        else:
+                            record["status"] = f"error: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
+                    finally:
+                        step = None
+                        free_memory(device)
+                shape_records.append(record)
+
+            timed = {r["backend"]: r["ms_fwd_bwd"] for r in shape_records if isinstance(r["ms_fwd_bwd"], float)}
+            for record in shape_records:
+                ms = record["ms_fwd_bwd"]
+                if isinstance(ms, float):
+                    if "gemm" in timed:
+                        record["gemm_fraction"] = timed["gemm"] / ms
+                    if "reference" in timed:
+                        record["speedup_vs_reference"] = timed["reference"] / ms
+                print(format_row(record), flush=True)
+            records.extend(shape_records)
+            # Written after every shape: a run killed by a timeout keeps what it measured.
+            out.write_text(json.dumps(records, indent=1) + "\n")
+            del inputs
+            free_memory(device)
+
+    print(f"# {len(records)} records -> {out} ({time.monotonic() - started:.0f} s)")
+    return records
+
+
+def format_row(r: dict) -> str:
+    def num(value, fmt):
+        return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+    ms = r["ms_fwd_bwd"] if isinstance(r["ms_fwd_bwd"], float) else (r["ms_fwd_bwd"] or "-")
+    ms_text = num(ms, "11.3f") if isinstance(ms, float) else f"{ms:>11}"
+    return (f"{r['backend']:<18} {r['N']:>6} {r['K']:>9} {ms_text} {num(r['tflops'], '8.3g'):>8} "
+            f"{num(r['gemm_fraction'], '8.2f'):>8} {num(r['speedup_vs_reference'], '7.2f'):>7} "
+            f"{num(r['peak_extra_mib'], '9.1f'):>9}  {r['status'] if r['status'] != 'ok' else ''}")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
