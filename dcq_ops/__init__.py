@@ -13,10 +13,32 @@ from dcq_ops.margin import MarginConfig, margin_from
 from dcq_ops.momentum import MomentumEncoder
 from dcq_ops.ops.margin_ce import dcq_cross_entropy
 from dcq_ops.queue import ClassQueue
+# Training and evaluation (issue 4). `train`, the function, is not exported: it
+# would shadow the dcq_ops.train module; use dcq_ops.train.train or Trainer.
+from dcq_ops.backbones import IResNet, SmallCNN, build_backbone
+from dcq_ops.data import ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset
+from dcq_ops.eval import evaluate_bin, kfold_accuracy, load_bin, tar_at_far
+from dcq_ops.synthetic import SyntheticConfig, make_synthetic
+from dcq_ops.train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IResNet",
+    "ImageFolder",
+    "SmallCNN",
+    "SyntheticConfig",
+    "TensorImages",
+    "TrainConfig",
+    "Trainer",
+    "TwoViewBatchSampler",
+    "TwoViewDataset",
+    "build_backbone",
+    "evaluate_bin",
+    "kfold_accuracy",
+    "load_bin",
+    "make_synthetic",
+    "tar_at_far",
     "ClassQueue",
     "DistributedInputError",
     "ShardedClassQueue",

@@ -119,9 +119,18 @@ def test_config_rejects_bad_values():
 
 # --------------------------------------------------------------------------- the loop
 
-# A tiny run: 120 identities at 16x16, a 4-channel CNN; a few seconds per run on two cores.
+# A tiny run: 120 identities at 16x16, a 4-channel CNN; a second or two per run.
+# One thread: these models are too small to gain from two, and on a loaded
+# machine OpenMP threads that wait on each other make every op many times slower.
 TINY = dict(synthetic_identities=120, synthetic_eval_identities=40, image_size=16, width=4, embedding_size=32,
-            batch_size=32, queue_size=64, log_every=5, eval_pairs=400, progress="none", threads=2)
+            batch_size=32, queue_size=64, log_every=5, eval_pairs=400, progress="none", threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # Trainer(threads=...) sets the process-wide count
+    yield
+    torch.set_num_threads(threads)
 
 
 def _final_eval_of_random_init(config):
@@ -183,7 +192,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_command_line_writes_log_checkpoint_and_result(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["--synthetic-identities", "80", "--synthetic-eval-identities", "20", "--image-size", "16",
+    main(["--threads", "1", "--synthetic-identities", "80", "--synthetic-eval-identities", "20", "--image-size", "16",
           "--width", "4", "--embedding-size", "16", "--batch-size", "16", "--queue-size", "32", "--steps", "4",
           "--log-every", "2", "--eval-pairs", "100", "--optimizer", "adamw", "--lr", "1e-3",
           "--schedule", "step", "--amp", "bf16", "--log-format", "json", "--progress", "lines",
