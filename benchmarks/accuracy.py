@@ -44,8 +44,8 @@ METRIC_LABELS = {"accuracy": "10-fold accuracy", "tar@far=0.001": "TAR @ FAR 1e-
 def settings(args) -> dict:
     """The shared TrainConfig fields of every run (the head and seed vary)."""
     if args.quick:
-        base = dict(synthetic_identities=600, synthetic_eval_identities=100, image_size=16, width=8,
-                    embedding_size=64, batch_size=64, steps=60, warmup_epochs=0.5, eval_pairs=2000)
+        base = dict(synthetic_identities=800, synthetic_eval_identities=100, image_size=16, width=8,
+                    embedding_size=64, batch_size=64, steps=80, warmup_epochs=0.5, eval_pairs=2000)
     else:
         base = dict(synthetic_identities=args.identities, synthetic_eval_identities=400, image_size=32,
                     width=args.width, embedding_size=128, batch_size=args.batch_size, epochs=args.epochs,
@@ -118,7 +118,7 @@ def plot(summary: dict, path: str, title: str) -> bool:
             means = [100 * summary[head][name][metric]["mean"] for name in SETS]
             stds = [100 * summary[head][name][metric]["std"] for name in SETS]
             positions = [i + (k - (len(HEADS) - 1) / 2) * width for i in range(len(SETS))]
-            ax.bar(positions, means, width, yerr=stds, capsize=3, label=LABELS[head])
+            ax.bar(positions, means, width, yerr=stds if any(stds) else None, capsize=3, label=LABELS[head])
         ax.set_xticks(range(len(SETS)))
         ax.set_xticklabels(["held-out ids\n(overall)", "tail ids\n(<= 3 images)", "head ids\n(>= 12 images)"])
         ax.set_title(METRIC_LABELS[metric])
@@ -140,13 +140,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (the data set is fixed)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set")
     parser.add_argument("--identities", type=int, default=2000)
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--epochs", type=float, default=3.0, help="the training budget of every head")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--scale", type=float, default=32.0)
     parser.add_argument("--momentum", type=float, default=0.99, help="the weight generator's EMA momentum")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    # One thread: on a shared 2-core machine two OpenMP threads that wait for each
+    # other ran 2-3x slower than one (measured); 0 = torch's default.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if args.quick:

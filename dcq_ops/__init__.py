@@ -13,13 +13,23 @@ from dcq_ops.margin import MarginConfig, margin_from
 from dcq_ops.momentum import MomentumEncoder
 from dcq_ops.ops.margin_ce import dcq_cross_entropy
 from dcq_ops.queue import ClassQueue
-# Training and evaluation (issue 4). `train`, the function, is not exported: it
-# would shadow the dcq_ops.train module; use dcq_ops.train.train or Trainer.
+# Training and evaluation (issue 4).
 from dcq_ops.backbones import IResNet, SmallCNN, build_backbone
 from dcq_ops.data import ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset
-from dcq_ops.eval import evaluate_bin, kfold_accuracy, load_bin, tar_at_far
 from dcq_ops.synthetic import SyntheticConfig, make_synthetic
-from dcq_ops.train import TrainConfig, Trainer
+
+# Loaded on first use: importing dcq_ops.train / dcq_ops.eval here would make
+# `python -m dcq_ops.train` (and .eval) warn that the module was imported twice.
+# (`train`, the function, is not exported: it would shadow the module.)
+_LAZY = {"TrainConfig": "train", "Trainer": "train", "evaluate_bin": "eval", "kfold_accuracy": "eval",
+         "load_bin": "eval", "tar_at_far": "eval"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"dcq_ops.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'dcq_ops' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

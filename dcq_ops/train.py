@@ -93,7 +93,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     sgd_momentum: float = 0.9
     batch_size: int = 128
-    epochs: float = 10.0
+    epochs: float = 4.0
     steps: int | None = None             # overrides epochs
     warmup_epochs: float = 1.0
     schedule: str = "cosine"             # cosine | step
@@ -629,24 +629,42 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
+def _field_help() -> dict:
+    """Each field's trailing comment in TrainConfig's source: one place documents a setting."""
+    import inspect
+    import re
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{4}(\w+):[^#\n]*#(.*)$", source, re.M)}
+
+
+_CHOICES = {"head": tuple(HEADS), "margin": ("cosface", "arcface"), "optimizer": ("sgd", "adamw"),
+            "schedule": ("cosine", "step"), "amp": ("none", "fp16", "bf16"), "log_format": ("csv", "json"),
+            "progress": ("auto", "bar", "lines", "none"), "generator_bn": ("train", "eval"), "backbone": BACKBONES,
+            "backend": ("auto", "triton", "chunked", "reference")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcq-train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = TrainConfig()
+    helps = _field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        kwargs = dict(default=default, help=helps.get(f.name, " "))
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL")
+            parser.add_argument(flag, type=_parse_bool, metavar="BOOL", **kwargs)
         elif isinstance(default, list):
-            item = float if f.name == "decay_at" else str
-            parser.add_argument(flag, type=item, nargs="*", default=default)
+            parser.add_argument(flag, type=float if f.name == "decay_at" else str, nargs="*", **kwargs)
         elif f.name in ("queue_size", "steps", "stop_after"):
-            parser.add_argument(flag, type=int, default=default)
+            parser.add_argument(flag, type=int, **kwargs)
         elif f.name in ("output", "resume"):
-            parser.add_argument(flag, type=str, default=default)
+            parser.add_argument(flag, type=str, **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), choices=_CHOICES.get(f.name), **kwargs)
     return parser
 
 
