@@ -51,9 +51,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # row in each split). The issue's budget is 128 MiB at N=4096, K=2^20, D=512.
 WORKSPACE_LIMIT_BYTES = 96 << 20
 
-# Programs the main kernel aims for, per multiprocessor: about two waves of
-# one program per SM (the accumulator leaves room for one program per SM at D=512).
-PROGRAMS_PER_SM = 2
 
 # Splits are multiples of this many queue entries (the largest BLOCK_K below),
 # so that no tile but the queue's last one is partial.
@@ -66,7 +63,7 @@ MIN_SPLIT_SIZE = 512
 # The interpreter runs one fixed, small configuration: autotuning there would
 # only multiply the (slow) interpreted runs.
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
-_INTERPRETER_PROGRAMS = 4
+_INTERPRETER_SLOTS = 4  # enough splits to exercise the combination of splits
 
 
 @triton.jit
@@ -255,24 +252,32 @@ def compute_dtype(embeddings_dtype: torch.dtype, queue_dtype: torch.dtype) -> to
 def block_rows(block_d: int, element_size: int) -> int:
     """Rows per program on a GPU: as many as keep the fp32 accumulator
     [BLOCK_M, BLOCK_D] within 128 KiB of registers and the q tile within 64 KiB
-    (more rows = more reuse of each queue tile loaded)."""
-    block_m = 128
+    (more rows = more reuse of each queue tile loaded). fp32 operands multiply
+    on the FMA units with their tiles in registers: at most 32 rows from D=128
+    on (more spill; scripts/triton_compile_check.py)."""
+    block_m = 128 if element_size < 4 else (64 if block_d <= 64 else 32)
     while block_m > 16 and (block_m * block_d * 4 > 128 << 10 or block_m * block_d * element_size > 64 << 10):
         block_m //= 2
     return block_m
 
 
 # (BLOCK_K, num_warps, num_stages) tried by the autotuner, best guesses first.
-_GPU_CANDIDATES = ((64, 8, 2), (32, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))
+# 16-bit operands run on the tensor cores (wgmma on Hopper); fp32 operands
+# with exact ("ieee") products run on the FMA units, whose tl.dot keeps whole
+# operand tiles in registers: thin queue tiles only (wider ones spill).
+_GPU_CANDIDATES_16BIT = ((64, 8, 2), (32, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))
+_GPU_CANDIDATES_FP32 = ((16, 8, 2), (16, 8, 1))
 _SHARED_MEMORY_BUDGET = 200 << 10  # H100/H200 allow 227 KiB per block; leave Triton some
 
 
 def gpu_configs(block_m: int, block_d: int, element_size: int) -> list[dict]:
     """The configurations worth trying for this tile shape: those whose queue
     tiles (num_stages deep), q tile and probability tile fit in shared memory,
-    and 4 warps only while the accumulator needs at most 64 registers a thread."""
+    and 4 warps only while the accumulator needs at most 64 registers a thread.
+    scripts/triton_compile_check.py checks that each compiles without spills."""
+    candidates = _GPU_CANDIDATES_FP32 if element_size == 4 else _GPU_CANDIDATES_16BIT
     configs = []
-    for block_k, num_warps, num_stages in _GPU_CANDIDATES:
+    for block_k, num_warps, num_stages in candidates:
         shared = (block_m * block_d + num_stages * block_k * block_d + block_m * block_k) * element_size
         if shared > _SHARED_MEMORY_BUDGET:
             continue
@@ -288,20 +293,33 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=256)
 def plan_splits(rows: int, queue_size: int, dim: int, block_m: int, compute_grad: bool,
-                target_programs: int, align: int = SPLIT_ALIGN, min_split: int = MIN_SPLIT_SIZE) -> tuple[int, int]:
-    """(split_size, num_splits): enough splits that row blocks × splits reaches
-    target_programs, each split at least min_split entries (rounded to align),
-    and the workspace under WORKSPACE_LIMIT_BYTES."""
+                slots: int, align: int = SPLIT_ALIGN, min_split: int = MIN_SPLIT_SIZE) -> tuple[int, int]:
+    """(split_size, num_splits) of the queue for `slots` programs running at once.
+
+    The main kernel runs one program per multiprocessor at a time (its
+    accumulator and tiles take most of the registers and shared memory), so
+    its time goes as waves × work per program = ceil(row_blocks·S / slots) · K/S.
+    The plan takes the fewest splits within 5% of the fastest (more splits
+    cost workspace and combining), with split sizes a multiple of align, at
+    least min_split entries per split, and the workspace under
+    WORKSPACE_LIMIT_BYTES. A batch of 128 rows (2 row blocks) is thus split
+    about slots/2 ways and fills every multiprocessor.
+    """
     if queue_size == 0:
         return 1, 1  # one program per row block, which sees no entry: loss 0
     row_blocks = _cdiv(rows, block_m)
-    splits = _cdiv(target_programs, row_blocks)
-    splits = min(splits, max(1, queue_size // min_split))
     bytes_per_split = rows * 4 * (2 + (dim if compute_grad else 0))
-    splits = max(1, min(splits, WORKSPACE_LIMIT_BYTES // bytes_per_split))
-    split_size = _cdiv(_cdiv(queue_size, splits), align) * align
-    return split_size, _cdiv(queue_size, split_size)
+    max_splits = max(1, min(queue_size // min_split, WORKSPACE_LIMIT_BYTES // bytes_per_split))
+    sizes = {}  # number of splits -> split size (a multiple of align)
+    for splits in range(1, max_splits + 1):
+        size = _cdiv(_cdiv(queue_size, splits), align) * align
+        sizes[_cdiv(queue_size, size)] = size
+    time = {splits: _cdiv(row_blocks * splits, slots) * size for splits, size in sizes.items()}
+    fastest = min(time.values())
+    splits = min(n for n, t in time.items() if t * 0.95 <= fastest)
+    return sizes[splits], splits
 
 
 # Elements of the combine kernel's [BLOCK_R, BLOCK_S, BLOCK_D] tile (32 fp32
@@ -323,7 +341,7 @@ def combine_blocks(rows: int, num_splits: int, block_d: int, programs: int) -> t
 
 def _combine_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * _multiprocessors(_device_index(device))
+        return 2 * _multiprocessors(_device_index(device))
     return 1  # the interpreter runs programs one after the other: as few as possible
 
 
@@ -417,11 +435,11 @@ def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scal
 
     if split_size is None:
         if device.type == "cuda":
-            target = PROGRAMS_PER_SM * _multiprocessors(_device_index(device))
-            split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, compute_grad, target)
+            split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, bool(compute_grad),
+                                                 _multiprocessors(_device_index(device)))
         else:
             split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, compute_grad,
-                                                 _INTERPRETER_PROGRAMS, align=config["BLOCK_K"],
+                                                 _INTERPRETER_SLOTS, align=config["BLOCK_K"],
                                                  min_split=config["BLOCK_K"])
     else:
         split_size = int(split_size)
