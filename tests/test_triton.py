@@ -133,12 +133,11 @@ def check_against_reference(inputs, margin, *, reduction="none", exact_q=False):
     return loss, grad
 
 
-def lattice_unit_rows(rows, dim, generator, nonzeros=16, support=None):
+def lattice_unit_rows(rows, dim, generator, nonzeros=16):
     """Unit rows with `nonzeros` entries ±1/4 (squares sum to exactly 1): their
     normalisation is exact in fp32 and representable in fp16 and bf16, so the
     kernel's only rounding left is that of the probabilities."""
-    support = dim if support is None else support
-    index = torch.rand(rows, support, generator=generator).argsort(dim=1)[:, :nonzeros]
+    index = torch.rand(rows, dim, generator=generator).argsort(dim=1)[:, :nonzeros]
     sign = torch.randint(0, 2, (rows, nonzeros), generator=generator).double() * 2 - 1
     out = torch.zeros(rows, dim, dtype=torch.float64)
     return out.scatter_(1, index, 0.25 * sign)
@@ -395,10 +394,16 @@ def check_rows_against_reference(inputs, margin, loss, grad, rows):
                       slope=slope, gemm_dtype=gemm_dtype)
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows,slots", [(512, 1 << 16), (129, 40_000)])
+@pytest.mark.parametrize(
+    "dtype,queue_dtype,rows,slots",
+    [(d, qd, 512, 1 << 16) for d in _FLOATS for qd in _FLOATS]
+    + [(torch.bfloat16, torch.bfloat16, 129, 40_000), (torch.float16, torch.float32, 129, 40_000)],
+    ids=str,
+)
 def test_cuda_dtypes_and_sizes(dtype, queue_dtype, rows, slots):
     inputs = cuda_inputs(rows, 512, slots, dtype, queue_dtype, seed=rows)
     margin = MARGINS["arcface"]

@@ -393,6 +393,11 @@ def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scal
     rows, dim = embeddings.shape
     queue_size = queue_weights.shape[0]
     device = embeddings.device
+    if device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"the triton backend runs on CUDA tensors, got tensors on {device}; for CPU tensors set "
+            "TRITON_INTERPRET=1 before dcq_ops.triton.margin_ce is first imported (Triton's interpreter)"
+        )
     f32 = dict(dtype=torch.float32, device=device)
     loss = torch.empty(rows, **f32)
     grad = torch.empty((rows if compute_grad else 0, dim), **f32)
