@@ -35,7 +35,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dcq_ops.train import TrainConfig, _synthetic, train  # noqa: E402
 
 HEADS = ("dcq", "softmax", "partial_fc")
-LABELS = {"dcq": "DCQ (queue 10%)", "softmax": "full softmax", "partial_fc": "Partial FC (10%)"}
+# An ablation, not part of the comparison: DCQ with a queue as large as the
+# number of classes separates the effect of the queue's size (10% of the
+# negatives) from that of generating the class weights.
+ABLATION = "dcq_full_queue"
+LABELS = {"dcq": "DCQ (queue 10%)", "softmax": "full softmax", "partial_fc": "Partial FC (10%)",
+          ABLATION: "ablation: DCQ, queue 100%"}
 SETS = ("heldout", "tail", "head")
 METRICS = ("accuracy", "tar@far=0.001", "tar@far=0.0001")
 METRIC_LABELS = {"accuracy": "10-fold accuracy", "tar@far=0.001": "TAR @ FAR 1e-3", "tar@far=0.0001": "TAR @ FAR 1e-4"}
@@ -55,10 +60,14 @@ def settings(args) -> dict:
                 threads=args.threads)
 
 
+def variants_of(runs: list[dict]) -> list[str]:
+    return [v for v in (*HEADS, ABLATION) if any(r["variant"] == v for r in runs)]
+
+
 def summarise(runs: list[dict]) -> dict:
     out = {}
-    for head in HEADS:
-        mine = [r for r in runs if r["head"] == head]
+    for head in variants_of(runs):
+        mine = [r for r in runs if r["variant"] == head]
         out[head] = {}
         for name in SETS:
             out[head][name] = {}
@@ -85,19 +94,22 @@ def claims(summary: dict) -> dict:
                           "dcq_within_half_point_of_softmax_overall": overall >= -0.5,
                           "dcq_minus_softmax_tail_points": round(tail_vs["softmax"], 3),
                           "dcq_minus_partial_fc_tail_points": round(tail_vs["partial_fc"], 3),
-                          "dcq_better_than_both_on_tail": all(v > 0 for v in tail_vs.values())}
+                          "dcq_better_than_both_on_tail": all(v > 0 for v in tail_vs.values()),
+                          # Within each head: how far its tail score falls below its head-class score.
+                          "tail_minus_head_points": {h: round(100 * (mean(h, "tail", metric) - mean(h, "head", metric)), 3)
+                                                     for h in summary}}
     return result
 
 
 def table(summary: dict) -> str:
     lines = ["| head | set | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
-    for head in HEADS:
+    for head in summary:
         for name in SETS:
             cells = []
             for metric in METRICS:
                 s = summary[head][name][metric]
-                cells.append(f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["std"] else ""))
+                cells.append(f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if len(s["values"]) > 1 else ""))
             lines.append(f"| {LABELS[head]} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -112,18 +124,20 @@ def plot(summary: dict, path: str, title: str) -> bool:
               file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
-    width = 0.8 / len(HEADS)
+    heads = list(summary)
+    width = 0.8 / len(heads)
     for ax, metric in zip(axes, METRICS):
-        for k, head in enumerate(HEADS):
+        for k, head in enumerate(heads):
             means = [100 * summary[head][name][metric]["mean"] for name in SETS]
             stds = [100 * summary[head][name][metric]["std"] for name in SETS]
-            positions = [i + (k - (len(HEADS) - 1) / 2) * width for i in range(len(SETS))]
-            ax.bar(positions, means, width, yerr=stds if any(stds) else None, capsize=3, label=LABELS[head])
+            positions = [i + (k - (len(heads) - 1) / 2) * width for i in range(len(SETS))]
+            ax.bar(positions, means, width, yerr=stds if any(stds) else None, capsize=3, label=LABELS[head],
+                   hatch="//" if head == ABLATION else None, alpha=0.6 if head == ABLATION else 1.0)
         ax.set_xticks(range(len(SETS)))
         ax.set_xticklabels(["held-out ids\n(overall)", "tail ids\n(<= 3 images)", "head ids\n(>= 12 images)"])
         ax.set_title(METRIC_LABELS[metric])
         ax.set_ylabel("%")
-        lows = [100 * summary[h][n][metric]["mean"] for h in HEADS for n in SETS]
+        lows = [100 * summary[h][n][metric]["mean"] for h in heads for n in SETS]
         ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 5))
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(loc="lower left", fontsize=8)
@@ -134,13 +148,26 @@ def plot(summary: dict, path: str, title: str) -> bool:
     return True
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (written to accuracy_quick.*)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (the data set is fixed)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set")
     parser.add_argument("--identities", type=int, default=2000)
-    parser.add_argument("--epochs", type=float, default=3.0, help="the training budget of every head")
+    parser.add_argument("--epochs", type=float, default=4.0, help="the training budget of every head")
+    parser.add_argument("--ablation", type=int, choices=(0, 1), default=1,
+                        help="also train DCQ with a queue of 100%% of the classes (1) or not (0)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -163,13 +190,15 @@ def main(argv=None) -> dict:
     runs = []
     started = time.perf_counter()
     for seed in args.seeds:
-        for head in HEADS:
-            config = TrainConfig(**shared, head=head, seed=seed, synthetic_seed=args.data_seed)
+        for variant in (*HEADS, ABLATION) if args.ablation else HEADS:
+            head = "dcq" if variant == ABLATION else variant
+            extra = {"queue_size": data.num_classes} if variant == ABLATION else {}
+            config = TrainConfig(**shared, **extra, head=head, seed=seed, synthetic_seed=args.data_seed)
             t0 = time.perf_counter()
             result = train(config)
             trainer = result.pop("trainer")
             history = result["history"]
-            run = {"head": head, "seed": seed, "steps": result["steps"], "elapsed_s": time.perf_counter() - t0,
+            run = {"variant": variant, "head": head, "seed": seed, "steps": result["steps"], "elapsed_s": time.perf_counter() - t0,
                    "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history),
                    "final_loss": history[-1]["loss"], "final_eval": result["final_eval"],
                    "loss_curve": [(h["step"], round(h["loss"], 4)) for h in history]}
@@ -179,7 +208,7 @@ def main(argv=None) -> dict:
                 run["classes_sampled"] = trainer.head.num_sample
             runs.append(run)
             e = result["final_eval"]
-            print(f"seed {seed} {head:10s} {run['elapsed_s']:6.1f}s loss {run['final_loss']:.3f} | " + " | ".join(
+            print(f"seed {seed} {variant:14s} {run['elapsed_s']:6.1f}s loss {run['final_loss']:.3f} | " + " | ".join(
                 f"{name} acc {100 * e[name]['accuracy']:.2f} TAR@1e-3 {100 * e[name]['tar@far=0.001']:.2f}"
                 for name in SETS), flush=True)
 
@@ -187,11 +216,12 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "accuracy", "quick": args.quick,
         "settings": {**shared, "seeds": args.seeds, "data_seed": args.data_seed, "heads": list(HEADS),
+                     "ablation": LABELS[ABLATION] if args.ablation else None,
                      "head_settings": {"dcq": "queue = ceil(0.1 * classes), weight generator EMA momentum "
                                               f"{args.momentum}", "softmax": "normalised FC over every class",
                                        "partial_fc": "batch positives + random classes, ceil(0.1 * classes) in all"}},
         "dataset": data.summary(),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "hardware": {"machine": platform.machine(), "processor": cpu_model(),
                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "python": platform.python_version(), "device": "cpu"},
         "total_seconds": time.perf_counter() - started,

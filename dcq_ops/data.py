@@ -121,7 +121,9 @@ class ImageFolder:
 
     ``image_size`` (H, W) resizes images that differ (all images of a batch must
     have one size). ``transform``, if given, maps a PIL image to a tensor and
-    replaces the default conversion (its randomness is then not counter-based).
+    replaces the default conversion (its randomness is then not counter-based,
+    so resumed runs are no longer exact; give the TwoViewDataset ``augment=None``
+    if the transform already augments).
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
