@@ -540,7 +540,9 @@ class Trainer:
         for name, r in results.items():
             self.log.write({"kind": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
                             "set": name, "elapsed_s": time.perf_counter() - start, **r})
-            tars = " ".join(f"{k.replace('tar@far=', 'TAR@')} {v:.4f}" for k, v in r.items() if k.startswith("tar@"))
+            # "*": fewer impostor pairs than 1/FAR, so the threshold is the highest impostor score.
+            tars = " ".join(f"{k.replace('tar@far=', 'TAR@')} {v:.4f}{'*' if r.get(k + '_unresolved') else ''}"
+                            for k, v in r.items() if k.startswith("tar@") and not k.endswith("_unresolved"))
             progress.message(f"eval step {self.step} {name}: accuracy {r['accuracy']:.4f} "
                              f"+- {r.get('accuracy_std', 0):.4f} {tars}")
 
