@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dcq_ops.train import TrainConfig, _synthetic, train  # noqa: E402
+from dcq_ops.training.loop import TrainConfig, _synthetic, train  # noqa: E402
 
 HEADS = ("dcq", "softmax", "partial_fc")
 # An ablation, not part of the comparison: DCQ with a queue as large as the

@@ -68,8 +68,9 @@ import torch
 from torch import nn
 
 import dcq_ops
-from dcq_ops import MomentumEncoder, build_head
-from dcq_ops.backbones import BACKBONES, build_backbone
+from dcq_ops import MomentumEncoder
+from dcq_ops.training.heads import build_head
+from dcq_ops.training.backbones import BACKBONES, build_backbone
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HEADS = ("softmax", "partial_fc", "dcq")
@@ -541,7 +542,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--batch-size", type=int, help="samples per step")
     p.add_argument("--classes", type=parse_classes, help="comma-separated numbers of classes, e.g. 1e5,1e6")
-    p.add_argument("--backbone", choices=BACKBONES, help="dcq_ops.backbones name")
+    p.add_argument("--backbone", choices=BACKBONES, help="dcq_ops.training.backbones name")
     p.add_argument("--repeats", type=int, help="timed repeats (the median is reported)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing")
     p.add_argument("--iters", type=int, help="steps per timed repeat")

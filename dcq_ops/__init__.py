@@ -1,71 +1,53 @@
 """dcq_ops: fused kernels for face-recognition training with a Dynamic Class Queue.
 
-Public API (DESIGN.md): dcq_cross_entropy, ClassQueue, DCQLoss, backends().
+The library (what a trainer imports): ``dcq_cross_entropy``, ``DCQLoss``,
+``ClassQueue``, ``MomentumEncoder``, margins, backend selection, and the
+multi-rank queue strategies (``dcq_ops.parallel``). The loss is defined in
+docs/loss.md.
+
+The training application (backbones, data, heads, verification, the loop) is
+the subpackage ``dcq_ops.training``; its names are also reachable from here,
+loaded on first use, so ``import dcq_ops`` never imports the application.
 """
 
-from dcq_ops import reference
 from dcq_ops._extension import EXTENSION_ERROR, extension_loaded, has_cuda_kernels
 from dcq_ops.backends import backends, select_backend
-from dcq_ops.distributed import DistributedInputError, ShardedClassQueue, shuffled_forward
+from dcq_ops.functional import dcq_cross_entropy
 from dcq_ops.loss import DCQLoss
-from dcq_ops.heads import DCQHead, FullSoftmaxHead, PartialFCHead, build_head
 from dcq_ops.margin import MarginConfig, margin_from
 from dcq_ops.momentum import MomentumEncoder
-from dcq_ops.ops.margin_ce import dcq_cross_entropy
+from dcq_ops.parallel import DistributedInputError, ShardedClassQueue, shuffled_forward
 from dcq_ops.queue import ClassQueue
-# Training and evaluation (issue 4).
-from dcq_ops.backbones import IResNet, SmallCNN, build_backbone
-from dcq_ops.data import ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset
-from dcq_ops.synthetic import SyntheticConfig, make_synthetic
-
-# Loaded on first use: importing dcq_ops.train / dcq_ops.eval here would make
-# `python -m dcq_ops.train` (and .eval) warn that the module was imported twice.
-# (`train`, the function, is not exported: it would shadow the module.)
-_LAZY = {"TrainConfig": "train", "Trainer": "train", "evaluate_bin": "eval", "kfold_accuracy": "eval",
-         "load_bin": "eval", "tar_at_far": "eval"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f"dcq_ops.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'dcq_ops' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
+# Aliases of the training application's names (dcq_ops.training), imported on first use.
+_TRAINING = ("DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCHead", "SmallCNN",
+             "SyntheticConfig", "TensorImages", "TrainConfig", "Trainer", "TwoViewBatchSampler", "TwoViewDataset",
+             "build_backbone", "build_head", "evaluate_bin", "kfold_accuracy", "load_bin", "make_synthetic",
+             "tar_at_far")
+
+
+def __getattr__(name):
+    if name in _TRAINING:
+        from dcq_ops import training
+        return getattr(training, name)
+    raise AttributeError(f"module 'dcq_ops' has no attribute {name!r}")
+
+
 __all__ = [
-    "IResNet",
-    "ImageFolder",
-    "SmallCNN",
-    "SyntheticConfig",
-    "TensorImages",
-    "TrainConfig",
-    "Trainer",
-    "TwoViewBatchSampler",
-    "TwoViewDataset",
-    "build_backbone",
-    "evaluate_bin",
-    "kfold_accuracy",
-    "load_bin",
-    "make_synthetic",
-    "tar_at_far",
     "ClassQueue",
-    "DistributedInputError",
-    "ShardedClassQueue",
-    "shuffled_forward",
-    "DCQHead",
     "DCQLoss",
-    "FullSoftmaxHead",
-    "MomentumEncoder",
-    "PartialFCHead",
-    "build_head",
+    "DistributedInputError",
     "EXTENSION_ERROR",
     "MarginConfig",
+    "MomentumEncoder",
+    "ShardedClassQueue",
     "backends",
     "dcq_cross_entropy",
     "extension_loaded",
     "has_cuda_kernels",
     "margin_from",
-    "reference",
     "select_backend",
+    "shuffled_forward",
 ]

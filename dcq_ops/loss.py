@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dcq_ops.algebra import RowLoss
 from dcq_ops.backends import select_backend
-from dcq_ops.distributed import check_mode, distributed_forward, make_queue, resolve_mode
+from dcq_ops.functional import check_arguments
 from dcq_ops.margin import margin_from
-from dcq_ops.ops.margin_ce import check_arguments, dcq_cross_entropy
+from dcq_ops.parallel import STRATEGIES, check_mode, make_sharded_queue, resolve_mode
 from dcq_ops.queue import ClassQueue
 
 
@@ -83,12 +82,18 @@ class DCQLoss(nn.Module):
         self.backend = backend
         self.validate = validate
         self.reduction = reduction
-        # Several ranks: see dcq_ops/distributed.py and docs/distributed.md.
+        # Several ranks: see dcq_ops/parallel/ and docs/distributed.md.
         self.distributed = check_mode(distributed)
         self.process_group = process_group
-        self.queue = make_queue(self.distributed, process_group, queue_size, embedding_size,
-                                dtype=torch.float16 if fp16 else torch.float32, device=device, persistent=save_queue)
+        queue_dtype = torch.float16 if fp16 else torch.float32
+        if self.distributed == "sharded":
+            self.queue = make_sharded_queue(process_group, queue_size, embedding_size, dtype=queue_dtype,
+                                            device=device, persistent=save_queue)
+        else:
+            self.queue = ClassQueue(queue_size, embedding_size, dtype=queue_dtype, device=device,
+                                    persistent=save_queue)
         select_backend(self.queue.weights.device, backend)  # fail early on an unusable backend
+        self.row_loss = RowLoss(self.margin, backend, half_gemm=fp16)
 
     def extra_repr(self) -> str:
         m = self.margin
@@ -140,14 +145,18 @@ class DCQLoss(nn.Module):
         torch._assert_async(torch.isfinite(class_weights).all(),
                             "class_weights must be finite, got NaN or infinite values")
 
+    def strategy(self):
+        """The queue strategy of this call (dcq_ops.parallel): the process group may be
+        created after the module, so the mode is resolved at every call."""
+        return STRATEGIES[resolve_mode(self.distributed, self.process_group)](self.queue, self.process_group)
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-        mode = resolve_mode(self.distributed, self.process_group)
-        if mode != "none":  # "gathered" or "sharded" on several ranks (dcq_ops/distributed.py)
-            return distributed_forward(self, mode, embeddings, labels, class_weights)
-        labels, class_weights = self._prepare(embeddings, labels, class_weights)
-        loss = self._loss(embeddings, labels, class_weights, self.reduction)
+        strategy = self.strategy()
+        batch = strategy.exchange(embeddings, lambda: self._prepare(embeddings, labels, class_weights),
+                                  training=self.training)
+        loss = strategy.reduce(strategy.loss_rows(batch, self.row_loss), batch, self.reduction)
         if self.training:
-            self.queue.enqueue(class_weights, labels)
+            strategy.enqueue(batch)
         return loss
 
     def _prepare(self, embeddings, labels, class_weights):
@@ -166,21 +175,3 @@ class DCQLoss(nn.Module):
             else:
                 self._check_values(embeddings, labels, class_weights)
         return labels, class_weights
-
-    def _loss(self, embeddings, labels, class_weights, reduction: str) -> torch.Tensor:
-        """The loss against the queue as it is now (nothing enqueued)."""
-        # Under autocast the loss still accumulates in fp32 (the reference backend's
-        # matmul would otherwise run in half precision).
-        device_type = embeddings.device.type
-        no_autocast = (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
-                       else contextlib.nullcontext())
-        with no_autocast:
-            if self.fp16 and embeddings.dtype != torch.float16:
-                # As PartialFC_V2(fp16=True): the GEMMs in half precision, fp32 accumulation.
-                # Normalised first (fp32, differentiable), so the cast cannot overflow.
-                embeddings = F.normalize(embeddings.float(), dim=1).half()
-            loss = dcq_cross_entropy(
-                embeddings, class_weights, labels, self.queue.weights, self.queue.labels,
-                **self.margin.kwargs(), reduction=reduction, backend=self.backend,
-            )
-        return loss

@@ -1,11 +1,66 @@
-"""Margin settings: the combined margin (s, m1, m2, m3), inter-class filtering,
-and how to read them from arcface_torch's margin objects by attribute."""
+"""The margin of the positive logit: its value and stable derivative (shared by
+the reference, the Triton prologue and the training heads), the settings
+(s, m1, m2, m3, inter-class filtering), and how to read them from
+arcface_torch's margin objects by attribute. csrc/common/margin.h holds the
+same function for the C++/CUDA kernels."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
+
+import torch
+
+# Below this sin(theta) the margin's derivative is evaluated at theta = EPS
+# (or pi - EPS): the derivative of cos(m1*theta + m2) with respect to cos(theta)
+# is m1*sin(m1*theta + m2)/sin(theta), which is 0/0 at c = +-1. Clamping theta
+# keeps it finite and gives the exact limit (1 for CosFace, m1^2 for
+# SphereFace with m2 = 0). Every backend uses the same constant.
+MARGIN_THETA_EPS = 1e-4
+
+
+def margin_value(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """cos(m1*acos(c) + m2) - m3 for c clamped to [-1, 1] (without the scale)."""
+    theta = torch.acos(cosine.clamp(-1.0, 1.0))
+    return torch.cos(m1 * theta + m2) - m3
+
+
+def margin_derivative(cosine: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
+    """d/dc of cos(m1*acos(c) + m2), stable at c = +-1 (see MARGIN_THETA_EPS)."""
+    theta = torch.acos(cosine.clamp(-1.0, 1.0)).clamp(MARGIN_THETA_EPS, math.pi - MARGIN_THETA_EPS)
+    return m1 * torch.sin(m1 * theta + m2) / torch.sin(theta)
+
+
+class _MarginLogit(torch.autograd.Function):
+    """z = s*(cos(m1*acos(c) + m2) - m3) with the stable derivative above.
+
+    With ``straight_through`` the gradient is that of z = s*c, as arcface_torch
+    does when it applies the ArcFace margin under ``no_grad``.
+    """
+
+    @staticmethod
+    def forward(ctx, cosine, scale, m1, m2, m3, straight_through):
+        ctx.save_for_backward(cosine)
+        ctx.params = (scale, m1, m2, straight_through)
+        return scale * margin_value(cosine, m1, m2, m3)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (cosine,) = ctx.saved_tensors
+        scale, m1, m2, straight_through = ctx.params
+        if straight_through:
+            dz_dc = torch.full_like(cosine, scale)
+        else:
+            dz_dc = scale * margin_derivative(cosine, m1, m2)
+        return grad_out * dz_dc, None, None, None, None, None
+
+
+def margin_logit(cosine: torch.Tensor, scale: float, m1: float, m2: float, m3: float,
+                 straight_through: bool = False) -> torch.Tensor:
+    """The positive logit z = s*(cos(m1*acos(c) + m2) - m3), with the stable derivative."""
+    return _MarginLogit.apply(cosine, scale, m1, m2, m3, straight_through)
+
 
 
 @dataclass(frozen=True)

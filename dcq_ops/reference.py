@@ -1,8 +1,10 @@
-"""Plain PyTorch implementation of the DCQ loss (DESIGN.md §2).
+"""The DCQ loss in plain PyTorch, exactly as docs/loss.md defines it: the oracle.
 
 This is the truth every fast backend is tested against, and itself is tested
 against float64 finite differences. It materialises the N×K logits on purpose:
-it is also the baseline the benchmarks beat.
+it is also the baseline the benchmarks beat. Nothing in the library calls it
+except `backend="reference"`; it shares only the margin function
+(dcq_ops.margin) with the other backends.
 
 Everything is computed in float32 (float64 stays float64), whatever the input
 dtype, so that fp16/bf16 inputs are compared with the exact answer for the
@@ -11,75 +13,16 @@ rounded inputs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-# Below this sin(theta) the margin's derivative is evaluated at theta = EPS
-# (or pi - EPS): the derivative of cos(m1*theta + m2) with respect to cos(theta)
-# is m1*sin(m1*theta + m2)/sin(theta), which is 0/0 at c = +-1. Clamping theta
-# keeps it finite and gives the exact limit (1 for CosFace, m1^2 for
-# SphereFace with m2 = 0). Every backend uses the same constant.
-MARGIN_THETA_EPS = 1e-4
+from dcq_ops.margin import margin_logit
 
 
-def margin_value(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
-    """cos(m1*acos(c) + m2) - m3 for c clamped to [-1, 1] (without the scale)."""
-    theta = torch.acos(cosine.clamp(-1.0, 1.0))
-    return torch.cos(m1 * theta + m2) - m3
-
-
-def margin_derivative(cosine: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
-    """d/dc of cos(m1*acos(c) + m2), stable at c = +-1 (see MARGIN_THETA_EPS)."""
-    theta = torch.acos(cosine.clamp(-1.0, 1.0)).clamp(MARGIN_THETA_EPS, math.pi - MARGIN_THETA_EPS)
-    return m1 * torch.sin(m1 * theta + m2) / torch.sin(theta)
-
-
-class _MarginLogit(torch.autograd.Function):
-    """z = s*(cos(m1*acos(c) + m2) - m3) with the stable derivative above.
-
-    With ``straight_through`` the gradient is that of z = s*c, as arcface_torch
-    does when it applies the ArcFace margin under ``no_grad``.
-    """
-
-    @staticmethod
-    def forward(ctx, cosine, scale, m1, m2, m3, straight_through):
-        ctx.save_for_backward(cosine)
-        ctx.params = (scale, m1, m2, straight_through)
-        return scale * margin_value(cosine, m1, m2, m3)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (cosine,) = ctx.saved_tensors
-        scale, m1, m2, straight_through = ctx.params
-        if straight_through:
-            dz_dc = torch.full_like(cosine, scale)
-        else:
-            dz_dc = scale * margin_derivative(cosine, m1, m2)
-        return grad_out * dz_dc, None, None, None, None, None
-
-
-def margin_logit(cosine: torch.Tensor, scale: float, m1: float, m2: float, m3: float,
-                 straight_through: bool = False) -> torch.Tensor:
-    """The positive logit z = s*(cos(m1*acos(c) + m2) - m3), with the stable derivative."""
-    return _MarginLogit.apply(cosine, scale, m1, m2, m3, straight_through)
-
-
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     if any(t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
-
-
-def reduce_loss(loss_rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss_rows.mean()
-    if reduction == "sum":
-        return loss_rows.sum()
-    if reduction == "none":
-        return loss_rows
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def dcq_cross_entropy(
@@ -97,8 +40,8 @@ def dcq_cross_entropy(
     straight_through_margin: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """DESIGN.md §2, materialising the N×K logits. Gradient flows to ``embeddings`` only."""
-    acc = _accumulation_dtype(embeddings, class_weights, queue_weights)
+    """The loss of docs/loss.md, materialising the N×K logits. Gradient flows to ``embeddings`` only."""
+    acc = accumulation_dtype(embeddings, class_weights, queue_weights)
     q = F.normalize(embeddings.to(acc), dim=1)
     w = F.normalize(class_weights.detach().to(acc), dim=1)
     # A copy: DCQLoss overwrites the queue in place right after the loss, before
@@ -124,4 +67,10 @@ def dcq_cross_entropy(
     # linear cut-off at d > 20 (an error of ~2e-9 that float64 tests would see).
     loss_rows = -F.logsigmoid(positive_logit - lse_negative)
     loss_rows = torch.where(has_negative, loss_rows, torch.zeros_like(loss_rows))
-    return reduce_loss(loss_rows, reduction)
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    if reduction == "mean":
+        return loss_rows.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

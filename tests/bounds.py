@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dcq_ops import reference
+from dcq_ops import margin as margin_math
 
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.float64: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 OUTPUT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -49,7 +49,7 @@ def positive_slope(embeddings, class_weights, m1, m2, scale, straight_through=Fa
     if straight_through:
         return torch.full((embeddings.shape[0],), scale, dtype=torch.float64, device=embeddings.device)
     cos = (F.normalize(embeddings.double(), dim=1) * F.normalize(class_weights.double(), dim=1)).sum(1)
-    return (scale * reference.margin_derivative(cos, m1, m2)).abs()
+    return (scale * margin_math.margin_derivative(cos, m1, m2)).abs()
 
 
 def assert_loss_close(loss, exact, *, scale, delta, rtol=2e-4, atol=1e-12, what="loss"):

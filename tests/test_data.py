@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dcq_ops.data import (FlipShift, ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset,
+from dcq_ops.training.data import (FlipShift, ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset,
                           batch_loader, counter_uniform)
-from dcq_ops.synthetic import SyntheticConfig, image_counts, make_synthetic
+from dcq_ops.training.synthetic import SyntheticConfig, image_counts, make_synthetic
 
 # Identity sizes 3, 1, 2, 1, 5, 2: two singletons (identities 1 and 3).
 LABELS = torch.tensor([0, 4, 0, 1, 2, 4, 4, 0, 3, 2, 4, 4, 5, 5])

@@ -24,14 +24,8 @@ import torch.nn.functional as F
 
 import dcq_ops
 from dcq_ops import reference
-from dcq_ops.distributed import (
-    DistributedInputError,
-    ShardedClassQueue,
-    finalize_rows,
-    resolve_mode,
-    shard_partials,
-    shard_range,
-)
+from dcq_ops.algebra import RowLoss, merge
+from dcq_ops.parallel import DistributedInputError, ShardedClassQueue, resolve_mode, shard_range
 from dcq_ops.margin import MarginConfig
 from dcq_ops.queue import ClassQueue
 
@@ -156,7 +150,7 @@ def scenario_ddp(rank, world):
 
 
 def scenario_sharded(rank, world):
-    from dcq_ops.distributed import gather_queue
+    from dcq_ops.parallel import gather_queue
 
     out = {}
     for name, (dtype, margin, reduction, fp16) in SHARDED_CONFIGS.items():
@@ -191,7 +185,7 @@ def _outcome(fn):
 
 
 def scenario_errors(rank, world):
-    from dcq_ops.distributed import shuffled_forward
+    from dcq_ops.parallel import shuffled_forward
 
     bad = world - 1
     out = {}
@@ -263,7 +257,7 @@ def scenario_errors(rank, world):
 
 
 def scenario_shuffle(rank, world):
-    from dcq_ops.distributed import shuffled_forward
+    from dcq_ops.parallel import shuffled_forward
 
     images, sizes = shuffle_images(world)
     mine = images[rows_of(sizes, rank)]
@@ -641,23 +635,10 @@ def test_shard_partials_combine_to_the_reference(dtype, margin):
     x.requires_grad_(True)
     expected = reference.dcq_cross_entropy(x, k, y, qw, ql, **m.kwargs(), reduction="none")
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    row_loss = RowLoss(m, backend="chunked")
     for blocks in ([(0, slots)], [(0, 20), (20, slots)], [(0, 14), (14, 28), (28, slots)]):
-        xd = x.detach()
-        norm = xd.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        q = xd / norm
-        parts = [shard_partials(q, y, qw[a:b], ql[a:b], scale=m.scale,
-                                interclass_filtering_threshold=m.interclass_filtering_threshold, chunk_size=6)
-                 for a, b in blocks]
-        gmax = torch.stack([p[0] for p in parts]).amax(dim=0)
-        safe = torch.where(torch.isinf(gmax), torch.zeros_like(gmax), gmax)
-        total = sum(p[1] * torch.exp(p[0] - safe) for p in parts)
-        acc = sum(p[2] * torch.exp(p[0] - safe).unsqueeze(1) for p in parts)
-        w = F.normalize(k, dim=1)
-        pos = (q * w).sum(dim=1)
-        loss, cpos, cneg = finalize_rows(pos, gmax, total, scale=m.scale, m1=m.m1, m2=m.m2, m3=m.m3,
-                                         straight_through_margin=m.straight_through)
-        grad_q = cpos.unsqueeze(1) * w + cneg.unsqueeze(1) * acc
-        grad = (grad_q - q * (q * grad_q).sum(dim=1, keepdim=True)) / norm
+        parts = [row_loss.partials(x.detach(), y, qw[a:b], ql[a:b], with_accumulator=True) for a, b in blocks]
+        loss, grad = row_loss.finalize(x.detach(), k, merge(parts), compute_grad=True)
         tol = tolerances(dtype)
         torch.testing.assert_close(loss, expected.detach(), **tol)
         torch.testing.assert_close(grad, expected_grad, **tol)
@@ -676,7 +657,7 @@ def test_modes_without_a_process_group():
     with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
         module(torch.randn(2, 4), torch.tensor([0, 1]), torch.randn(2, 4))
     assert int(module.queue.ptr) == 0
-    from dcq_ops.distributed import shuffled_forward
+    from dcq_ops.parallel import shuffled_forward
 
     net = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)

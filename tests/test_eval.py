@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcq_ops.eval import (embed, evaluate_bin, insightface_accuracy, kfold_accuracy, kfold_splits, load_bin,
+from dcq_ops.training.verification import (embed, evaluate_bin, insightface_accuracy, kfold_accuracy, kfold_splits, load_bin,
                           pairs_from_labels, tar_at_far, verification_report, write_bin)
 
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from dcq_ops import MomentumEncoder
-from dcq_ops.backbones import IResNet, SmallCNN, build_backbone
-from dcq_ops.train import TrainConfig, Trainer, load_backbone, lr_factor, main, train
+from dcq_ops.training.backbones import IResNet, SmallCNN, build_backbone
+from dcq_ops.training.cli import main
+from dcq_ops.training.loop import TrainConfig, Trainer, load_backbone, lr_factor, train
 
 # --------------------------------------------------------------------------- EMA
 

@@ -3,7 +3,7 @@
 Their ops return (loss per row, gradient of each row's loss with respect to the
 embeddings): the gradient is produced in the same pass as the loss, so the
 backward only scales it and never reads the queue, which DCQLoss overwrites
-right after the forward (DESIGN.md §4).
+right after the forward (docs/loss.md, "The queue and the backward").
 """
 
 from __future__ import annotations
@@ -18,16 +18,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_rows)
 
 
-def _backward(ctx, grad_loss_rows, _unused_grad_of_grad_rows):
-    (grad_rows,) = ctx.saved_tensors
+def _scaled(grad_rows, grad_loss_rows, embedding_dtype):
+    """Row i's saved gradient times the upstream gradient of loss row i."""
     if grad_rows.shape[0] != grad_loss_rows.shape[0]:
         raise RuntimeError(
-            "dcq_cross_entropy ran its forward without computing the gradient "
+            "the DCQ loss ran its forward without computing the gradient "
             "(embeddings did not require grad, or grad mode was off), so it cannot backpropagate"
         )
-    grad_embeddings = (grad_rows * grad_loss_rows.unsqueeze(1).to(grad_rows.dtype)).to(ctx.embedding_dtype)
+    return (grad_rows * grad_loss_rows.unsqueeze(1).to(grad_rows.dtype)).to(embedding_dtype)
+
+
+def _backward(ctx, grad_loss_rows, _unused_grad_of_grad_rows):
+    (grad_rows,) = ctx.saved_tensors
     # One gradient for embeddings; none for every other input and parameter.
-    return (grad_embeddings,) + (None,) * (ctx.num_inputs - 1)
+    return (_scaled(grad_rows, grad_loss_rows, ctx.embedding_dtype),) + (None,) * (ctx.num_inputs - 1)
 
 
 def register_fused_autograd(op_name: str, num_inputs: int) -> None:
@@ -44,3 +48,28 @@ def fused_fake(embeddings: torch.Tensor, compute_grad: bool):
     loss_rows = embeddings.new_empty((rows,), dtype=torch.float32)
     grad_rows = embeddings.new_empty((rows if compute_grad else 0, dim), dtype=torch.float32)
     return loss_rows, grad_rows
+
+
+class _RowsWithGradient(torch.autograd.Function):
+    """Per-row losses whose gradient with respect to the embeddings was computed in the
+    forward, when the rows come from a composition of ops rather than one op (the
+    sharded queue): the backward only scales it, communicates nothing and never reads
+    the queue."""
+
+    @staticmethod
+    def forward(ctx, embeddings, loss_rows, grad_rows):
+        ctx.save_for_backward(grad_rows)
+        ctx.embedding_dtype = embeddings.dtype
+        ctx.mark_non_differentiable(grad_rows)
+        return loss_rows.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss_rows):
+        (grad_rows,) = ctx.saved_tensors
+        return _scaled(grad_rows, grad_loss_rows, ctx.embedding_dtype), None, None
+
+
+def rows_with_gradient(embeddings: torch.Tensor, loss_rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """``loss_rows`` whose gradient with respect to ``embeddings`` is ``grad_rows`` (row i's
+    gradient is grad_rows[i] times the upstream gradient of loss_rows[i])."""
+    return _RowsWithGradient.apply(embeddings, loss_rows, grad_rows)

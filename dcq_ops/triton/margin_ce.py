@@ -1,4 +1,4 @@
-"""Fused Triton backend of the DCQ margin cross-entropy (DESIGN.md §2).
+"""Fused Triton backend of the DCQ margin cross-entropy (docs/loss.md).
 
 One pass over the queue gives the loss *and* the gradient, as flash attention
 gives softmax(QK^T)V: for a block of rows and a tile of queue entries,
@@ -26,7 +26,7 @@ functions, so every backend agrees on the margin's value and slope.
 
 The op returns (loss per row, d loss_row / d embeddings): the backward only
 scales the saved gradient (dcq_ops.ops.fused_autograd), so it never reads the
-queue, which DCQLoss overwrites right after the forward (DESIGN.md §4).
+queue, which DCQLoss overwrites right after the forward (docs/loss.md, "The queue and the backward").
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcq_ops import reference
+from dcq_ops.margin import margin_derivative, margin_value
 from dcq_ops.ops.fused_autograd import fused_fake, register_fused_autograd
 
 # Whether the kernels below were decorated for Triton's CPU interpreter. Triton
@@ -385,7 +385,7 @@ def _input_precision(dtype: torch.dtype):
 
 def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
             filter_threshold, straight_through, compute_grad, *, split_size=None, config=None):
-    """(loss per row fp32 [N], gradient fp32 [N, D] or [0, D]) of DESIGN.md §2.
+    """(loss per row fp32 [N], gradient fp32 [N, D] or [0, D]) of docs/loss.md.
 
     ``split_size`` (queue entries per split) and ``config`` (dict with BLOCK_M,
     BLOCK_K, num_warps, num_stages) override the automatic choice; tests use them.
@@ -411,11 +411,11 @@ def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scal
     class_w = class_weights.float()
     w = (class_w / class_w.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous()
     positive_cos = (q * w).sum(dim=1)
-    positive_logit = (scale * reference.margin_value(positive_cos, m1, m2, m3)).contiguous()
+    positive_logit = (scale * margin_value(positive_cos, m1, m2, m3)).contiguous()
     if straight_through:
         positive_slope = torch.full_like(positive_cos, scale)
     else:
-        positive_slope = (scale * reference.margin_derivative(positive_cos, m1, m2)).contiguous()
+        positive_slope = (scale * margin_derivative(positive_cos, m1, m2)).contiguous()
     inv_norm = (1.0 / x_norm).reshape(rows).contiguous()
     q = q.contiguous()
 
@@ -500,7 +500,7 @@ def margin_cross_entropy_triton(
     straight_through: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DESIGN.md §2 fused in Triton: (loss per row fp32 [N], gradient of each
+    """The loss of docs/loss.md fused in Triton: (loss per row fp32 [N], gradient of each
     row's loss with respect to the embeddings fp32 [N, D], or [0, D] when
     compute_grad is false). Arguments are checked by dcq_cross_entropy."""
     return forward(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcq_ops.loss import DCQLoss
-from dcq_ops.margin import MarginConfig, margin_from
-from dcq_ops.reference import margin_logit
+from dcq_ops.margin import MarginConfig, margin_from, margin_logit
 
 
 def margin_softmax_loss(cosine: torch.Tensor, labels: torch.Tensor, margin: MarginConfig) -> torch.Tensor:

@@ -1,30 +1,13 @@
-"""dcq_cross_entropy: argument checks, backend dispatch, and the chunked op's
-fake kernel and autograd (DESIGN.md §2-§3)."""
+"""dcq_cross_entropy, the functional form of the loss: argument checks and
+dispatch to a backend (docs/loss.md)."""
 
 from __future__ import annotations
 
 import torch
 
 from dcq_ops import reference
-from dcq_ops._extension import extension_loaded
 from dcq_ops.backends import select_backend
-from dcq_ops.ops.fused_autograd import fused_fake, register_fused_autograd
-
-# Chunk of the queue per GEMM in the chunked backend; 0 lets the kernel choose
-# (bounded logits workspace, see csrc/margin_ce.cpp).
-DEFAULT_CHUNK_SIZE = 0
-
-if extension_loaded():
-
-    @torch.library.register_fake("dcq_ops::margin_cross_entropy")
-    def _margin_cross_entropy_fake(
-        embeddings, class_weights, labels, queue_weights, queue_labels,
-        scale, m1, m2, m3, filter_threshold, straight_through, compute_grad, chunk_size,
-    ):
-        return fused_fake(embeddings, compute_grad)
-
-    register_fused_autograd("dcq_ops::margin_cross_entropy", num_inputs=13)
-
+from dcq_ops.ops.chunked import margin_cross_entropy_chunked
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -80,6 +63,16 @@ def check_margin(scale: float, m1: float, m2: float, m3: float, threshold: float
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def reduce_loss(loss_rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss_rows.mean()
+    if reduction == "sum":
+        return loss_rows.sum()
+    if reduction == "none":
+        return loss_rows
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
 def dcq_cross_entropy(
     embeddings: torch.Tensor,
     class_weights: torch.Tensor,
@@ -96,7 +89,7 @@ def dcq_cross_entropy(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The DCQ margin cross-entropy of DESIGN.md §2.
+    """The DCQ margin cross-entropy (docs/loss.md).
 
     Loss of each embedding against its own (normalised) class weight as the
     positive, with the queue's entries of other classes as negatives. The
@@ -119,11 +112,10 @@ def dcq_cross_entropy(
     class_weights = class_weights.detach()
     queue_weights = queue_weights.detach()
     if resolved == "chunked":
-        loss_rows, _ = torch.ops.dcq_ops.margin_cross_entropy(
+        loss_rows, _ = margin_cross_entropy_chunked(
             embeddings, class_weights, labels, queue_weights, queue_labels,
             margin["scale"], margin["m1"], margin["m2"], margin["m3"],
             float(interclass_filtering_threshold), bool(straight_through_margin), compute_grad,
-            DEFAULT_CHUNK_SIZE,
         )
     else:
         from dcq_ops.triton.margin_ce import margin_cross_entropy_triton
@@ -133,4 +125,4 @@ def dcq_cross_entropy(
             margin["scale"], margin["m1"], margin["m2"], margin["m3"],
             float(interclass_filtering_threshold), bool(straight_through_margin), compute_grad,
         )
-    return reference.reduce_loss(loss_rows, reduction)
+    return reduce_loss(loss_rows, reduction)

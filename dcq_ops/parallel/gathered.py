@@ -1,0 +1,30 @@
+"""The paper's multi-rank queue: every rank holds the same full queue.
+
+Each rank computes the loss of its local batch against the queue, then the
+class weights and labels of every rank are all-gathered (rank 0's rows first)
+and enqueued on every rank, so the queues stay identical. This equals one
+process running the concatenated batch: the same queue after every step, the
+same per-row losses and per-row gradients (see QueueStrategy.reduce for the
+"mean" over uneven batches).
+"""
+
+from __future__ import annotations
+
+from dcq_ops.parallel.collectives import gather_rows
+from dcq_ops.parallel.strategy import Batch, QueueStrategy, exchange_header
+
+
+class GatheredQueue(QueueStrategy):
+    mode = "gathered"
+
+    def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
+        return exchange_header(prepare, embeddings, queue=self.queue, global_size=self.queue.size, mode=self.mode,
+                               training=training, group=self.group)
+
+    def loss_rows(self, batch: Batch, row_loss):
+        return row_loss(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
+
+    def enqueue(self, batch: Batch) -> None:
+        keys = gather_rows(batch.class_weights, batch.sizes, self.group)
+        key_labels = gather_rows(batch.labels, batch.sizes, self.group, fill=-1)
+        self.queue.enqueue(keys, key_labels)

@@ -1,0 +1,21 @@
+"""The queue of one process: DCQLoss's strategy without torch.distributed."""
+
+from __future__ import annotations
+
+from dcq_ops.parallel.strategy import Batch, QueueStrategy
+
+
+class LocalQueue(QueueStrategy):
+    """Every process on its own: its batch against its own queue, no communication."""
+
+    mode = "none"
+
+    def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
+        labels, class_weights = prepare()
+        return Batch(embeddings, labels, class_weights, sizes=[embeddings.shape[0]])
+
+    def loss_rows(self, batch: Batch, row_loss):
+        return row_loss(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
+
+    def enqueue(self, batch: Batch) -> None:
+        self.queue.enqueue(batch.class_weights, batch.labels)

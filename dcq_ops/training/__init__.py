@@ -1,0 +1,21 @@
+"""The thin training application built on the dcq_ops library: backbones, data
+sources (synthetic long-tailed identities, image folders, two-view pairs),
+heads (DCQ, full softmax, Partial FC), verification, the loop and its command
+line (``python -m dcq_ops.train``, ``dcq-train``).
+
+Nothing in the library (``dcq_ops`` outside this folder) imports it.
+"""
+
+from dcq_ops.training.backbones import IResNet, SmallCNN, build_backbone
+from dcq_ops.training.data import ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset
+from dcq_ops.training.heads import DCQHead, FullSoftmaxHead, PartialFCHead, build_head
+from dcq_ops.training.loop import TrainConfig, Trainer, load_backbone, train
+from dcq_ops.training.synthetic import SyntheticConfig, make_synthetic
+from dcq_ops.training.verification import evaluate_bin, kfold_accuracy, load_bin, tar_at_far
+
+__all__ = [
+    "DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCHead", "SmallCNN", "SyntheticConfig",
+    "TensorImages", "TrainConfig", "Trainer", "TwoViewBatchSampler", "TwoViewDataset", "build_backbone",
+    "build_head", "evaluate_bin", "kfold_accuracy", "load_backbone", "load_bin", "make_synthetic", "tar_at_far",
+    "train",
+]
