@@ -3,8 +3,9 @@
 The extension's sources are listed once, in csrc/sources.txt (CMakeLists.txt
 reads the same file). CPU kernels are always built; the CUDA kernels as well
 when the installed torch has CUDA and nvcc is found. Set DCQ_OPS_REQUIRE_CUDA=1
-to fail instead of silently building CPU-only (CI does), DCQ_OPS_NO_EXTENSION=1
-to build the pure-Python package only.
+to fail instead of silently building CPU-only (CI does), DCQ_OPS_CPU_ONLY=1 to
+skip the CUDA kernels (a quicker build), DCQ_OPS_NO_EXTENSION=1 to build the
+pure-Python package only.
 
 Build with the torch that will run it: `pip install --no-build-isolation .`.
 Without torch in the build environment (a plain isolated `pip install .`), the
@@ -58,6 +59,8 @@ def build_extensions():
 
     cpu_sources, cuda_sources = read_sources()
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if os.environ.get("DCQ_OPS_CPU_ONLY") == "1":  # a quick CPU-only build while developing
+        with_cuda = False
     if os.environ.get("DCQ_OPS_REQUIRE_CUDA") == "1" and not with_cuda:
         raise SystemExit(
             f"DCQ_OPS_REQUIRE_CUDA=1 but CUDA kernels cannot be built: torch.version.cuda="
@@ -68,8 +71,9 @@ def build_extensions():
     extra = {"cxx": ["-O3"]}
     define_macros = []
     if with_cuda:
-        # Without a GPU to detect, default to Ampere and Hopper (and PTX for newer).
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        # Without a GPU to detect: every architecture the Triton configs are chosen for
+        # (dcq_ops/triton/configs.py), A100 to B200, and PTX for newer ones.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0;10.0+PTX")
         define_macros.append(("WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "-DWITH_CUDA"]
         ext = cpp_extension.CUDAExtension(

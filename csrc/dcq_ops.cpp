@@ -13,17 +13,32 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(dcq_ops, m) {
-  // DESIGN.md §2 over the queue in chunks; returns (loss per row, gradient of
-  // each row's loss with respect to the embeddings, or [0, D] when
-  // compute_grad is false). Gradient to embeddings only.
+  // The DCQ loss of docs/loss.md against the whole queue (partials, then
+  // finalize); returns (loss per row, gradient of each row's loss with respect
+  // to the embeddings, or [0, D] when compute_grad is false), in fp32, or in
+  // fp64 when an input is float64. Gradient to embeddings only.
   m.def(
       "margin_cross_entropy(Tensor embeddings, Tensor class_weights, Tensor labels, "
       "Tensor queue_weights, Tensor queue_labels, float scale, float m1, float m2, float m3, "
       "float filter_threshold, bool straight_through, bool compute_grad, int chunk_size) "
       "-> (Tensor, Tensor)");
+  // The loss algebra's first step over a slice of the queue: (row_max [N],
+  // row_sum [N], accumulator [N, D], or [0, D] without it).
+  m.def(
+      "margin_ce_partials(Tensor embeddings, Tensor labels, Tensor queue_weights, Tensor queue_labels, "
+      "float scale, float filter_threshold, bool with_accumulator, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // Its last step, from the merged partials of every row: (loss per row,
+  // gradient rows or [0, D]).
+  m.def(
+      "margin_ce_finalize(Tensor embeddings, Tensor class_weights, Tensor row_max, Tensor row_sum, "
+      "Tensor accumulator, float scale, float m1, float m2, float m3, bool straight_through, "
+      "bool compute_grad) -> (Tensor, Tensor)");
   // FIFO write of normalised keys into (weights, labels) at the device-side
-  // pointer ptr [1] (int64), which it advances modulo the queue size.
+  // pointer ptr [1] (int64), which it advances modulo the queue size. With a
+  // guard (int64 [1] on the queue's device), nothing is written and the
+  // pointer stays where it was unless guard == 0: a bad batch never enters
+  // the queue, and the host never waits to find out.
   m.def(
       "queue_enqueue_(Tensor(a!) weights, Tensor(b!) labels, Tensor(c!) ptr, Tensor keys, "
-      "Tensor key_labels) -> ()");
+      "Tensor key_labels, Tensor? guard=None) -> ()");
 }

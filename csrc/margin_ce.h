@@ -1,40 +1,70 @@
-// The chunked backend of the DCQ margin cross-entropy: a device-generic driver
-// (margin_ce.cpp) that walks the queue in chunks, runs each chunk's GEMMs
-// through ATen, and calls a fused per-device epilogue (cpu/, cuda/).
+// The chunked backend of the DCQ loss, as the loss algebra of docs/loss.md:
+//
+//   partials(rows, a slice of the queue) -> (row_max, row_sum, accumulator)
+//   finalize(rows, class weights, merged partials) -> (loss rows, gradient rows)
+//   margin_cross_entropy = partials over the whole queue, then finalize.
+//
+// margin_ce.cpp holds the device-generic parts (argument checks, the O(N*D)
+// prologue and projection, dtypes); cpu/ and cuda/ walk the queue (GEMMs and
+// the fused epilogue) and finalise rows on their device.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <tuple>
 
 #include "common/margin.h"
 
 namespace dcq_ops {
 
-// Forward of DESIGN.md §2 with the gradient computed in the same pass:
-// returns (loss per row [N] fp32, d loss_i / d embeddings_i [N, D] fp32, or an
-// empty [0, D] tensor when compute_grad is false).
+// The partials of every row over a slice of the queue (docs/loss.md):
+// row_max [N] (natural-log units, -inf where nothing was kept), row_sum [N]
+// and, when asked for, the accumulator [N, D] = sum_j exp(z_ij - row_max) W_j
+// over the entries that carry a gradient. All in the accumulation dtype.
+struct Partials {
+  at::Tensor row_max;
+  at::Tensor row_sum;
+  at::Tensor accumulator;  // undefined when not asked for
+};
+
+// What a device driver is given: the normalised rows q [N, D] in the
+// accumulation dtype, already rounded through the GEMM operand dtype (so that
+// a CPU run of 16-bit operands computes what the tensor cores compute), and
+// the operand dtype itself (the queue's dtype, or float64).
+struct QueuePass {
+  at::Tensor q;
+  at::Tensor labels;        // int64 [N], contiguous
+  at::Tensor queue_weights; // [K, D], contiguous, any float dtype
+  at::Tensor queue_labels;  // int64 [K], contiguous
+  at::ScalarType gemm_dtype;
+  bool with_accumulator;
+  int64_t chunk_size;       // queue entries per GEMM; 0 = the driver's choice
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_partials(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& queue_weights,
+    const at::Tensor& queue_labels, double scale, double filter_threshold, bool with_accumulator, int64_t chunk_size);
+
+std::tuple<at::Tensor, at::Tensor> margin_ce_finalize(
+    const at::Tensor& embeddings, const at::Tensor& class_weights, const at::Tensor& row_max,
+    const at::Tensor& row_sum, const at::Tensor& accumulator, double scale, double m1, double m2, double m3,
+    bool straight_through, bool compute_grad);
+
 std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
     const at::Tensor& embeddings, const at::Tensor& class_weights, const at::Tensor& labels,
     const at::Tensor& queue_weights, const at::Tensor& queue_labels, double scale, double m1, double m2,
     double m3, double filter_threshold, bool straight_through, bool compute_grad, int64_t chunk_size);
 
-// Epilogue of one queue chunk. `logits` [N, C] fp32 holds the cosines q_i·W_j
-// on entry and, on exit, exp(z_ij - new_max_i) for the entries that carry a
-// gradient (0 for excluded and filtered ones). row_max/row_sum [N] hold the
-// online log-sum-exp state and are updated; rescale [N] receives
-// exp(old_max - new_max), by which the gradient accumulator must be scaled.
-void chunk_epilogue_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& chunk_labels,
-                        at::Tensor& row_max, at::Tensor& row_sum, at::Tensor& rescale, const MarginParams& p);
-// Per row: loss, coefficient of w_i and coefficient of the accumulator.
+// Device drivers.
+Partials queue_pass_cpu(const QueuePass& pass, const MarginParams& params);
 void finalize_rows_cpu(const at::Tensor& positive_cos, const at::Tensor& row_max, const at::Tensor& row_sum,
                        at::Tensor& loss, at::Tensor& coef_positive, at::Tensor& coef_negative,
-                       const MarginParams& p);
-
+                       const MarginParams& params);
 #ifdef WITH_CUDA
-void chunk_epilogue_cuda(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& chunk_labels,
-                         at::Tensor& row_max, at::Tensor& row_sum, at::Tensor& rescale, const MarginParams& p);
+Partials queue_pass_cuda(const QueuePass& pass, const MarginParams& params);
 void finalize_rows_cuda(const at::Tensor& positive_cos, const at::Tensor& row_max, const at::Tensor& row_sum,
                         at::Tensor& loss, at::Tensor& coef_positive, at::Tensor& coef_negative,
-                        const MarginParams& p);
+                        const MarginParams& params);
 #endif
 
 }  // namespace dcq_ops

@@ -4,7 +4,8 @@
 namespace dcq_ops {
 
 at::Tensor check_enqueue_args(const at::Tensor& weights, const at::Tensor& labels, const at::Tensor& ptr,
-                              const at::Tensor& keys, const at::Tensor& key_labels) {
+                              const at::Tensor& keys, const at::Tensor& key_labels,
+                              const std::optional<at::Tensor>& guard) {
   TORCH_CHECK(weights.dim() == 2 && weights.is_contiguous(), "queue weights must be a contiguous [K, D] tensor");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == weights.size(0) && labels.scalar_type() == at::kLong &&
                   labels.is_contiguous(),
@@ -16,6 +17,11 @@ at::Tensor check_enqueue_args(const at::Tensor& weights, const at::Tensor& label
               "key_labels must be int64 [B] with B = ", keys.size(0));
   TORCH_CHECK(keys.size(0) <= weights.size(0), "cannot enqueue a batch of ", keys.size(0),
               " keys into a queue of ", weights.size(0), " slots");
+  if (guard.has_value()) {
+    TORCH_CHECK(guard->numel() == 1 && guard->scalar_type() == at::kLong && guard->device() == weights.device(),
+                "the enqueue guard must be a one-element int64 tensor on ", weights.device(), ", got ",
+                guard->scalar_type(), " ", guard->sizes(), " on ", guard->device());
+  }
   for (const auto* t : {&labels, &ptr, &keys, &key_labels}) {
     TORCH_CHECK(t->device() == weights.device(), "enqueue tensors must all be on ", weights.device(), ", got ",
                 t->device());

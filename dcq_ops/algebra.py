@@ -16,14 +16,11 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from dcq_ops.backends import select_backend, why_unavailable
 from dcq_ops.functional import dcq_cross_entropy
-from dcq_ops.margin import MarginConfig, margin_derivative, margin_value
-
-
-def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from dcq_ops.margin import MarginConfig
+from dcq_ops.ops.chunked import DEFAULT_CHUNK_SIZE
 
 
 @dataclass
@@ -61,16 +58,13 @@ def merge(parts) -> Partials:
 
 
 class RowLoss:
-    """The loss of each row against a queue (or a slice of one), for one margin,
-    backend and GEMM dtype: what a queue strategy computes.
+    """The loss of each row against a queue (or a slice of one), for one margin and
+    backend: what a queue strategy computes. The GEMMs take their operands in the
+    queue's dtype (docs/loss.md, "Numerics")."""
 
-    ``half_gemm``: as PartialFC_V2(fp16=True), the embeddings are normalised in
-    fp32 and the GEMMs run in fp16 (fp32 accumulation)."""
-
-    def __init__(self, margin: MarginConfig, backend: str = "auto", half_gemm: bool = False):
+    def __init__(self, margin: MarginConfig, backend: str = "auto"):
         self.margin = margin
         self.backend = backend
-        self.half_gemm = half_gemm
 
     def _no_autocast(self, device_type: str):
         # Under autocast the loss still accumulates in fp32 (the reference backend's
@@ -82,70 +76,50 @@ class RowLoss:
     def __call__(self, embeddings, class_weights, labels, queue_weights, queue_labels) -> torch.Tensor:
         """Loss per row [N] fp32, differentiable with respect to ``embeddings``."""
         with self._no_autocast(embeddings.device.type):
-            if self.half_gemm and embeddings.dtype != torch.float16:
-                # Normalised first (fp32, differentiable), so the cast cannot overflow.
-                embeddings = F.normalize(embeddings.float(), dim=1).half()
             return dcq_cross_entropy(embeddings, class_weights, labels, queue_weights, queue_labels,
                                      **self.margin.kwargs(), reduction="none", backend=self.backend)
 
+    def fused_backend(self, device) -> str:
+        """The fused backend whose partials and finalize run on ``device``: the
+        sharded queue always runs the kernels ("reference" has no partials)."""
+        if self.backend in ("triton", "chunked"):
+            return select_backend(device, self.backend)
+        for candidate in (("triton", "chunked") if torch.device(device).type == "cuda" else ("chunked",)):
+            if why_unavailable(candidate, device) is None:
+                return candidate
+        return select_backend(device, "chunked")  # raises with the reason
+
     def partials(self, embeddings, labels, queue_weights, queue_labels, *, with_accumulator: bool) -> Partials:
-        """Partials of every row over the queue slice (rows need not be normalised)."""
+        """Partials of every row over a queue slice (rows need not be normalised)."""
         margin = self.margin
-        acc = accumulation_dtype(embeddings, queue_weights)
-        q = F.normalize(embeddings.to(acc), dim=1)
-        rows = q.shape[0]
-        row_max = torch.full((rows,), float("-inf"), dtype=acc, device=q.device)
-        row_sum = torch.zeros(rows, dtype=acc, device=q.device)
-        accumulator = torch.zeros_like(q) if with_accumulator else None
-        chunk = max(256, (8 << 20) // (8 * max(rows, 1)))
-        labels = labels.view(-1, 1)
-        for start in range(0, queue_weights.shape[0], chunk):
-            w = queue_weights[start:start + chunk].to(acc)
-            wl = queue_labels[start:start + chunk].view(1, -1)
-            cos = q @ w.t()
-            excluded = (wl < 0) | (wl == labels)
-            logits = margin.scale * cos
-            filtered = None
-            if margin.interclass_filtering_threshold > 0:
-                filtered = (cos > margin.interclass_filtering_threshold) & ~excluded
-                logits = logits.masked_fill(filtered, 0.0)
-            logits = logits.masked_fill(excluded, float("-inf"))
-            new_max = torch.maximum(row_max, logits.amax(dim=1))
-            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            rescale = torch.exp(row_max - safe_max)
-            p = torch.exp(logits - safe_max.unsqueeze(1))
-            row_sum = row_sum * rescale + p.sum(dim=1)
-            if with_accumulator:
-                if filtered is not None:
-                    p = p.masked_fill(filtered, 0.0)
-                accumulator = accumulator * rescale.unsqueeze(1) + p @ w
-            row_max = new_max
-        return Partials(row_max, row_sum, accumulator)
+        args = (embeddings.detach(), labels, queue_weights.detach(), queue_labels, margin.scale,
+                margin.interclass_filtering_threshold, with_accumulator)
+        if self._use_triton(embeddings):
+            from dcq_ops.triton.margin_ce import partials
+            row_max, row_sum, accumulator = partials(*args)
+        else:
+            row_max, row_sum, accumulator = torch.ops.dcq_ops.margin_ce_partials(*args, DEFAULT_CHUNK_SIZE)
+        return Partials(row_max, row_sum, accumulator if with_accumulator else None)
 
     def finalize(self, embeddings, class_weights, part: Partials, *, compute_grad: bool):
         """(loss rows, gradient rows or None) from the merged partials of every row."""
         margin = self.margin
-        acc = accumulation_dtype(embeddings, class_weights, part.row_sum)
-        x = embeddings.detach().to(acc)
-        x_norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        q = x / x_norm
-        w = F.normalize(class_weights.to(acc), dim=1)
-        positive_cos = (q * w).sum(dim=1)
-        row_max, row_sum = part.row_max.to(acc), part.row_sum.to(acc)
-        has = row_sum > 0
-        z_pos = margin.scale * margin_value(positive_cos, margin.m1, margin.m2, margin.m3)
-        lse_neg = row_max + torch.log(torch.where(has, row_sum, torch.ones_like(row_sum)))
-        d = torch.where(has, lse_neg - z_pos, torch.zeros_like(z_pos))
-        if margin.straight_through:
-            dz_dc = torch.full_like(positive_cos, margin.scale)
+        accumulator = part.accumulator
+        if accumulator is None:
+            accumulator = part.row_sum.new_empty((0, embeddings.shape[1]))
+        args = (embeddings.detach(), class_weights.detach(), part.row_max, part.row_sum, accumulator, margin.scale,
+                margin.m1, margin.m2, margin.m3, margin.straight_through, compute_grad)
+        if self._use_triton(embeddings):
+            from dcq_ops.triton.margin_ce import finalize
+            loss, grad = finalize(*args)
         else:
-            dz_dc = margin.scale * margin_derivative(positive_cos, margin.m1, margin.m2)
-        loss = torch.where(has, -F.logsigmoid(-d), torch.zeros_like(d))
-        if not compute_grad:
-            return loss, None
-        coef_positive = torch.where(has, -torch.sigmoid(d) * dz_dc, torch.zeros_like(d))
-        lse_all = torch.maximum(z_pos, lse_neg) + torch.log1p(torch.exp(-d.abs()))
-        coef_negative = torch.where(has, margin.scale * torch.exp(row_max - lse_all), torch.zeros_like(d))
-        grad_q = coef_positive.unsqueeze(1) * w + coef_negative.unsqueeze(1) * part.accumulator.to(acc)
-        grad = (grad_q - q * (q * grad_q).sum(dim=1, keepdim=True)) / x_norm
-        return loss, grad
+            loss, grad = torch.ops.dcq_ops.margin_ce_finalize(*args)
+        return loss, (grad if compute_grad else None)
+
+    def _use_triton(self, embeddings) -> bool:
+        if self.fused_backend(embeddings.device) != "triton":
+            return False
+        if embeddings.dtype == torch.float64:
+            raise TypeError("the sharded queue on the triton backend computes in float32; float64 runs on "
+                            "backend='chunked'")
+        return True

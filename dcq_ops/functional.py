@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dcq_ops import reference
-from dcq_ops.backends import select_backend
+from dcq_ops.backends import select_backend, why_unavailable
 from dcq_ops.ops.chunked import margin_cross_entropy_chunked
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -95,6 +95,11 @@ def dcq_cross_entropy(
     positive, with the queue's entries of other classes as negatives. The
     gradient flows to ``embeddings`` only. ``backend``: "auto", "triton",
     "chunked" or "reference" (see ``dcq_ops.backends()``).
+
+    Dtypes: the fused backends take both GEMMs' operands in the queue's dtype
+    and accumulate in fp32; with a float64 input, "chunked" and "reference"
+    compute everything in float64 (and return float64 losses), and "triton"
+    refuses it ("auto" then runs "chunked").
     """
     check_arguments(embeddings, class_weights, labels, queue_weights, queue_labels)
     check_margin(scale, m1, m2, m3, interclass_filtering_threshold, reduction)
@@ -102,6 +107,12 @@ def dcq_cross_entropy(
     queue_labels = queue_labels.long()
     margin = dict(scale=float(scale), m1=float(m1), m2=float(m2), m3=float(m3))
     resolved = select_backend(embeddings.device, backend)
+    if resolved == "triton" and any(t.dtype == torch.float64 for t in (embeddings, class_weights, queue_weights)):
+        # float64 is computed in float64 or not at all (docs/loss.md, "Numerics").
+        if backend != "auto":
+            raise TypeError("backend='triton' computes in float32 with float32/float16/bfloat16 GEMM operands; "
+                            "float64 inputs run in float64 on the 'chunked' or 'reference' backend")
+        resolved = "chunked" if why_unavailable("chunked", embeddings.device) is None else "reference"
     if resolved == "reference":
         return reference.dcq_cross_entropy(
             embeddings, class_weights, labels, queue_weights, queue_labels, **margin,

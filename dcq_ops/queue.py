@@ -69,6 +69,8 @@ class ClassQueue(nn.Module):
                 raise ValueError(f"{name} must be on the queue's device ({self.weights.device}), got {t.device}")
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None) -> None:
+        """Write the batch; with ``guard`` (int64 [1] on the queue's device), only if it is 0
+        (decided on the device: a batch found bad there never enters the queue)."""
         self.check_enqueue(keys, labels)
-        queue_enqueue_(self.weights, self.labels, self.ptr, keys.detach(), labels.long())
+        queue_enqueue_(self.weights, self.labels, self.ptr, keys.detach(), labels.long(), guard)

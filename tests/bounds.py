@@ -1,7 +1,8 @@
 """Error bounds for the fused backends, derived from where they round.
 
 A fused backend computes everything in fp32 except two GEMM operands that it
-rounds to the compute dtype u (fp16: 2^-11, bf16: 2^-8; none for fp32):
+rounds to the queue's dtype, of unit roundoff u (fp16: 2^-11, bf16: 2^-8;
+none for fp32):
 
 1. the normalised embeddings q, for the negatives' cosines. With
    delta_i = max_j |(round(q_i) - q_i) · W_j|, every negative logit of row i
@@ -30,8 +31,8 @@ OUTPUT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 0.0, torch.float16: 2
 
 
 def compute_dtype(embeddings_dtype, queue_dtype):
-    dtype = torch.promote_types(embeddings_dtype, queue_dtype)
-    return torch.float32 if dtype == torch.float64 else dtype
+    """The GEMM operands' dtype: the queue's (float64 when an input is float64)."""
+    return torch.float64 if torch.float64 in (embeddings_dtype, queue_dtype) else queue_dtype
 
 
 def cosine_rounding(embeddings, queue_weights, gemm_dtype):

@@ -22,7 +22,10 @@ class FifoModel:
             self.head = (self.head + 1) % len(self.labels)
 
 
-TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Each stored coordinate (of magnitude <= 1) is the fp32 normalisation (a few fp32
+# ulps) rounded once to the queue's dtype (at most half its ulp below 1: 2^-11 in
+# fp16, 2^-8 in bf16): twice the rounding leaves room for the fp32 part.
+TOLERANCE = {torch.float32: 16 * 2.0**-24, torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-8}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -46,6 +49,28 @@ def test_queue_matches_fifo_model_across_uneven_batches(dtype, kernel):
         assert queue.labels.tolist() == model.labels
         torch.testing.assert_close(queue.weights.double(), torch.stack(model.keys), atol=TOLERANCE[dtype], rtol=0)
     assert queue.weights.dtype == dtype
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "fallback"])
+def test_guarded_enqueue_writes_nothing_unless_the_guard_is_zero(kernel):
+    if kernel == "compiled" and not dcq_ops.extension_loaded():
+        pytest.skip(dcq_ops.EXTENSION_ERROR)
+    queue = dcq_ops.ClassQueue(7, 3)
+    queue.enqueue(torch.randn(5, 3), torch.arange(5))
+    before = {k: v.clone() for k, v in queue.state_dict().items()}
+    keys, labels = torch.randn(4, 3), torch.arange(4) + 10
+    for bad in (1, 6, -1):
+        if kernel == "compiled":
+            queue.enqueue(keys, labels, guard=torch.tensor([bad]))
+        else:
+            enqueue_fallback(queue.weights, queue.labels, queue.ptr, keys, labels, torch.tensor([bad]))
+        for k, v in queue.state_dict().items():
+            assert torch.equal(v, before[k]), (bad, k)
+    if kernel == "compiled":
+        queue.enqueue(keys, labels, guard=torch.tensor([0]))
+    else:
+        enqueue_fallback(queue.weights, queue.labels, queue.ptr, keys, labels, torch.tensor([0]))
+    assert queue.labels.tolist() == [12, 13, 2, 3, 4, 10, 11] and int(queue.ptr) == 2  # wrapped around
 
 
 def test_queue_rows_are_unit_norm_and_start_empty():

@@ -1,7 +1,8 @@
-// Math shared by the CPU and CUDA kernels: the margin function, one step of
-// the online log-sum-exp over a chunk of the queue, and the per-row finalisation
-// of DESIGN.md §2. Everything here is scalar, fp32, and mirrors
-// dcq_ops/reference.py line for line.
+// The per-element and per-row math of the DCQ loss (docs/loss.md), shared by
+// the CPU and CUDA kernels: the margin of the positive logit, the masks of a
+// queue entry, the rescaling of the online log-sum-exp, and finalize_row.
+// Scalar code, templated on the accumulation type T (float, or double for
+// float64 inputs); the Python twin of the margin is dcq_ops/margin.py.
 #pragma once
 
 #include <cmath>
@@ -15,77 +16,97 @@
 
 namespace dcq_ops {
 
-// Same constant as reference.MARGIN_THETA_EPS: below it the derivative of the
-// margin is evaluated at theta = EPS (or pi - EPS), its finite limit.
-constexpr float kMarginThetaEps = 1e-4f;
-constexpr float kPi = 3.14159265358979323846f;
+// Same constant as dcq_ops.margin.MARGIN_THETA_EPS: below it the derivative of
+// the margin is evaluated at theta = EPS (or pi - EPS), its finite limit.
+constexpr double kMarginThetaEps = 1e-4;
+constexpr double kPi = 3.14159265358979323846;
 
+// The loss's hyper-parameters, as the ops receive them (Python floats).
 struct MarginParams {
-  float scale;
-  float m1, m2, m3;
-  float filter_threshold;  // 0 = no inter-class filtering
-  bool straight_through;   // gradient as if z = scale * c (arcface_torch's ArcFace)
+  double scale;
+  double m1, m2, m3;
+  double filter_threshold;  // 0 = no inter-class filtering
+  bool straight_through;    // gradient as if z = scale * c (arcface_torch's ArcFace)
 };
 
-DCQ_HOST_DEVICE float clamp_cosine(float c) { return fminf(fmaxf(c, -1.f), 1.f); }
+// Overloads that pick the float or double function on host and device alike.
+DCQ_HOST_DEVICE float dcq_acos(float x) { return acosf(x); }
+DCQ_HOST_DEVICE double dcq_acos(double x) { return acos(x); }
+DCQ_HOST_DEVICE float dcq_cos(float x) { return cosf(x); }
+DCQ_HOST_DEVICE double dcq_cos(double x) { return cos(x); }
+DCQ_HOST_DEVICE float dcq_sin(float x) { return sinf(x); }
+DCQ_HOST_DEVICE double dcq_sin(double x) { return sin(x); }
+DCQ_HOST_DEVICE float dcq_exp(float x) { return expf(x); }
+DCQ_HOST_DEVICE double dcq_exp(double x) { return exp(x); }
+DCQ_HOST_DEVICE float dcq_log(float x) { return logf(x); }
+DCQ_HOST_DEVICE double dcq_log(double x) { return log(x); }
+DCQ_HOST_DEVICE float dcq_log1p(float x) { return log1pf(x); }
+DCQ_HOST_DEVICE double dcq_log1p(double x) { return log1p(x); }
+DCQ_HOST_DEVICE float dcq_max(float a, float b) { return fmaxf(a, b); }
+DCQ_HOST_DEVICE double dcq_max(double a, double b) { return fmax(a, b); }
+DCQ_HOST_DEVICE float dcq_min(float a, float b) { return fminf(a, b); }
+DCQ_HOST_DEVICE double dcq_min(double a, double b) { return fmin(a, b); }
+
+template <typename T>
+DCQ_HOST_DEVICE T clamp_cosine(T c) {
+  return dcq_min(dcq_max(c, T(-1)), T(1));
+}
 
 // z = s * (cos(m1*acos(c) + m2) - m3)
-DCQ_HOST_DEVICE float margin_logit(float c, const MarginParams& p) {
-  const float theta = acosf(clamp_cosine(c));
-  return p.scale * (cosf(p.m1 * theta + p.m2) - p.m3);
+template <typename T>
+DCQ_HOST_DEVICE T margin_logit(T c, const MarginParams& p) {
+  const T theta = dcq_acos(clamp_cosine(c));
+  return T(p.scale) * (dcq_cos(T(p.m1) * theta + T(p.m2)) - T(p.m3));
 }
 
 // dz/dc, exact away from c = +-1 and finite at +-1 (identically s for CosFace).
-DCQ_HOST_DEVICE float margin_logit_derivative(float c, const MarginParams& p) {
-  if (p.straight_through) return p.scale;
-  float theta = acosf(clamp_cosine(c));
-  theta = fminf(fmaxf(theta, kMarginThetaEps), kPi - kMarginThetaEps);
-  return p.scale * p.m1 * sinf(p.m1 * theta + p.m2) / sinf(theta);
+template <typename T>
+DCQ_HOST_DEVICE T margin_logit_derivative(T c, const MarginParams& p) {
+  if (p.straight_through) return T(p.scale);
+  T theta = dcq_acos(clamp_cosine(c));
+  theta = dcq_min(dcq_max(theta, T(kMarginThetaEps)), T(kPi - kMarginThetaEps));
+  return T(p.scale) * T(p.m1) * dcq_sin(T(p.m1) * theta + T(p.m2)) / dcq_sin(theta);
 }
 
-// Is queue entry (label qlabel) a negative of a row of class `label`?
+// Is a queue entry labelled `qlabel` left out of the loss of a row of class `label`?
+// (an empty slot, or the row's own class: its only positive is its own class weight)
 DCQ_HOST_DEVICE bool is_excluded(long long label, long long qlabel) { return qlabel < 0 || qlabel == label; }
 
-// The negative logit of a kept queue entry with cosine c; `filtered` tells
-// whether it was zeroed by inter-class filtering (it then gets no gradient).
-DCQ_HOST_DEVICE float negative_logit(float c, const MarginParams& p, bool* filtered) {
-  *filtered = p.filter_threshold > 0.f && c > p.filter_threshold;
-  return *filtered ? 0.f : p.scale * c;
+// Inter-class filtering: a kept negative more similar than the threshold counts
+// with logit 0 in the log-sum-exp and gets no gradient.
+template <typename T>
+DCQ_HOST_DEVICE bool is_filtered(T c, const MarginParams& p) {
+  return p.filter_threshold > 0 && c > T(p.filter_threshold);
 }
 
-// exp(a - b) with exp(-inf - -inf) defined as 1 (nothing seen yet, nothing to rescale).
-DCQ_HOST_DEVICE float rescale_factor(float old_max, float new_max) {
-  return new_max == -INFINITY ? 1.f : expf(old_max - new_max);
+// exp(old_max - new_max), defined as 1 while nothing has been kept (both -inf).
+template <typename T>
+DCQ_HOST_DEVICE T rescale_factor(T old_max, T new_max) {
+  return new_max == -std::numeric_limits<T>::infinity() ? T(1) : dcq_exp(old_max - new_max);
 }
 
-DCQ_HOST_DEVICE float softplus(float d) { return d > 0.f ? d + log1pf(expf(-d)) : log1pf(expf(d)); }
-DCQ_HOST_DEVICE float sigmoid(float d) {
-  return d >= 0.f ? 1.f / (1.f + expf(-d)) : expf(d) / (1.f + expf(d));
-}
-
-struct RowResult {
-  float loss;          // softplus(lse_neg - z_pos)
-  float coef_positive; // dloss/dc_pos  (multiplies w_i)
-  float coef_negative; // multiplies the accumulator sum_j exp(z_ij - max)*W_j
-};
-
-// Finalise a row from its positive cosine and the online log-sum-exp state
+// Finalise a row from its positive cosine and the merged log-sum-exp state
 // (max, sum) of its negatives. The positive's gradient factor 1 - p_i is the
 // negatives' total probability sigmoid(lse_neg - z_pos), never 1 - p_i itself,
 // which cancels to noise once p_i is close to 1.
-DCQ_HOST_DEVICE RowResult finalize_row(float positive_cos, float row_max, float row_sum, const MarginParams& p) {
-  RowResult r{0.f, 0.f, 0.f};
-  if (!(row_sum > 0.f)) return r;  // every queue entry excluded: loss 0, gradient 0
-  const float z_pos = margin_logit(positive_cos, p);
-  const float lse_neg = row_max + logf(row_sum);
-  const float d = lse_neg - z_pos;
-  r.loss = softplus(d);
-  r.coef_positive = -sigmoid(d) * margin_logit_derivative(positive_cos, p);
-  // p_ij = exp(z_ij - lse_all) = exp(z_ij - max) * exp(max - lse_all); the
-  // logit is s * c_ij, hence the extra factor s.
-  const float lse_all = fmaxf(z_pos, lse_neg) + log1pf(expf(-fabsf(d)));
-  r.coef_negative = p.scale * expf(row_max - lse_all);
-  return r;
+template <typename T>
+DCQ_HOST_DEVICE void finalize_row(T positive_cos, T row_max, T row_sum, const MarginParams& p, T* loss,
+                                  T* coef_positive, T* coef_negative) {
+  *loss = T(0);
+  *coef_positive = T(0);
+  *coef_negative = T(0);
+  if (!(row_sum > T(0))) return;  // every queue entry excluded: loss 0, gradient 0
+  const T z_pos = margin_logit(positive_cos, p);
+  const T lse_neg = row_max + dcq_log(row_sum);
+  const T d = lse_neg - z_pos;
+  const T e = dcq_exp(-(d > T(0) ? d : -d));  // exp(-|d|) in (0, 1]
+  const T log1p_e = dcq_log1p(e);
+  *loss = (d > T(0) ? d : T(0)) + log1p_e;  // softplus(d), exact for confident rows (d << 0)
+  const T sigmoid_d = d >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  *coef_positive = -sigmoid_d * margin_logit_derivative(positive_cos, p);
+  // p_ij = exp(z_ij - max) * exp(max - lse_all), and dz_ij/dc_ij = s.
+  const T lse_all = dcq_max(z_pos, lse_neg) + log1p_e;
+  *coef_negative = T(p.scale) * dcq_exp(row_max - lse_all);
 }
 
 }  // namespace dcq_ops

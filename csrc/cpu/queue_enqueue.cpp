@@ -10,8 +10,9 @@
 namespace dcq_ops {
 
 void queue_enqueue_cpu(at::Tensor& weights, at::Tensor& labels, at::Tensor& ptr, const at::Tensor& keys,
-                       const at::Tensor& key_labels) {
-  const at::Tensor keys_f32 = check_enqueue_args(weights, labels, ptr, keys, key_labels);
+                       const at::Tensor& key_labels, const std::optional<at::Tensor>& guard) {
+  const at::Tensor keys_f32 = check_enqueue_args(weights, labels, ptr, keys, key_labels, guard);
+  if (guard.has_value() && guard->item<int64_t>() != 0) return;  // a CPU tensor: no device to wait for
   const at::Tensor key_labels_c = key_labels.contiguous();
   const int64_t batch = keys.size(0);
   const int64_t slots = weights.size(0);

@@ -42,11 +42,16 @@ def register_fused_autograd(op_name: str, num_inputs: int) -> None:
     torch.library.register_autograd(op_name, _backward, setup_context=setup_context)
 
 
-def fused_fake(embeddings: torch.Tensor, compute_grad: bool):
-    """Shapes of a fused op's outputs, for its fake (meta) kernel."""
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when an input is float64 (the fused ops' output dtype)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def fused_fake(embeddings: torch.Tensor, compute_grad: bool, dtype: torch.dtype = torch.float32):
+    """Shapes of a fused op's outputs (loss rows, gradient rows), for its fake (meta) kernel."""
     rows, dim = embeddings.shape
-    loss_rows = embeddings.new_empty((rows,), dtype=torch.float32)
-    grad_rows = embeddings.new_empty((rows if compute_grad else 0, dim), dtype=torch.float32)
+    loss_rows = embeddings.new_empty((rows,), dtype=dtype)
+    grad_rows = embeddings.new_empty((rows if compute_grad else 0, dim), dtype=dtype)
     return loss_rows, grad_rows
 
 

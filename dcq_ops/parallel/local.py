@@ -18,4 +18,4 @@ class LocalQueue(QueueStrategy):
         return row_loss(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
 
     def enqueue(self, batch: Batch) -> None:
-        self.queue.enqueue(batch.class_weights, batch.labels)
+        self.queue.enqueue(batch.class_weights, batch.labels, batch.guard)

@@ -93,11 +93,13 @@ class ShardedClassQueue(ClassQueue):
                 raise ValueError(f"{name} must be on the queue's device ({self.weights.device}), got {t.device}")
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, *, ptr: int | None = None) -> None:
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None, *,
+                ptr: int | None = None) -> None:
         """Enqueue the global batch (the same on every rank; no communication here).
 
         ``ptr``: the global pointer if the caller knows it on the host already;
-        otherwise it is read from the device (one host sync)."""
+        otherwise it is read from the device (one host sync). ``guard``: as
+        ClassQueue.enqueue (nothing is written unless it is 0)."""
         self.check_enqueue(keys, labels)
         size, batch = self.global_size, keys.shape[0]
         head = int(self.ptr.item()) if ptr is None else ptr
@@ -116,8 +118,9 @@ class ShardedClassQueue(ClassQueue):
             # The same enqueue op as the unsharded queue, on the block's rows [lo, hi).
             queue_enqueue_(self.weights.narrow(0, lo - self.start, hi - lo),
                            self.labels.narrow(0, lo - self.start, hi - lo), scratch_ptr,
-                           keys[src:src + hi - lo], labels[src:src + hi - lo])
-        self.ptr.add_(batch).remainder_(size)
+                           keys[src:src + hi - lo], labels[src:src + hi - lo], guard)
+        advance = batch if guard is None else batch * (guard.view(1) == 0)
+        self.ptr.add_(advance).remainder_(size)
 
     @torch.no_grad()
     def load_global_(self, weights: torch.Tensor, labels: torch.Tensor, ptr) -> None:

@@ -40,6 +40,7 @@ class Batch:
     rank: int = 0
     ptr: int | None = None        # the global queue pointer, when the exchange read it
     need_grad: bool = False       # some rank's embeddings require a gradient
+    guard: torch.Tensor | None = None  # device-side bit mask of what is wrong (0: enqueue), or None
 
     @property
     def world(self) -> int:

@@ -1,32 +1,34 @@
-"""Fused Triton backend of the DCQ margin cross-entropy (docs/loss.md).
+"""Fused Triton backend of the DCQ loss (docs/loss.md), as the loss algebra:
 
-One pass over the queue gives the loss *and* the gradient, as flash attention
-gives softmax(QK^T)V: for a block of rows and a tile of queue entries,
+- partials: for a block of rows and a split of the queue, one pass over the
+  split's tiles, as flash attention gives softmax(QK^T)V:
 
-    cos  = q @ W_tile^T                       (tl.dot, fp32 accumulation)
-    z    = s * cos, masked (excluded → -inf), filtered (→ 0, no gradient)
-    m    = running max of z,  l = running sum of exp(z - m)
-    acc  = acc * exp(m_old - m) + exp(z - m) @ W_tile
+      cos  = q @ W_tile^T                       (tl.dot, fp32 accumulation)
+      z    = s * cos, masked (excluded -> -inf), filtered (-> 0, no gradient)
+      m    = running max of z,  l = running sum of exp(z - m)
+      acc  = acc * exp(m_old - m) + exp(z - m) @ W_tile
 
-so the logits live in registers only and forward + backward cost the two GEMMs
-(4·N·K·D FLOPs). The queue is split across programs so that a small batch still
-fills the GPU; each (row block, split) program writes its partial (m, l, acc)
-to a workspace, and a second small kernel combines the splits of each row and
-finalises it exactly like ``finalize_row`` in csrc/common/margin.h:
+  so the logits live in registers only and forward + backward cost the two
+  GEMMs (4 N K D FLOPs). The queue is split across programs so that a small
+  batch still fills the GPU; each (row block, split) program writes its
+  partial (m, l, acc) to a workspace;
+- merge: a second small kernel combines the splits of each row (a max, then
+  the rescaled sums);
+- finalize: in the same kernel, the loss and the gradient of each row
+  (_finalize_rows: softplus(lse_neg - z_pos), the positive's factor as the
+  negatives' probability sigmoid(lse_neg - z_pos), never 1 - p_pos, and the
+  projection through the normalisation of x).
 
-    loss     = softplus(lse_neg - z_pos)
-    coef_pos = -sigmoid(lse_neg - z_pos) * dz_pos/dc   (never 1 - p_pos)
-    coef_neg = s * exp(m - lse_all)
-    grad_q   = coef_pos * w + coef_neg * acc
-    grad_x   = (grad_q - q (q · grad_q)) / ||x||
+``margin_cross_entropy_triton`` is the three in one call; ``partials`` and
+``finalize`` are exposed apart for the sharded queue (dcq_ops.parallel), which
+merges the partials of every rank with collectives in between.
 
-The O(N·D) prologue (normalisation, positive cosine, margin of the positive and
-its derivative) is plain PyTorch and reuses dcq_ops.reference's margin
-functions, so every backend agrees on the margin's value and slope.
-
-The op returns (loss per row, d loss_row / d embeddings): the backward only
-scales the saved gradient (dcq_ops.ops.fused_autograd), so it never reads the
-queue, which DCQLoss overwrites right after the forward (docs/loss.md, "The queue and the backward").
+Both GEMMs take their operands in the queue's dtype (bf16 by default on a
+GPU: the tensor cores), accumulate in fp32, and everything after them is fp32.
+The O(N D) prologue (normalisation, positive cosine, margin of the positive and
+its derivative) is plain PyTorch on dcq_ops.margin's functions, which every
+backend shares. The gradient is produced in the forward, so the backward only
+scales it and never reads the queue (docs/loss.md, "The queue and the backward").
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import triton.language as tl
 
 from dcq_ops.margin import margin_derivative, margin_value
 from dcq_ops.ops.fused_autograd import fused_fake, register_fused_autograd
+from dcq_ops.triton.configs import ARCHITECTURES, TileConfig, architecture_of, block_d_of, tile_configs
 
 # Whether the kernels below were decorated for Triton's CPU interpreter. Triton
 # reads TRITON_INTERPRET when @triton.jit runs, i.e. when this module is first
@@ -48,12 +51,11 @@ from dcq_ops.ops.fused_autograd import fused_fake, register_fused_autograd
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Upper bound of the split workspace (partial max, sum and accumulator of each
-# row in each split). The issue's budget is 128 MiB at N=4096, K=2^20, D=512.
+# row in each split): 96 MiB covers N=4096, K=2^20, D=512 with every SM busy.
 WORKSPACE_LIMIT_BYTES = 96 << 20
 
-
-# Splits are multiples of this many queue entries (the largest BLOCK_K below),
-# so that no tile but the queue's last one is partial.
+# Splits are multiples of this many queue entries (the largest BLOCK_K), so
+# that no tile but the queue's last one is partial.
 SPLIT_ALIGN = 128
 
 # Each split gets at least this many queue entries: a shorter loop would spend
@@ -62,8 +64,11 @@ MIN_SPLIT_SIZE = 512
 
 # The interpreter runs one fixed, small configuration: autotuning there would
 # only multiply the (slow) interpreted runs.
-_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
-_INTERPRETER_SLOTS = 4  # enough splits to exercise the combination of splits
+_INTERPRETER_CONFIG = TileConfig(block_m=16, block_k=32, num_warps=4, num_stages=1)
+_INTERPRETER_SLOTS = 4  # enough splits to exercise the merging of splits
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -85,13 +90,13 @@ def _queue_pass_kernel(
     num_rows, queue_size, dim, num_splits, split_size,
     scale_log2, filter_threshold,
     row_bucket, split_bucket,  # autotuning keys only
-    FILTER: tl.constexpr, COMPUTE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FILTER: tl.constexpr, WITH_ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows [pid_m*BLOCK_M, +BLOCK_M) against queue entries of split pid_s.
 
     Writes, per row, the max m (in log2 units) of the kept logits of the split,
-    sum_j exp2(z_j - m), and (COMPUTE_GRAD) sum_j exp2(z_j - m) * W_j over the
+    sum_j exp2(z_j - m), and (WITH_ACC) sum_j exp2(z_j - m) * W_j over the
     entries that carry a gradient (kept and not filtered).
     """
     pid_m = tl.program_id(0)
@@ -139,7 +144,7 @@ def _queue_pass_kernel(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(z - m_ref[:, None])  # excluded entries: exp2(-inf) = 0
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if COMPUTE_GRAD:
+        if WITH_ACC:
             if FILTER:
                 p = tl.where(filtered, 0.0, p)
             # p in [0, 1] goes to the GEMM in the compute dtype, as in the
@@ -150,65 +155,26 @@ def _queue_pass_kernel(
     ws = rows.to(tl.int64) * num_splits + pid_s  # workspace layout [N, S(, D)]
     tl.store(max_ws_ptr + ws, m_i, mask=row_ok)
     tl.store(sum_ws_ptr + ws, l_i, mask=row_ok)
-    if COMPUTE_GRAD:
+    if WITH_ACC:
         tl.store(acc_ws_ptr + ws[:, None] * dim + cols[None, :], acc,
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _combine_kernel(
-    max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
-    pos_logit_ptr, pos_slope_ptr, q_ptr, w_ptr, inv_norm_ptr,
-    loss_ptr, grad_ptr,
-    num_rows, dim, num_splits, scale,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Rows [pid*BLOCK_R, +BLOCK_R): merge their splits' (m, l, acc), then
-    finalize_row and the projection through the normalisation of x.
-
-    Splits are read BLOCK_S at a time ([BLOCK_R, BLOCK_S, BLOCK_D] tiles), so
-    that many loads are in flight even for a small batch split many ways."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < num_rows
-    splits = tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < dim
-    ws_rows = rows.to(tl.int64) * num_splits  # workspace layout [N, S(, D)]
-
-    m_tile = tl.full([BLOCK_R, BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = row_ok[:, None] & (s0 + splits < num_splits)[None, :]
-        m_split = tl.load(max_ws_ptr + ws_rows[:, None] + s0 + splits[None, :], mask=ok, other=float("-inf"))
-        m_tile = tl.maximum(m_tile, m_split)
-    m_row = tl.max(m_tile, axis=1)  # log2 units
-    m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)  # no kept entry at all: see below
-
-    l_tile = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = row_ok[:, None] & (s0 + splits < num_splits)[None, :]
-        ws = ws_rows[:, None] + s0 + splits[None, :]
-        m_split = tl.load(max_ws_ptr + ws, mask=ok, other=float("-inf"))
-        alpha = tl.exp2(m_split - m_ref[:, None])  # 0 for a split that kept nothing (its l, acc are 0)
-        l_tile += alpha * tl.load(sum_ws_ptr + ws, mask=ok, other=0.0)
-        if COMPUTE_GRAD:
-            part = tl.load(acc_ws_ptr + ws[:, :, None] * dim + cols[None, None, :],
-                           mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
-            acc += tl.sum(alpha[:, :, None] * part, axis=1)
-    row_sum = tl.sum(l_tile, axis=1)
-
-    # finalize_row (csrc/common/margin.h). Every queue entry excluded <=> row_sum
-    # = 0: loss 0 and gradient 0, with harmless stand-ins so nothing is NaN.
+def _finalize_rows(rows, row_ok, m_nat, row_sum, acc, cols, col_ok,
+                   pos_logit_ptr, pos_slope_ptr, q_ptr, w_ptr, inv_norm_ptr, loss_ptr, grad_ptr,
+                   dim, scale, COMPUTE_GRAD: tl.constexpr):
+    """The loss and the gradient of rows from their merged partials (natural-log
+    units). A row with every queue entry excluded (row_sum = 0) has loss 0 and
+    gradient 0, with harmless stand-ins so nothing is NaN."""
     has_negative = row_sum > 0.0
     z_pos = tl.load(pos_logit_ptr + rows, mask=row_ok, other=0.0)
-    m_nat = m_ref * 0.6931471805599453  # back to natural-log units (x ln 2)
     lse_neg = m_nat + tl.log(tl.where(has_negative, row_sum, 1.0))
     d = lse_neg - z_pos
     e = tl.exp(-tl.abs(d))
     log1p_e = _log1p(e)
     loss = tl.maximum(d, 0.0) + log1p_e  # softplus(d), exact for confident rows (d << 0)
     tl.store(loss_ptr + rows, tl.where(has_negative, loss, 0.0), mask=row_ok)
-
     if COMPUTE_GRAD:
         # 1 - p_pos as the negatives' total probability sigmoid(d).
         sigmoid_d = tl.where(d >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -218,7 +184,6 @@ def _combine_kernel(
         coef_neg = scale * tl.exp(m_nat - lse_all)
         coef_pos = tl.where(has_negative, coef_pos, 0.0)
         coef_neg = tl.where(has_negative, coef_neg, 0.0)
-
         offs = rows[:, None].to(tl.int64) * dim + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         q = tl.load(q_ptr + offs, mask=mask, other=0.0)
@@ -231,78 +196,95 @@ def _combine_kernel(
         tl.store(grad_ptr + offs, grad_x, mask=mask)
 
 
+@triton.jit
+def _merge_kernel(
+    max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
+    out_max_ptr, out_sum_ptr, out_acc_ptr,
+    pos_logit_ptr, pos_slope_ptr, q_ptr, w_ptr, inv_norm_ptr, loss_ptr, grad_ptr,
+    num_rows, dim, num_splits, scale,
+    FINALIZE: tl.constexpr, WITH_ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows [pid*BLOCK_R, +BLOCK_R): merge their splits' (m, l, acc) (m in log2
+    units), then either finalise the rows (FINALIZE) or write the merged
+    partials in natural-log units (the loss algebra's partials of the whole
+    queue or shard). Splits are read BLOCK_S at a time ([BLOCK_R, BLOCK_S,
+    BLOCK_D] tiles), so that many loads are in flight even for a small batch
+    split many ways."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    splits = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    ws_rows = rows.to(tl.int64) * num_splits  # workspace layout [N, S(, D)]
+
+    m_tile = tl.full([BLOCK_R, BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = row_ok[:, None] & (s0 + splits < num_splits)[None, :]
+        m_split = tl.load(max_ws_ptr + ws_rows[:, None] + s0 + splits[None, :], mask=ok, other=float("-inf"))
+        m_tile = tl.maximum(m_tile, m_split)
+    m_row = tl.max(m_tile, axis=1)
+    m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)  # nothing kept anywhere: l, acc are 0
+
+    l_tile = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = row_ok[:, None] & (s0 + splits < num_splits)[None, :]
+        ws = ws_rows[:, None] + s0 + splits[None, :]
+        m_split = tl.load(max_ws_ptr + ws, mask=ok, other=float("-inf"))
+        alpha = tl.exp2(m_split - m_ref[:, None])  # 0 for a split that kept nothing
+        l_tile += alpha * tl.load(sum_ws_ptr + ws, mask=ok, other=0.0)
+        if WITH_ACC:
+            part = tl.load(acc_ws_ptr + ws[:, :, None] * dim + cols[None, None, :],
+                           mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+            acc += tl.sum(alpha[:, :, None] * part, axis=1)
+    row_sum = tl.sum(l_tile, axis=1)
+
+    if FINALIZE:
+        _finalize_rows(rows, row_ok, m_ref * 0.6931471805599453, row_sum, acc, cols, col_ok,
+                       pos_logit_ptr, pos_slope_ptr, q_ptr, w_ptr, inv_norm_ptr, loss_ptr, grad_ptr,
+                       dim, scale, WITH_ACC)
+    else:
+        tl.store(out_max_ptr + rows, m_row * 0.6931471805599453, mask=row_ok)  # -inf stays -inf
+        tl.store(out_sum_ptr + rows, row_sum, mask=row_ok)
+        if WITH_ACC:
+            offs = rows[:, None].to(tl.int64) * dim + cols[None, :]
+            tl.store(out_acc_ptr + offs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
 # ----------------------------------------------------------------------------
 # Launch configuration
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def compute_dtype(embeddings_dtype: torch.dtype, queue_dtype: torch.dtype) -> torch.dtype:
-    """The GEMMs' operand dtype: the promoted input dtype (fp64 runs in fp32, as in chunked)."""
-    dtype = torch.promote_types(embeddings_dtype, queue_dtype)
-    return torch.float32 if dtype == torch.float64 else dtype
-
-
-def block_rows(block_d: int, element_size: int) -> int:
-    """Rows per program on a GPU: as many as keep the fp32 accumulator
-    [BLOCK_M, BLOCK_D] within 128 KiB of registers and the q tile within 64 KiB
-    (more rows = more reuse of each queue tile loaded). fp32 operands multiply
-    on the FMA units with their tiles in registers: at most 32 rows from D=128
-    on (more spill; scripts/triton_compile_check.py)."""
-    block_m = 128 if element_size < 4 else (64 if block_d <= 64 else 32)
-    while block_m > 16 and (block_m * block_d * 4 > 128 << 10 or block_m * block_d * element_size > 64 << 10):
-        block_m //= 2
-    return block_m
-
-
-# (BLOCK_K, num_warps, num_stages) tried by the autotuner, best guesses first.
-# 16-bit operands run on the tensor cores (wgmma on Hopper); fp32 operands
-# with exact ("ieee") products run on the FMA units, whose tl.dot keeps whole
-# operand tiles in registers: thin queue tiles only (wider ones spill).
-_GPU_CANDIDATES_16BIT = ((64, 8, 2), (32, 8, 3), (128, 8, 2), (64, 4, 3), (32, 4, 2))
-_GPU_CANDIDATES_FP32 = ((16, 8, 2), (16, 8, 1))
-_SHARED_MEMORY_BUDGET = 200 << 10  # H100/H200 allow 227 KiB per block; leave Triton some
-
-
-def gpu_configs(block_m: int, block_d: int, element_size: int) -> list[dict]:
-    """The configurations worth trying for this tile shape: those whose queue
-    tiles (num_stages deep), q tile and probability tile fit in shared memory,
-    and 4 warps only while the accumulator needs at most 64 registers a thread.
-    scripts/triton_compile_check.py checks that each compiles without spills."""
-    candidates = _GPU_CANDIDATES_FP32 if element_size == 4 else _GPU_CANDIDATES_16BIT
-    configs = []
-    for block_k, num_warps, num_stages in candidates:
-        shared = (block_m * block_d + num_stages * block_k * block_d + block_m * block_k) * element_size
-        if shared > _SHARED_MEMORY_BUDGET:
-            continue
-        if num_warps == 4 and block_m * block_d > 64 * 32 * 4:
-            continue
-        configs.append(dict(BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages))
-    # The smallest tile always fits (wide D in fp32).
-    return configs or [dict(BLOCK_K=16, num_warps=8, num_stages=1)]
+def gemm_dtype_of(queue_dtype: torch.dtype) -> torch.dtype:
+    """Both GEMMs take their operands in the queue's dtype (docs/loss.md, "Numerics")."""
+    if queue_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend multiplies in float32, float16 or bfloat16 (the queue's dtype), got a "
+                        f"{queue_dtype} queue; float64 runs on the 'chunked' or 'reference' backend")
+    return queue_dtype
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_architecture(device_index: int):
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", None) or ARCHITECTURES["sm_86"].shared_memory_per_block_optin
+    return architecture_of((props.major, props.minor), optin), props.multi_processor_count
 
 
 @functools.lru_cache(maxsize=256)
-def plan_splits(rows: int, queue_size: int, dim: int, block_m: int, compute_grad: bool,
+def plan_splits(rows: int, queue_size: int, dim: int, block_m: int, with_accumulator: bool,
                 slots: int, align: int = SPLIT_ALIGN, min_split: int = MIN_SPLIT_SIZE) -> tuple[int, int]:
     """(split_size, num_splits) of the queue for `slots` programs running at once.
 
     The main kernel runs one program per multiprocessor at a time (its
     accumulator and tiles take most of the registers and shared memory), so
-    its time goes as waves × work per program = ceil(row_blocks·S / slots) · K/S.
+    its time goes as waves x work per program = ceil(row_blocks*S / slots) * K/S.
     The plan takes the fewest splits within 5% of the fastest (more splits
-    cost workspace and combining), with split sizes a multiple of align, at
+    cost workspace and merging), with split sizes a multiple of align, at
     least min_split entries per split, and the workspace under
     WORKSPACE_LIMIT_BYTES. A batch of 128 rows (2 row blocks) is thus split
     about slots/2 ways and fills every multiprocessor.
@@ -310,7 +292,7 @@ def plan_splits(rows: int, queue_size: int, dim: int, block_m: int, compute_grad
     if queue_size == 0:
         return 1, 1  # one program per row block, which sees no entry: loss 0
     row_blocks = _cdiv(rows, block_m)
-    bytes_per_split = rows * 4 * (2 + (dim if compute_grad else 0))
+    bytes_per_split = rows * 4 * (2 + (dim if with_accumulator else 0))
     max_splits = max(1, min(queue_size // min_split, WORKSPACE_LIMIT_BYTES // bytes_per_split))
     sizes = {}  # number of splits -> split size (a multiple of align)
     for splits in range(1, max_splits + 1):
@@ -322,46 +304,34 @@ def plan_splits(rows: int, queue_size: int, dim: int, block_m: int, compute_grad
     return sizes[splits], splits
 
 
-# Elements of the combine kernel's [BLOCK_R, BLOCK_S, BLOCK_D] tile (32 fp32
+# Elements of the merge kernel's [BLOCK_R, BLOCK_S, BLOCK_D] tile (32 fp32
 # registers a thread at 4 warps).
-_COMBINE_TILE = 4096
+_MERGE_TILE = 4096
 
 
-def combine_blocks(rows: int, num_splits: int, block_d: int, programs: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_S) of the combine kernel: rows per program so that about
-    `programs` programs run, then as many splits per tile as fit _COMBINE_TILE."""
+def merge_blocks(rows: int, num_splits: int, block_d: int, programs: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_S) of the merge kernel: rows per program so that about
+    `programs` programs run, then as many splits per tile as fit _MERGE_TILE."""
     block_r = 1
-    while block_r * 2 * programs <= rows and block_r * 2 * block_d * 2 <= _COMBINE_TILE:
+    while block_r * 2 * programs <= rows and block_r * 2 * block_d * 2 <= _MERGE_TILE:
         block_r *= 2
     block_s = 2  # tl.arange needs at least 2 elements on every Triton version
-    while block_s < num_splits and block_r * block_s * 2 * block_d <= _COMBINE_TILE:
+    while block_s < num_splits and block_r * block_s * 2 * block_d <= _MERGE_TILE:
         block_s *= 2
     return block_r, block_s
-
-
-def _combine_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * _multiprocessors(_device_index(device))
-    return 1  # the interpreter runs programs one after the other: as few as possible
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 _AUTOTUNED: dict = {}
 
 
-def _autotuned_kernel(block_m: int, block_d: int, element_size: int):
-    """The main kernel behind an autotuner over gpu_configs(...) (one per tile shape)."""
-    key = (block_m, block_d, element_size)
+def _autotuned_kernel(block_m: int, configs: tuple[TileConfig, ...]):
+    """The queue-pass kernel behind an autotuner over the configurations that fit (one per BLOCK_M)."""
+    key = (block_m, configs)
     if key not in _AUTOTUNED:
-        configs = [
-            triton.Config({"BLOCK_K": c["BLOCK_K"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
-            for c in gpu_configs(block_m, block_d, element_size)
-        ]
         _AUTOTUNED[key] = triton.autotune(
-            configs=configs, key=["dim", "row_bucket", "split_bucket", "COMPUTE_GRAD", "FILTER"]
+            configs=[triton.Config({"BLOCK_K": c.block_k}, num_warps=c.num_warps, num_stages=c.num_stages)
+                     for c in configs],
+            key=["dim", "row_bucket", "split_bucket", "WITH_ACC", "FILTER"],
         )(_queue_pass_kernel)
     return _AUTOTUNED[key]
 
@@ -372,80 +342,67 @@ def _autotune_enabled() -> bool:
 
 
 def _input_precision(dtype: torch.dtype):
-    """fp32 GEMMs honour torch's TF32 setting (exact "ieee" by default, like the
-    chunked backend's at::mm); 16-bit operands are multiplied exactly anyway."""
+    """fp32 GEMMs honour torch's TF32 setting (exact "ieee" only when the float32
+    matmul precision is "highest", as torch.mm); 16-bit operands multiply exactly anyway."""
     if dtype != torch.float32:
         return None
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-# ----------------------------------------------------------------------------
-# Forward
+def _device_context(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
-            filter_threshold, straight_through, compute_grad, *, split_size=None, config=None):
-    """(loss per row fp32 [N], gradient fp32 [N, D] or [0, D]) of docs/loss.md.
-
-    ``split_size`` (queue entries per split) and ``config`` (dict with BLOCK_M,
-    BLOCK_K, num_warps, num_stages) override the automatic choice; tests use them.
-    """
-    rows, dim = embeddings.shape
-    queue_size = queue_weights.shape[0]
-    device = embeddings.device
+def _check_device(device: torch.device) -> None:
     if device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             f"the triton backend runs on CUDA tensors, got tensors on {device}; for CPU tensors set "
             "TRITON_INTERPRET=1 before dcq_ops.triton.margin_ce is first imported (Triton's interpreter)"
         )
+
+
+def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / ||x||, ||x||) in fp32."""
+    x = x.float()
+    norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (x / norm).contiguous(), norm
+
+
+# ----------------------------------------------------------------------------
+# The loss algebra
+
+
+def _queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, filter_threshold, with_accumulator,
+                split_size=None, config=None):
+    """The partials of every row over every split of the queue: (max_ws [N, S]
+    in log2 units, sum_ws [N, S], acc_ws [N, S, D] or a dummy, S)."""
+    rows, dim = q_gemm.shape
+    queue_size = queue_weights.shape[0]
+    device = q_gemm.device
     f32 = dict(dtype=torch.float32, device=device)
-    loss = torch.empty(rows, **f32)
-    grad = torch.empty((rows if compute_grad else 0, dim), **f32)
-    if rows == 0:
-        return loss, grad
-
-    # Prologue, O(N·D) in fp32, as in the chunked backend and the reference.
-    x = embeddings.float()
-    x_norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    q = x / x_norm
-    class_w = class_weights.float()
-    w = (class_w / class_w.norm(dim=1, keepdim=True).clamp_min(1e-12)).contiguous()
-    positive_cos = (q * w).sum(dim=1)
-    positive_logit = (scale * margin_value(positive_cos, m1, m2, m3)).contiguous()
-    if straight_through:
-        positive_slope = torch.full_like(positive_cos, scale)
-    else:
-        positive_slope = (scale * margin_derivative(positive_cos, m1, m2)).contiguous()
-    inv_norm = (1.0 / x_norm).reshape(rows).contiguous()
-    q = q.contiguous()
-
-    gemm_dtype = compute_dtype(embeddings.dtype, queue_weights.dtype)
-    q_gemm = q.to(gemm_dtype).contiguous()
-    queue_w = queue_weights.contiguous()  # cast tile by tile in the kernel
-    labels = labels.contiguous()
-    queue_l = queue_labels.contiguous()
-
-    block_d = max(16, _next_pow2(dim))
-    element_size = torch.empty((), dtype=gemm_dtype).element_size()
+    element_size = q_gemm.element_size()
     autotune = False
+    candidates = ()
     if config is not None:
-        config = dict(config)
+        config = TileConfig(config["BLOCK_M"], config["BLOCK_K"], config["num_warps"], config["num_stages"])
     elif INTERPRETED:
-        config = dict(_INTERPRETER_CONFIG)
+        config = _INTERPRETER_CONFIG
     else:
-        block_m = block_rows(block_d, element_size)
-        config = dict(BLOCK_M=block_m, **gpu_configs(block_m, block_d, element_size)[0])
+        architecture, _ = _device_architecture(_device_index(device))
+        candidates = tuple(tile_configs(architecture, element_size, dim,
+                                        tf32=_input_precision(q_gemm.dtype) == "tf32"))
+        config = candidates[0]
         autotune = _autotune_enabled()
-    block_m = config.pop("BLOCK_M")
+    block_m = config.block_m
 
     if split_size is None:
         if device.type == "cuda":
-            split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, bool(compute_grad),
-                                                 _multiprocessors(_device_index(device)))
+            _, multiprocessors = _device_architecture(_device_index(device))
+            split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, bool(with_accumulator),
+                                                 multiprocessors)
         else:
-            split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, compute_grad,
-                                                 _INTERPRETER_SLOTS, align=config["BLOCK_K"],
-                                                 min_split=config["BLOCK_K"])
+            split_size, num_splits = plan_splits(rows, queue_size, dim, block_m, bool(with_accumulator),
+                                                 _INTERPRETER_SLOTS, align=config.block_k, min_split=config.block_k)
     else:
         split_size = int(split_size)
         if split_size <= 0:
@@ -454,31 +411,135 @@ def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scal
 
     max_ws = torch.empty((rows, num_splits), **f32)
     sum_ws = torch.empty((rows, num_splits), **f32)
-    acc_ws = torch.empty((rows, num_splits, dim) if compute_grad else (1,), **f32)
-
+    acc_ws = torch.empty((rows, num_splits, dim) if with_accumulator else (1,), **f32)
     threshold = float(filter_threshold)
-    main_args = (
-        q_gemm, labels, queue_w, queue_l, max_ws, sum_ws, acc_ws,
-        rows, queue_size, dim, num_splits, split_size,
-        float(scale) * 1.4426950408889634,  # scale * log2(e): logits in log2 units
-        threshold,
-        max(16, _next_pow2(rows)), _next_pow2(split_size),
-    )
-    flags = dict(FILTER=threshold > 0, COMPUTE_GRAD=bool(compute_grad),
-                 INPUT_PRECISION=_input_precision(gemm_dtype), BLOCK_M=block_m, BLOCK_D=block_d)
+    args = (q_gemm, labels, queue_weights, queue_labels, max_ws, sum_ws, acc_ws,
+            rows, queue_size, dim, num_splits, split_size,
+            float(scale) * LOG2E,  # logits in log2 units: exp2 is the hardware's exponential
+            threshold,
+            max(16, 1 << max(0, rows - 1).bit_length()), 1 << max(0, split_size - 1).bit_length())
+    flags = dict(FILTER=threshold > 0, WITH_ACC=bool(with_accumulator),
+                 INPUT_PRECISION=_input_precision(q_gemm.dtype), BLOCK_M=block_m, BLOCK_D=block_d_of(dim))
     grid = (_cdiv(rows, block_m), num_splits)
-    block_r, block_s = combine_blocks(rows, num_splits, block_d, programs=_combine_programs(device))
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _device_context(device):
         if autotune:
-            _autotuned_kernel(block_m, block_d, element_size)[grid](*main_args, **flags)
+            same_rows = tuple(c for c in candidates if c.block_m == block_m)
+            _autotuned_kernel(block_m, same_rows)[grid](*args, **flags)
         else:
-            _queue_pass_kernel[grid](*main_args, **flags, **config)
-        _combine_kernel[(_cdiv(rows, block_r),)](
-            max_ws, sum_ws, acc_ws, positive_logit, positive_slope, q, w, inv_norm, loss, grad,
+            _queue_pass_kernel[grid](*args, **flags, BLOCK_K=config.block_k, num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
+    return max_ws, sum_ws, acc_ws, num_splits
+
+
+def _merge_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * _device_architecture(_device_index(device))[1]
+    return 1  # the interpreter runs programs one after the other: as few as possible
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _positive(q, w, scale, m1, m2, m3, straight_through):
+    """(z_pos, dz_pos/dc) of each row, fp32, with dcq_ops.margin's functions."""
+    positive_cos = (q * w).sum(dim=1)
+    logit = (scale * margin_value(positive_cos, m1, m2, m3)).contiguous()
+    if straight_through:
+        slope = torch.full_like(positive_cos, scale)
+    else:
+        slope = (scale * margin_derivative(positive_cos, m1, m2)).contiguous()
+    return logit, slope
+
+
+def _merge(max_ws, sum_ws, acc_ws, num_splits, *, with_accumulator, finalize_inputs=None, scale=0.0):
+    """Launch the merge kernel: merged partials (natural units), or, with
+    ``finalize_inputs`` = (pos_logit, pos_slope, q, w, inv_norm, compute_grad),
+    the loss and gradient rows."""
+    rows = max_ws.shape[0]
+    dim = acc_ws.shape[-1] if with_accumulator else (finalize_inputs[2].shape[1] if finalize_inputs else 1)
+    device = max_ws.device
+    f32 = dict(dtype=torch.float32, device=device)
+    block_d = block_d_of(dim)
+    block_r, block_s = merge_blocks(rows, num_splits, block_d, programs=_merge_programs(device))
+    if finalize_inputs is None:
+        out_max, out_sum = torch.empty(rows, **f32), torch.empty(rows, **f32)
+        out_acc = torch.empty((rows, dim) if with_accumulator else (0, dim), **f32)
+        finals = (out_max,) * 8  # unused pointers
+        loss = grad = out_max
+    else:
+        out_max = out_sum = out_acc = max_ws
+        pos_logit, pos_slope, q, w, inv_norm, compute_grad = finalize_inputs
+        loss = torch.empty(rows, **f32)
+        grad = torch.empty((rows if compute_grad else 0, dim), **f32)
+        finals = (pos_logit, pos_slope, q, w, inv_norm)
+    if rows == 0:
+        return (out_max, out_sum, out_acc) if finalize_inputs is None else (loss, grad)
+    with _device_context(device):
+        _merge_kernel[(_cdiv(rows, block_r),)](
+            max_ws, sum_ws, acc_ws, out_max, out_sum, out_acc, *finals[:5], loss, grad,
             rows, dim, num_splits, float(scale),
-            COMPUTE_GRAD=bool(compute_grad), BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+            FINALIZE=finalize_inputs is not None, WITH_ACC=bool(with_accumulator),
+            BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
         )
-    return loss, grad
+    return (out_max, out_sum, out_acc) if finalize_inputs is None else (loss, grad)
+
+
+def partials(embeddings, labels, queue_weights, queue_labels, scale, filter_threshold, with_accumulator):
+    """The loss algebra's partials of every row over this queue (or shard):
+    (row_max [N] in natural-log units, -inf where nothing was kept; row_sum [N];
+    accumulator [N, D] or [0, D]), fp32."""
+    _check_device(embeddings.device)
+    gemm_dtype = gemm_dtype_of(queue_weights.dtype)
+    q, _ = _normalised(embeddings)
+    max_ws, sum_ws, acc_ws, splits = _queue_pass(q.to(gemm_dtype).contiguous(), labels.contiguous(),
+                                                 queue_weights.contiguous(), queue_labels.contiguous(), scale,
+                                                 filter_threshold, with_accumulator)
+    return _merge(max_ws, sum_ws, acc_ws, splits, with_accumulator=with_accumulator)
+
+
+def finalize(embeddings, class_weights, row_max, row_sum, accumulator, scale, m1, m2, m3, straight_through,
+             compute_grad):
+    """The loss algebra's finalize: (loss rows fp32 [N], gradient rows fp32 [N, D] or
+    [0, D]) from the merged partials of every row (natural-log units)."""
+    _check_device(embeddings.device)
+    rows, dim = embeddings.shape
+    q, x_norm = _normalised(embeddings)
+    w, _ = _normalised(class_weights)
+    pos_logit, pos_slope = _positive(q, w, scale, m1, m2, m3, straight_through)
+    inv_norm = (1.0 / x_norm).reshape(rows).contiguous()
+    # The merge kernel over one "split": the given partials, max back in log2 units.
+    max_ws = (row_max.float() * LOG2E).reshape(rows, 1).contiguous()
+    sum_ws = row_sum.float().reshape(rows, 1).contiguous()
+    acc_ws = accumulator.float().reshape(rows, 1, dim).contiguous() if compute_grad else max_ws
+    return _merge(max_ws, sum_ws, acc_ws, 1, with_accumulator=compute_grad, scale=scale,
+                  finalize_inputs=(pos_logit, pos_slope, q, w, inv_norm, compute_grad))
+
+
+def forward(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
+            filter_threshold, straight_through, compute_grad, *, split_size=None, config=None):
+    """(loss per row fp32 [N], gradient fp32 [N, D] or [0, D]) of docs/loss.md:
+    partials per split, merge and finalize in two kernels.
+
+    ``split_size`` (queue entries per split) and ``config`` (dict with BLOCK_M,
+    BLOCK_K, num_warps, num_stages) override the automatic choice; tests use them.
+    """
+    rows, dim = embeddings.shape
+    device = embeddings.device
+    _check_device(device)
+    gemm_dtype = gemm_dtype_of(queue_weights.dtype)
+    f32 = dict(dtype=torch.float32, device=device)
+    if rows == 0:
+        return torch.empty(0, **f32), torch.empty((0, dim), **f32)
+    q, x_norm = _normalised(embeddings)
+    w, _ = _normalised(class_weights)
+    pos_logit, pos_slope = _positive(q, w, scale, m1, m2, m3, straight_through)
+    inv_norm = (1.0 / x_norm).reshape(rows).contiguous()
+    max_ws, sum_ws, acc_ws, splits = _queue_pass(q.to(gemm_dtype).contiguous(), labels.contiguous(),
+                                                 queue_weights.contiguous(), queue_labels.contiguous(), scale,
+                                                 filter_threshold, compute_grad, split_size=split_size, config=config)
+    return _merge(max_ws, sum_ws, acc_ws, splits, with_accumulator=compute_grad, scale=scale,
+                  finalize_inputs=(pos_logit, pos_slope, q, w, inv_norm, compute_grad))
 
 
 # ----------------------------------------------------------------------------
@@ -500,8 +561,8 @@ def margin_cross_entropy_triton(
     straight_through: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss of docs/loss.md fused in Triton: (loss per row fp32 [N], gradient of each
-    row's loss with respect to the embeddings fp32 [N, D], or [0, D] when
+    """The loss of docs/loss.md fused in Triton: (loss per row fp32 [N], gradient
+    of each row's loss with respect to the embeddings fp32 [N, D], or [0, D] when
     compute_grad is false). Arguments are checked by dcq_cross_entropy."""
     return forward(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
                    filter_threshold, straight_through, compute_grad)
