@@ -1,7 +1,7 @@
 """The thin training application built on the dcq_ops library: backbones, data
-sources (synthetic long-tailed identities, image folders, two-view pairs),
-heads (DCQ, full softmax, Partial FC), verification, the loop and its command
-line (``python -m dcq_ops.train``, ``dcq-train``).
+sources (synthetic long-tailed identities, image folders, insightface RecordIO,
+two-view pairs), heads (DCQ, full softmax, Partial FC), verification, the loop
+and its command line (``python -m dcq_ops.train``, ``dcq-train``).
 
 Nothing in the library (``dcq_ops`` outside this folder) imports it.
 """
@@ -14,8 +14,17 @@ from dcq_ops.training.synthetic import SyntheticConfig, make_synthetic
 from dcq_ops.training.verification import evaluate_bin, kfold_accuracy, load_bin, tar_at_far
 
 __all__ = [
-    "DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCHead", "SmallCNN", "SyntheticConfig",
-    "TensorImages", "TrainConfig", "Trainer", "TwoViewBatchSampler", "TwoViewDataset", "build_backbone",
-    "build_head", "evaluate_bin", "kfold_accuracy", "load_backbone", "load_bin", "make_synthetic", "tar_at_far",
-    "train",
+    "DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCHead", "RecordIOImages", "SmallCNN",
+    "SyntheticConfig", "TensorImages", "TrainConfig", "Trainer", "TwoViewBatchSampler", "TwoViewDataset",
+    "build_backbone", "build_head", "evaluate_bin", "kfold_accuracy", "load_backbone", "load_bin", "make_synthetic",
+    "pack_folder", "tar_at_far", "train",
 ]
+
+
+def __getattr__(name):
+    # The RecordIO names load on first use, so that `python -m dcq_ops.training.recordio`
+    # runs a module that importing this package has not already imported.
+    if name in ("RecordIOImages", "pack_folder"):
+        from dcq_ops.training import recordio
+        return getattr(recordio, name)
+    raise AttributeError(f"module 'dcq_ops.training' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Backbones: a small CNN (the CPU default) and IResNet-18/34/50/100.
+"""Backbones: a small CNN (the CPU default) and IResNet-18/34/50/100/200 (with
+arcface_torch's state-dict layout, so checkpoints move both ways).
 
 Both end the way arcface_torch's backbones do: BatchNorm over the last feature
 map, dropout, flatten, a fully connected layer to the embedding, and a
@@ -7,6 +8,8 @@ network; the heads normalise it).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -72,35 +75,52 @@ class SmallCNN(nn.Module):
 class IBasicBlock(nn.Module):
     """The "improved" residual unit of ArcFace (Deng et al. 2019, Fig. 7):
     BN -> conv3x3 -> BN -> PReLU -> conv3x3 (carries the stride) -> BN, plus the
-    shortcut (1x1 conv + BN where the shape changes). No activation after the sum."""
+    shortcut (1x1 conv + BN where the shape changes). No activation after the sum.
+
+    The submodules carry arcface_torch's names (bn1, conv1, bn2, prelu, conv2,
+    bn3, downsample), so state dicts move between the two code bases unchanged.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.residual = nn.Sequential(
-            nn.BatchNorm2d(cin, eps=1e-5),
-            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(cout, eps=1e-5),
-            nn.PReLU(cout),
-            nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(cout, eps=1e-5),
-        )
+        self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.downsample = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
-        else:
-            self.shortcut = nn.Identity()
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout, eps=1e-5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(x) + self.shortcut(x)
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.downsample is None else self.downsample(x))
 
 
-IRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+IRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
 
 
 class IResNet(nn.Module):
     """IResNet of ArcFace: a stride-1 3x3 stem at 64 channels, four stages of
     IBasicBlocks at 64/128/256/512 channels, each halving the resolution in its
-    first block (112x112 -> 7x7), then the embedding output. ``image_size`` must
-    be a multiple of 16."""
+    first block (112x112 -> 7x7), then BN2d -> flatten -> dropout -> FC -> BN1d
+    (scale fixed at 1) to the embedding. ``image_size`` must be a multiple of 16.
+
+    The state dict has arcface_torch's layout (``recognition/arcface_torch/
+    backbones/iresnet.py``: conv1, bn1, prelu, layer1..layer4, bn2, fc,
+    features), so arcface_torch's ``backbone.pth`` / ``model.pt`` (insightface's
+    released r18..r200 weights included) load with ``load_state_dict``, and this
+    model's weights load into arcface_torch's model (for its ``eval_ijbc.py``
+    or ONNX export). At 112x112 with 3 channels and the default widths the
+    shapes are equal too; other sizes change the FC's input (512 x (size/16)^2).
+    Only the initialisation differs: PyTorch's defaults here, N(0, 0.1) for the
+    convolutions there.
+
+    State dicts of the earlier layout of this class (stem, stages, output) are
+    renamed on load.
+    """
 
     def __init__(self, depth: int = 50, in_channels: int = 3, embedding_size: int = 512, image_size: int = 112,
                  dropout: float = 0.0, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
@@ -113,32 +133,70 @@ class IResNet(nn.Module):
             _check_positive_int(name, value)
         if image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (four stride-2 stages), got {image_size}")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0], eps=1e-5), nn.PReLU(widths[0]))
-        stages, cin = [], widths[0]
-        for blocks, cout in zip(IRESNET_DEPTHS[depth], widths):
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-5)
+        self.prelu = nn.PReLU(widths[0])
+        cin = widths[0]
+        for stage, (blocks, cout) in enumerate(zip(IRESNET_DEPTHS[depth], widths), start=1):
             units = [IBasicBlock(cin, cout, 2)] + [IBasicBlock(cout, cout, 1) for _ in range(blocks - 1)]
-            stages.append(nn.Sequential(*units))
+            setattr(self, f"layer{stage}", nn.Sequential(*units))
             cin = cout
-        self.stages = nn.Sequential(*stages)
-        self.output = EmbeddingOutput(cin, image_size // 16, embedding_size, dropout)
+        self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin * (image_size // 16) ** 2, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        # A learned BN scale would only rescale the embedding, which the margin
+        # heads normalise away; fixing it at 1 (as arcface_torch does) removes a
+        # useless degree of freedom.
+        nn.init.constant_(self.features.weight, 1.0)
+        self.features.weight.requires_grad_(False)
         if zero_init_residual:
-            # Each block then starts as the identity, which helps very deep nets early on.
+            # Each block then starts as the identity, which helps very deep nets
+            # early on: zero the scale of the block's last BN (bn3), whose output
+            # is the residual branch.
             for m in self.modules():
                 if isinstance(m, IBasicBlock):
-                    nn.init.zeros_(m.residual[-1].weight)
+                    nn.init.zeros_(m.bn3.weight)
         self.depth, self.in_channels, self.image_size, self.embedding_size = depth, in_channels, image_size, embedding_size
+        self._register_load_state_dict_pre_hook(_rename_legacy_iresnet_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.stages(self.stem(x)))
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(self.bn2(x).flatten(1))
+        return self.features(self.fc(x))
 
 
-BACKBONES = ("small_cnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+# The earlier layout of IResNet (stem / stages.S.B.residual.K / shortcut / output)
+# -> arcface_torch's names, so checkpoints written before the rename still load.
+_LEGACY_BLOCK = {"residual.0": "bn1", "residual.1": "conv1", "residual.2": "bn2", "residual.3": "prelu",
+                 "residual.4": "conv2", "residual.5": "bn3", "shortcut.0": "downsample.0",
+                 "shortcut.1": "downsample.1"}
+_LEGACY_TOP = {"stem.0": "conv1", "stem.1": "bn1", "stem.2": "prelu", "output.bn": "bn2", "output.fc": "fc",
+               "output.features": "features"}
+_LEGACY_KEY = re.compile(r"stages\.(\d+)\.(\d+)\.(residual\.\d|shortcut\.\d)\.(.+)")
+
+
+def _rename_legacy_iresnet_keys(state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        match = _LEGACY_KEY.fullmatch(rest)
+        if match and match.group(3) in _LEGACY_BLOCK:
+            new = f"layer{int(match.group(1)) + 1}.{match.group(2)}.{_LEGACY_BLOCK[match.group(3)]}.{match.group(4)}"
+        else:
+            head, _, tail = rest.rpartition(".")
+            if head not in _LEGACY_TOP:
+                continue
+            new = f"{_LEGACY_TOP[head]}.{tail}"
+        state_dict[prefix + new] = state_dict.pop(key)
+
+
+BACKBONES = ("small_cnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200")
 
 
 def build_backbone(name: str, *, in_channels: int = 3, embedding_size: int = 512, image_size: int = 112,
                    width: int = 32, dropout: float = 0.0) -> nn.Module:
-    """A backbone by name: "small_cnn" (``width`` sets its channels) or "iresnet{18,34,50,100}"."""
+    """A backbone by name: "small_cnn" (``width`` sets its channels) or "iresnet{18,34,50,100,200}"."""
     if name == "small_cnn":
         return SmallCNN(in_channels, embedding_size, width, image_size, dropout)
     if name.startswith("iresnet") and name[len("iresnet"):].isdigit() and int(name[len("iresnet"):]) in IRESNET_DEPTHS:

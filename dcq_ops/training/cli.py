@@ -43,7 +43,8 @@ def _field_help() -> dict:
 _CHOICES = {"head": tuple(HEADS), "margin": ("cosface", "arcface"), "optimizer": ("sgd", "adamw"),
             "schedule": ("cosine", "step"), "amp": ("none", "fp16", "bf16"), "log_format": ("csv", "json"),
             "progress": ("auto", "bar", "lines", "none"), "generator_bn": ("train", "eval"), "backbone": BACKBONES,
-            "backend": ("auto", "triton", "chunked", "reference")}
+            "backend": ("auto", "triton", "chunked", "reference"), "momentum_schedule": loop.MOMENTUM_SCHEDULES,
+            "queue_warmup": loop.QUEUE_WARMUPS, "eval_model": loop.EVAL_MODELS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +78,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = train(config)
     trainer = result.pop("trainer")
     if trainer.rank == 0 and config.output:
+        # final_eval: the feature extractor's verification; final_eval_generator: the
+        # weight generator's (with --eval-model generator or both).
+        summary = {"config": dataclasses.asdict(config), "steps": result["steps"], "eval_model": config.eval_model,
+                   "final_eval": result["final_eval"]}
+        if "final_eval_generator" in result:
+            summary["final_eval_generator"] = result["final_eval_generator"]
         with open(os.path.join(config.output, "result.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(config), "steps": result["steps"],
-                       "final_eval": result["final_eval"], "elapsed_s": result["elapsed_s"]}, f, indent=2)
+            json.dump({**summary, "elapsed_s": result["elapsed_s"]}, f, indent=2)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return result

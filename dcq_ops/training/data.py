@@ -5,9 +5,10 @@
 (drawn uniformly among the others), else a second, independent augmentation of
 the same image (a singleton identity still gets a useful class weight).
 
-Sources: :class:`TensorImages` (in-memory tensors) and :class:`ImageFolder`
+Sources: :class:`TensorImages` (in-memory tensors), :class:`ImageFolder`
 (one folder per identity, the usual layout of extracted face data sets; read
-with Pillow).
+with Pillow) and :class:`~dcq_ops.training.recordio.RecordIOImages`
+(insightface's ``train.rec`` + ``train.idx``).
 
 Randomness: every random choice of an item (the partner image, the flip and
 the shift of each view) is a pure function of ``(seed, epoch, index)``, computed
@@ -209,8 +210,9 @@ _PARTNER, _VIEW_A, _VIEW_B = 0, 1, 4
 
 class TwoViewDataset(Dataset):
     """``(image_a, image_b, label)`` per index, over a source with ``labels`` and
-    ``load(indices)`` (:class:`TensorImages`, :class:`ImageFolder`, or tensors /
-    a folder path, wrapped automatically).
+    ``load(indices)`` (:class:`TensorImages`, :class:`ImageFolder`,
+    :class:`~dcq_ops.training.recordio.RecordIOImages`, or tensors / a folder
+    path / a ``.rec`` path, wrapped automatically).
 
     ``dataset[i]`` uses the epoch set by :meth:`set_epoch`; ``dataset[(epoch, i)]``
     names it (what :class:`TwoViewBatchSampler` yields, so DataLoader workers
@@ -223,7 +225,8 @@ class TwoViewDataset(Dataset):
         if isinstance(source, torch.Tensor):
             source = TensorImages(source, labels)
         elif isinstance(source, (str, os.PathLike)):
-            source = ImageFolder(source)
+            from dcq_ops.training.recordio import RecordIOImages, is_recordio  # recordio imports this module
+            source = RecordIOImages(source) if is_recordio(source) else ImageFolder(source)
         elif labels is not None:
             raise ValueError("labels are taken from the source; pass labels only with an images tensor")
         if not hasattr(source, "labels") or not hasattr(source, "load"):

@@ -1,6 +1,6 @@
 """The thin training loop behind ``python -m dcq_ops.train`` (or ``dcq-train``).
 
-Backbone (small CNN by default, IResNet-18/34/50/100), head by flag (``dcq``,
+Backbone (small CNN by default, IResNet-18/34/50/100/200), head by flag (``dcq``,
 ``softmax``, ``partial_fc``), SGD or AdamW, linear warm-up then cosine or step
 decay (per step), AMP (fp16 with a GradScaler, or bf16), gradient clipping,
 progress lines (or a tqdm bar when tqdm is installed and the output is a
@@ -9,7 +9,9 @@ log and checkpoints that resume exactly.
 
 The default data set is the synthetic long-tailed identity set
 (:mod:`dcq_ops.training.synthetic`), so the defaults train on a CPU in a few minutes;
-``--data DIR`` trains on an image folder (one folder per identity) and
+``--data DIR`` trains on an image folder (one folder per identity) or on
+insightface's RecordIO (``--data PATH``: a ``.rec``, or a folder holding
+``train.rec`` and ``train.idx``; :mod:`dcq_ops.training.recordio`), and
 ``--eval-bin lfw.bin`` evaluates on insightface's sets.
 
 Exact resume: a checkpoint holds the backbone, the head (the DCQ queue or the
@@ -56,6 +58,9 @@ from dcq_ops.training.synthetic import SyntheticConfig, make_synthetic
 from dcq_ops.training.verification import DEFAULT_FARS, embed, evaluate_bin, load_bin, verification_report
 
 CHECKPOINT_FORMAT = 1
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+QUEUE_WARMUPS = ("empty", "random", "prefill")
+EVAL_MODELS = ("backbone", "generator", "both")
 
 
 @dataclass
@@ -67,23 +72,28 @@ class TrainConfig:
     head: str = "dcq"                    # dcq | softmax | partial_fc
     sample_rate: float = 0.1             # DCQ queue = ceil(sample_rate * classes); Partial FC sample rate
     queue_size: int | None = None        # DCQ: overrides sample_rate
-    momentum: float = 0.99               # weight generator EMA (the paper's 0.999 suits its ~100x longer runs)
+    momentum: float = 0.99               # weight generator EMA momentum (the start value under momentum_schedule=cosine)
+    momentum_schedule: str = "constant"  # constant | cosine: rise from momentum to momentum_end over the run (BYOL)
+    momentum_end: float = 0.999          # the generator momentum at the last step under momentum_schedule=cosine
     generator_bn: str = "train"          # weight generator BatchNorm: train (batch stats, as MoCo) | eval (running stats)
+    queue_warmup: str = "empty"          # DCQ queue at step 0: empty (only filled slots are negatives) | random (unit vectors, as the official code) | prefill (generator embeddings of training images)
     margin: str = "cosface"              # cosface | arcface
     scale: float = 32.0
     margin_value: float = 0.3            # CosFace m (m3) or ArcFace m (m2)
     backend: str = "auto"                # DCQ loss backend
     # Backbone
-    backbone: str = "small_cnn"          # small_cnn | iresnet18/34/50/100
+    backbone: str = "small_cnn"          # small_cnn | iresnet18/34/50/100/200 (arcface_torch's layout)
     width: int = 16                      # small_cnn channels
     embedding_size: int = 128
     dropout: float = 0.0
     # Data
-    data: str = "synthetic"              # "synthetic" or an image folder (one sub-folder per identity)
+    data: str = "synthetic"              # synthetic | an image folder (a sub-folder per identity) | a .rec or its folder
     image_size: int = 32                 # synthetic resolution / image-folder resize
     synthetic_identities: int = 2000
     synthetic_eval_identities: int = 400
     synthetic_seed: int = 0
+    synthetic_median_images: float = 4.0  # long tail: median training images per synthetic identity
+    synthetic_max_images: int = 80        # the most training images of one synthetic identity
     augment: bool = True                 # random flip + shift on both views
     num_workers: int = 0
     eval_bin: list = field(default_factory=list)  # insightface .bin sets evaluated with flip TTA
@@ -112,6 +122,7 @@ class TrainConfig:
     progress: str = "auto"               # auto | bar | lines | none
     eval_every: int = 0                  # steps between verifications; 0 = at the end only
     eval_pairs: int = 6000
+    eval_model: str = "backbone"         # backbone | generator (the EMA weight generator, DCQ's encoder_k) | both
     save_every: int = 0                  # steps between checkpoints; 0 = at the end only
     keep_checkpoints: int = 2            # step checkpoints kept (checkpoint.pt, the latest, is always kept)
     resume: str | None = None            # a checkpoint, or "auto" (OUTPUT/checkpoint.pt if it exists)
@@ -121,12 +132,14 @@ class TrainConfig:
         choices = {"head": tuple(HEADS), "margin": ("cosface", "arcface"), "optimizer": ("sgd", "adamw"),
                    "schedule": ("cosine", "step"), "amp": ("none", "fp16", "bf16"), "log_format": ("csv", "json"),
                    "progress": ("auto", "bar", "lines", "none"), "generator_bn": ("eval", "train"),
-                   "backbone": BACKBONES}
+                   "backbone": BACKBONES, "momentum_schedule": MOMENTUM_SCHEDULES, "queue_warmup": QUEUE_WARMUPS,
+                   "eval_model": EVAL_MODELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("batch_size", "embedding_size", "width", "image_size", "synthetic_identities",
-                     "synthetic_eval_identities", "log_every", "eval_pairs", "keep_checkpoints"):
+                     "synthetic_eval_identities", "synthetic_max_images", "log_every", "eval_pairs",
+                     "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -140,6 +153,11 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum!r}")
+        if not 0 <= self.momentum_end <= 1:
+            raise ValueError(f"momentum_end must be in [0, 1], got {self.momentum_end!r}")
+        if self.eval_model != "backbone" and HEADS[self.head].needs_class_weights is False:
+            raise ValueError(f"eval_model={self.eval_model!r} needs a weight generator, which only the DCQ head has "
+                             f"(head={self.head!r}): use eval_model='backbone'")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.clip_grad < 0:
@@ -157,7 +175,7 @@ class TrainConfig:
 
 
 # Fields that change what a run computes: a resumed run must agree on them.
-_RESUME_NEUTRAL = {"output", "log_format", "log_every", "progress", "eval_every", "eval_pairs", "save_every",
+_RESUME_NEUTRAL = {"output", "log_format", "log_every", "progress", "eval_every", "eval_pairs", "eval_model", "save_every",
                    "keep_checkpoints", "resume", "stop_after", "num_workers", "eval_bin", "threads", "device"}
 
 
@@ -190,10 +208,12 @@ def _resolve_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=2)
-def _synthetic(identities: int, eval_identities: int, image_size: int, seed: int):
+def _synthetic(identities: int, eval_identities: int, image_size: int, seed: int, median_images: float = 4.0,
+               max_images: int = 80):
     # Cached: benchmarks train several heads on the same set in one process.
     return make_synthetic(SyntheticConfig(num_identities=identities, num_eval_identities=eval_identities,
-                                          probe_identities=eval_identities, image_size=image_size, seed=seed))
+                                          probe_identities=eval_identities, image_size=image_size, seed=seed,
+                                          median_images=median_images, max_images=max_images))
 
 
 def build_data(config: TrainConfig):
@@ -201,13 +221,20 @@ def build_data(config: TrainConfig):
     {name: (images, labels)})."""
     if config.data == "synthetic":
         data = _synthetic(config.synthetic_identities, config.synthetic_eval_identities, config.image_size,
-                          config.synthetic_seed)
+                          config.synthetic_seed, config.synthetic_median_images, config.synthetic_max_images)
         dataset = TwoViewDataset(data.train_images, data.train_labels, seed=config.seed,
                                  augment="default" if config.augment else None)
         return dataset, data.num_classes, data.train_images.shape[1], data.verification_sets()
-    folder = ImageFolder(config.data, image_size=config.image_size)
-    dataset = TwoViewDataset(folder, seed=config.seed, augment="default" if config.augment else None)
-    return dataset, len(folder.classes), 3, {}
+    # Imported here: `python -m dcq_ops.training.recordio` must find that module not yet imported.
+    from dcq_ops.training.recordio import RecordIOImages, is_recordio
+    if is_recordio(config.data):  # insightface's train.rec + train.idx (a .rec, or a folder holding them)
+        source = RecordIOImages(config.data, image_size=config.image_size)
+        num_classes = source.num_classes
+    else:
+        source = ImageFolder(config.data, image_size=config.image_size)
+        num_classes = len(source.classes)
+    dataset = TwoViewDataset(source, seed=config.seed, augment="default" if config.augment else None)
+    return dataset, num_classes, 3, {}
 
 
 # --------------------------------------------------------------------------- schedule
@@ -225,10 +252,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, decay_at: Seque
     return gamma ** sum(step >= round(f * total) for f in decay_at)
 
 
+def generator_momentum(step: int, total: int, start: float, end: float, schedule: str) -> float:
+    """The weight generator's EMA momentum for the update after ``step`` (0-based)
+    of ``total``: ``start`` throughout ("constant"), or a cosine rise from
+    ``start`` at step 0 to ``end`` at the last step ("cosine"), as BYOL raises its
+    target momentum: m_t = end - (end - start) * (cos(pi t / (T - 1)) + 1) / 2.
+
+    Why a rise: the EMA's time constant is 1 / (1 - m) steps. Early in training
+    the feature extractor moves fast and a generator with m = 0.999 (1000 steps)
+    still produces the class weights of an almost random network, so the loss
+    has little to pull towards; late in training a long average gives stabler
+    class weights."""
+    if schedule == "constant":
+        return start
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be one of {MOMENTUM_SCHEDULES}, got {schedule!r}")
+    progress = min(1.0, step / max(1, total - 1))
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
 # --------------------------------------------------------------------------- logging
 
 
-LOG_COLUMNS = ("kind", "step", "epoch", "loss", "lr", "samples_per_s", "grad_norm", "set", "accuracy",
+LOG_COLUMNS = ("kind", "step", "epoch", "loss", "lr", "samples_per_s", "grad_norm", "model", "set", "accuracy",
                "accuracy_std", *(f"tar@far={f:g}" for f in DEFAULT_FARS), "xnorm", "elapsed_s")
 
 
@@ -431,7 +477,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format must be {CHECKPOINT_FORMAT}, got {state.get('format')!r}")
-        saved = state["config"]
+        # A field the checkpoint's version did not have yet ran at its default.
+        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
         mine = dataclasses.asdict(self.config)
         differ = {k: (saved.get(k), v) for k, v in mine.items() if k not in _RESUME_NEUTRAL and saved.get(k) != v}
         if differ:
@@ -513,46 +560,130 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if self.generator is not None:
-            self.generator.update(self.backbone)  # g <- mu g + (1 - mu) f, after f moved
+            self._update_generator()
         self.step += 1
         return loss.detach(), grad_norm
 
+    def _update_generator(self) -> None:
+        """g <- mu g + (1 - mu) f after f moved, mu from the momentum schedule."""
+        c = self.config
+        self.generator.momentum = generator_momentum(self.step, self.total_steps, c.momentum, c.momentum_end,
+                                                     c.momentum_schedule)
+        if c.generator_bn == "eval":
+            # The generator normalises with the feature extractor's running statistics,
+            # which update() copies.
+            self.generator.update(self.backbone)
+            return
+        # BatchNorm in train mode: the generator keeps its own running statistics,
+        # accumulated by its own forward passes, as the official code's encoder_k
+        # does. They do not affect training (train mode normalises with batch
+        # statistics) but are what the generator is evaluated with; the feature
+        # extractor's, which update() copies, belong to other weights.
+        own = [b.clone() for b in self.generator.buffers()]
+        self.generator.update(self.backbone)
+        if own:
+            torch._foreach_copy_(list(self.generator.buffers()), own)
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Verification of the feature extractor (rank 0; {} elsewhere): every
+    def warm_queue(self) -> None:
+        """Fill the DCQ queue before the first step, as ``queue_warmup`` says:
+        "empty" leaves it (until it has been filled, K / B steps, only the filled
+        slots are negatives, so the loss starts against fewer negatives);
+        "random" fills it with random unit vectors under a label no class has
+        (the official code initialises its queue so: every slot is a negative
+        from the first step); "prefill" fills it with the weight generator's
+        embeddings of random training images, under their labels.
+
+        Every rank computes the same keys (same images, same generator), so a
+        queue that every rank holds in full stays the same on all of them."""
+        mode = self.config.queue_warmup
+        if mode == "empty" or self.config.head != "dcq":
+            return
+        queue = self.head.loss.queue
+        if getattr(self.head.loss, "distributed", "none") == "sharded" or not hasattr(queue, "enqueue"):
+            raise ValueError(f"queue_warmup={mode!r} needs a queue held in full on every rank, not a sharded one")
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 17)  # not the training streams
+        size, batch = queue.size, self.config.batch_size
+        if mode == "random":
+            keys = torch.randn(size, queue.dim, generator=g).to(self.device)
+            labels = torch.full((size,), self.num_classes, dtype=torch.long, device=self.device)
+            queue.enqueue(keys, labels)
+            return
+        # Whole batches (BatchNorm in train mode needs more than one image), then the
+        # last `size` keys; the generator runs without shuffle-BN so that every rank
+        # gets the same keys.
+        batches = -(-size // batch)
+        order = torch.cat([torch.randperm(len(self.dataset), generator=g)
+                           for _ in range(-(-batches * batch // len(self.dataset)))])
+        keys, labels = [], []
+        for b in range(batches):
+            indices = order[b * batch:(b + 1) * batch].numpy()
+            _, images, batch_labels = self.dataset.get_batch(indices, epoch=0)
+            with self._autocast():
+                keys.append(self.generator(images.to(self.device)).float())
+            labels.append(batch_labels.to(self.device))
+        queue.enqueue(torch.cat(keys)[-size:], torch.cat(labels)[-size:])
+
+    def eval_models(self) -> tuple[str, ...]:
+        """The models ``eval_model`` names: "backbone" (the feature extractor) and/or
+        "generator" (the weight generator, which the official DCQ code evaluates)."""
+        return ("backbone", "generator") if self.config.eval_model == "both" else (self.config.eval_model,)
+
+    @torch.no_grad()
+    def evaluate(self, model: str = "backbone") -> dict:
+        """Verification of the feature extractor (``model="backbone"``) or of the
+        weight generator (``"generator"``; with generator_bn=train it normalises
+        with its own running statistics), on rank 0 ({} elsewhere): every
         synthetic set (10-fold accuracy, TAR@FAR; flip TTA) and every --eval-bin."""
+        if model not in ("backbone", "generator"):
+            raise ValueError(f"model must be 'backbone' or 'generator', got {model!r}")
+        if model == "generator" and self.generator is None:
+            raise ValueError(f"head {self.config.head!r} has no weight generator to evaluate")
         if self.rank != 0:
             return {}
+        network = self.backbone if model == "backbone" else self.generator.module
         results = {}
         for name, (images, labels) in self.verification_sets.items():
-            embeddings = embed(self.backbone, images, batch_size=512, flip=True, device=self.device)
+            embeddings = embed(network, images, batch_size=512, flip=True, device=self.device)
             results[name] = verification_report(embeddings, labels, self.config.eval_pairs, seed=self.config.seed)
         if self.config.eval_bin:
             if self._loaded_bins is None:
                 size = (self.config.image_size, self.config.image_size)
                 self._loaded_bins = {os.path.basename(p): load_bin(p, size) for p in self.config.eval_bin}
             for name, data in self._loaded_bins.items():
-                results[name] = evaluate_bin(self.backbone, data, batch_size=256, device=self.device)
+                results[name] = evaluate_bin(network, data, batch_size=256, device=self.device)
         return results
 
-    def _log_eval(self, results: dict, progress: Progress, start: float) -> None:
+    def _evaluate_and_log(self, progress: Progress, start: float) -> dict:
+        """{model: {set: report}} for every model of ``eval_model``, logged."""
+        results = {model: self.evaluate(model) for model in self.eval_models()}
+        for model, sets in results.items():
+            self._log_eval(sets, progress, start, model)
+        return results
+
+    def _log_eval(self, results: dict, progress: Progress, start: float, model: str = "backbone") -> None:
         for name, r in results.items():
             self.log.write({"kind": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                            "set": name, "elapsed_s": time.perf_counter() - start, **r})
+                            "model": model, "set": name, "elapsed_s": time.perf_counter() - start, **r})
             # "*": fewer impostor pairs than 1/FAR, so the threshold is the highest impostor score.
             tars = " ".join(f"{k.replace('tar@far=', 'TAR@')} {v:.4f}{'*' if r.get(k + '_unresolved') else ''}"
                             for k, v in r.items() if k.startswith("tar@") and not k.endswith("_unresolved"))
-            progress.message(f"eval step {self.step} {name}: accuracy {r['accuracy']:.4f} "
+            which = "" if model == "backbone" else f" [{model}]"
+            progress.message(f"eval step {self.step} {name}{which}: accuracy {r['accuracy']:.4f} "
                              f"+- {r.get('accuracy_std', 0):.4f} {tars}")
 
     def fit(self) -> dict:
-        """Train to the end (or ``stop_after``); returns {"steps", "final_eval", "history", "elapsed_s"}."""
+        """Train to the end (or ``stop_after``); returns {"steps", "final_eval" (the
+        backbone's, {} unless eval_model evaluates it), "final_eval_generator" (the
+        weight generator's, when eval_model evaluates it), "history", "elapsed_s"}."""
         config = self.config
         if config.resume:
             self.resume(config.resume)
         stop = self.total_steps if config.stop_after is None else min(self.total_steps, config.stop_after)
         progress = Progress(config.progress, self.total_steps, self.step, enabled=self.rank == 0)
         start = window_start = time.perf_counter()
+        if self.step == 0:
+            self.warm_queue()  # a fresh run (a resumed one restored its queue); timed with the first steps
         loss_sum, window_steps, last = None, 0, {}
         samples_per_step = config.batch_size * self.world_size
         try:
@@ -575,21 +706,22 @@ class Trainer:
                         progress.update(last, window_steps, self.total_steps)
                         loss_sum, window_steps, window_start = None, 0, time.perf_counter()
                     if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
-                        self._log_eval(self.evaluate(), progress, start)
+                        self._evaluate_and_log(progress, start)
                         window_start = time.perf_counter()  # keep evaluation out of samples/s
                     if config.save_every and self.step % config.save_every == 0 and self.step < stop:
                         self.save()
                     if self.step >= stop:
                         break
             self.save(final=True)
-            final = self.evaluate() if self.step >= self.total_steps else {}
-            if final:
-                self._log_eval(final, progress, start)
+            finals = self._evaluate_and_log(progress, start) if self.step >= self.total_steps else {}
         finally:
             progress.close()
-        return {"steps": self.step, "total_steps": self.total_steps, "final_eval": final,
-                "history": [r for r in self.log.records if r["kind"] == "train"],
-                "last": last, "elapsed_s": time.perf_counter() - start}
+        result = {"steps": self.step, "total_steps": self.total_steps, "final_eval": finals.get("backbone", {}),
+                  "history": [r for r in self.log.records if r["kind"] == "train"],
+                  "last": last, "elapsed_s": time.perf_counter() - start}
+        if "generator" in self.eval_models():
+            result["final_eval_generator"] = finals.get("generator", {})
+        return result
 
 
 def train(config: TrainConfig | None = None, **overrides) -> dict:
