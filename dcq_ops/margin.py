@@ -139,7 +139,7 @@ def _combined(margin_loss) -> MarginConfig:
     - ``m3 > 0``: CosFace, cos - m3, exact gradient; arcface_torch then ignores
       m1 and m2, so a nonzero m2 or m1 != 1 here is ambiguous and refused;
     - otherwise arcface_torch raises; DCQ computes the combined margin of
-      DESIGN.md §2 (e.g. SphereFace, m1 > 1) with its exact gradient.
+      docs/loss.md (e.g. SphereFace, m1 > 1) with its exact gradient.
 
     Filtering is on for a threshold > 0, as in arcface_torch; a threshold >= 1
     filters nothing there (cosines are clamped to [-1, 1]), so it means off.

@@ -1,4 +1,4 @@
-"""The reference (DESIGN.md §2) against float64 finite differences and an
+"""The reference (docs/loss.md) against float64 finite differences and an
 independent row-by-row softmax formulation."""
 
 import math
