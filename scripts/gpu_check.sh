@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine with no network access:
-#   1. build and install the package (CUDA extension included),
-#   2. run the whole test suite on CUDA,
-#   3. run the kernel benchmark,
-#   4. print a summary.
+#   1. build and install the package (CUDA extension included, for this GPU only),
+#   2. the Triton configuration chosen for this architecture, and the autotuner's pick,
+#   3. the whole test suite on CUDA: numerics in every dtype (the bf16 default
+#      included), a whole training step under torch.cuda.set_sync_debug_mode("error"),
+#   4. the kernel benchmark: the fused kernels against the cuBLAS GEMM pair,
+#   5. a summary.
 # Logs and results go to $OUT (default ./gpu_check_out). The whole run is
 # bounded by DEADLINE_S seconds (default 465, under 8 minutes): every step runs
 # under `timeout` with what is left, keeping time for the ones after it.
@@ -70,7 +72,29 @@ if (( install_rc != 0 )); then
 fi
 "$PYTHON" -c "import dcq_ops; print('backends on cuda:', dcq_ops.backends('cuda'))" 2>&1 | tee -a "$SUMMARY"
 
-# 2. The whole test suite. Autotuning off (the first kernel configuration):
+# 2. The configuration for this architecture: what dcq_ops.triton.configs
+# chooses from the device's shared memory, and what the autotuner picks.
+say "configuration"
+timeout "$(budget 330 60)" "$PYTHON" - > "$OUT/configuration.txt" 2>&1 <<'EOF'
+import torch
+from dcq_ops.triton import margin_ce
+from dcq_ops.triton.configs import mma_family, tile_configs
+architecture, sms = margin_ce._device_architecture(torch.cuda.current_device())
+print(f"{torch.cuda.get_device_name()}: {architecture.name}, {mma_family(architecture.capability)}, "
+      f"{architecture.shared_memory_per_block_optin >> 10} KiB shared memory per block, {sms} SMs")
+for name, size, tf32 in (("bf16/fp16", 2, False), ("fp32", 4, False), ("tf32", 4, True)):
+    print(f"  {name} D=512 candidates (first = default):", [c.as_dict() for c in tile_configs(architecture, size, 512, tf32)])
+x = torch.randn(512, 512, device="cuda")
+w = torch.nn.functional.normalize(torch.randn(1 << 16, 512, device="cuda"), dim=1).bfloat16()
+y = torch.randint(0, 1000, (512,), device="cuda")
+yq = torch.randint(0, 1000, (1 << 16,), device="cuda")
+margin_ce.margin_cross_entropy_triton(x, x, y, w, yq, 64.0, 1.0, 0.5, 0.0, 0.0, True, True)
+for key, kernel in margin_ce._AUTOTUNED.items():
+    print(f"  autotuner's pick for BLOCK_M={key[0]}, N=512, K=65536, bf16:", kernel.best_config)
+EOF
+cat "$OUT/configuration.txt" | tee -a "$SUMMARY"
+
+# 3. The whole test suite. Autotuning off (the first kernel configuration):
 # the suite compiles each shape once; tests/test_triton.py checks every
 # configuration and the autotuned path explicitly.
 say "tests"
@@ -81,7 +105,7 @@ say "tests exit status $tests_rc (log: pytest.log, junit.xml)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -n 40 | tee -a "$SUMMARY"
 tail -n 1 "$OUT/pytest.log" | tee -a "$SUMMARY"
 
-# 3. Kernel benchmark: stop starting new configurations 40 s before its
+# 4. Kernel benchmark: stop starting new configurations 40 s before its
 # timeout; it writes its JSON after every shape, so a kill keeps the rest.
 # The shapes the issue's expectations are about (N >= 512) come first.
 BENCH_ARGS="${BENCH_ARGS:---rows 512,4096,128}"
@@ -93,7 +117,7 @@ bench_rc=$?
 say "benchmark exit status $bench_rc (log: kernels.log, results: kernels.json)"
 grep -v "^W[0-9]" "$OUT/kernels.log" | tee -a "$SUMMARY"
 
-# 4. The issue's expectations, read from the benchmark's records.
+# 5. The expectations, read from the benchmark's records.
 "$PYTHON" - "$OUT/kernels.json" 2>&1 <<'EOF' | tee -a "$SUMMARY"
 import json, sys
 try:

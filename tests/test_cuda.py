@@ -1,6 +1,8 @@
-"""The extension's CUDA kernels against their CPU counterparts and the reference:
-the chunked backend (cuBLAS GEMMs + fused CUDA epilogue) and the queue's
-enqueue kernel. Skipped without a GPU or without the CUDA kernels."""
+"""On a GPU: the extension's CUDA kernels against the reference (the chunked
+backend: cuBLAS GEMMs + one-pass CUDA epilogue; the queue's enqueue kernel),
+the loss algebra's partials and finalize on CUDA, DCQLoss's GPU defaults (a bf16
+queue), and a whole training step that never waits on the host. Skipped
+without a GPU or without the CUDA kernels."""
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 import dcq_ops
 from bounds import assert_grad_close, assert_loss_close, compute_dtype, cosine_rounding, positive_slope
 from dcq_ops import reference
+from error_model import assert_backend_within
 from inputs import MARGINS, make_inputs
 
 pytestmark = [
@@ -32,13 +35,15 @@ def to(inputs, device):
 
 @pytest.mark.parametrize("name", sorted(MARGINS))
 @pytest.mark.parametrize("chunk_size", [0, 64], ids=["one_chunk", "chunks_of_64"])
-def test_chunked_cuda_matches_cpu_in_fp32(name, chunk_size):
-    # In fp32 both devices compute the same thing; only summation order differs.
-    inputs = make_inputs(seed=20)
-    cpu_loss, cpu_grad = chunked_op(inputs, MARGINS[name], chunk_size=chunk_size)
-    gpu_loss, gpu_grad = chunked_op(to(inputs, "cuda"), MARGINS[name], chunk_size=chunk_size)
-    torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gpu_grad.cpu(), cpu_grad, rtol=1e-4, atol=1e-5 * cpu_grad.abs().max().item())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_chunked_cuda_fp32_and_fp64_within_the_error_model(name, chunk_size, dtype):
+    # fp32 operands (exact products: the float32 matmul precision is "highest" by
+    # default) or float64: tests/error_model.py, as on the CPU.
+    assert torch.get_float32_matmul_precision() == "highest"
+    inputs = make_inputs(seed=20, dtype=dtype)
+    loss, grad = chunked_op(to(inputs, "cuda"), MARGINS[name], chunk_size=chunk_size)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_backend_within(loss.cpu(), grad.cpu(), inputs, MARGINS[name], what=name)
 
 
 @pytest.mark.parametrize("name", ["cosface", "arcface", "sphereface", "combined"])
@@ -132,3 +137,84 @@ def test_queue_enqueue_cuda_does_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert queue.ptr.item() == (11 * 512) % (1 << 12)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_partials_and_finalize_on_cuda(backend):
+    """The sharded queue's path on one GPU: partials of slices, merged, finalised."""
+    from dcq_ops.algebra import RowLoss, merge
+
+    x, k, y, w, yq = to(make_inputs(rows=64, dim=128, slots=3000, num_classes=500, seed=24,
+                                    queue_dtype=torch.bfloat16), "cuda")
+    margin = dcq_ops.MarginConfig(64.0, 1.0, 0.5, 0.0, 0.0, True)
+    row_loss = RowLoss(margin, backend=backend)
+    parts = [row_loss.partials(x, y, w[a:b], yq[a:b], with_accumulator=True) for a, b in ((0, 1000), (1000, 3000))]
+    loss, grad = row_loss.finalize(x, k, merge(parts), compute_grad=True)
+    exact_x = x.double().requires_grad_(True)
+    exact = reference.dcq_cross_entropy(exact_x, k.double(), y, w.double(), yq, **margin.kwargs(), reduction="none")
+    exact.sum().backward()
+    delta = cosine_rounding(x, w, torch.bfloat16)
+    assert_loss_close(loss, exact.detach(), scale=64.0, delta=delta)
+    assert_grad_close(grad.float(), exact_x.grad, embeddings=x, scale=64.0, delta=delta, gemm_dtype=torch.bfloat16,
+                      slope=positive_slope(x, k, 1.0, 0.5, 64.0, True))
+
+
+def test_dcq_loss_gpu_default_is_a_bf16_queue_that_follows_the_module():
+    loss_fn = dcq_ops.DCQLoss(None, 16, 100, device="cuda")
+    assert loss_fn.queue.weights.dtype == torch.bfloat16 and loss_fn.resolved_backend == "triton"
+    moved = dcq_ops.DCQLoss(None, 16, 100).cuda()  # arcface_torch builds on the CPU, then .cuda()
+    assert moved.queue.weights.dtype == torch.bfloat16 and moved.queue.weights.is_cuda
+    assert moved.cpu().queue.weights.dtype == torch.float32
+    assert dcq_ops.DCQLoss(None, 16, 100, queue_dtype=torch.float32, device="cuda").queue.weights.dtype == \
+        torch.float32
+
+
+def _training_setup(validate="async"):
+    torch.manual_seed(25)
+    backbone = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 128)).cuda()
+    generator = dcq_ops.MomentumEncoder(backbone, momentum=0.99)
+    loss_fn = dcq_ops.DCQLoss(None, 128, 1000, sample_rate=0.5, validate=validate).cuda()
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator(device="cuda").manual_seed(26)
+    batches = [(torch.randn(64, 32, device="cuda", generator=g), torch.randn(64, 32, device="cuda", generator=g),
+                torch.randint(0, 1000, (64,), device="cuda", generator=g)) for _ in range(8)]
+    return backbone, generator, loss_fn, optimizer, batches
+
+
+def _step(backbone, generator, loss_fn, optimizer, batch):
+    a, b, labels = batch
+    loss = loss_fn(backbone(a), labels, generator(b))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    generator.update()
+    return loss.detach()
+
+
+def test_training_step_never_waits_on_the_host():
+    """Forward (Triton, bf16 queue), device-side validation, guarded enqueue, backward,
+    optimizer and EMA steps: nothing synchronises once compiled and warmed up."""
+    backbone, generator, loss_fn, optimizer, batches = _training_setup()
+    for batch in batches[:3]:  # compile and autotune the kernels (those do synchronise)
+        _step(backbone, generator, loss_fn, optimizer, batch)
+    torch.cuda.synchronize()
+    losses = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[3:]:
+            losses.append(_step(backbone, generator, loss_fn, optimizer, batch))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(torch.stack(losses)).tolist()) and int(loss_fn.queue.ptr) == (8 * 64) % 500
+
+
+def test_bad_batch_on_cuda_never_enters_the_queue():
+    backbone, generator, loss_fn, optimizer, batches = _training_setup()
+    _step(backbone, generator, loss_fn, optimizer, batches[0])
+    before = {n: t.clone() for n, t in loss_fn.queue.state_dict().items()}
+    a, b, labels = batches[1]
+    _step(backbone, generator, loss_fn, optimizer, (a, b, labels.clone().fill_(1000)))  # label == num_classes
+    for n, t in loss_fn.queue.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    with pytest.raises(ValueError, match="step 2 had a label >= num_classes = 1000"):
+        _step(backbone, generator, loss_fn, optimizer, batches[2])
