@@ -2,15 +2,18 @@
 """Forward + backward time and peak extra memory of the DCQ loss backends,
 against the plain GEMMs of the same shape (the roofline).
 
-    python benchmarks/kernels.py                  # GPU: the issue's shapes; CPU: small ones (< 1 min)
+    python benchmarks/kernels.py                  # GPU: N in {128, 512, 4096}, K in {2^16, 2^18, 2^20}, bf16
+                                                  # CPU: N in {64, 256, 1024}, K in {10^4, 10^5}, fp32
     python benchmarks/kernels.py --rows 512 --slots 262144 --dim 512 --dtype bf16
     python benchmarks/kernels.py --out /tmp/kernels.json --budget-s 240
 
 Rows of the table, for each shape (N embeddings, K queue slots, D dims):
 
 - ``gemm``: the two plain GEMMs a fused loss cannot avoid, q @ W^T ([N, K]) then
-  P @ W ([N, D]), in the benchmark dtype: 4·N·K·D FLOPs. Their time is the
-  roofline; ``gemm_fraction`` of a backend = gemm time / backend time.
+  P @ W ([N, D]), in the benchmark dtype: 4·N·K·D FLOPs, with the N×K product
+  in memory between them. Their time is the limit of a one-pass loss through
+  the same BLAS; ``gemm_fraction`` of a backend = gemm time / backend time (a
+  fused backend that keeps its tiles in cache can beat it, > 1).
 - ``triton``, ``chunked``, ``reference``: dcq_cross_entropy with that backend
   (ArcFace, s = 64, m2 = 0.5), forward + backward to the embeddings.
 - ``reference_compile``: the reference under torch.compile (default automatic
@@ -49,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import dcq_ops
+import dcq_ops._extension
 from dcq_ops import reference
 from dcq_ops.backends import why_unavailable
 
@@ -267,10 +271,10 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", type=parse_list, help="N values (default: 128,512,4096 on GPU; 64,256 on CPU)")
+    parser.add_argument("--rows", type=parse_list, help="N values (default: 128,512,4096 on GPU; 64,256,1024 on CPU)")
     parser.add_argument("--slots", type=parse_list,
-                        help="K values (default: 65536,262144,1048576 on GPU; 8192 on CPU)")
-    parser.add_argument("--dim", type=int, help="D (default: 512 on GPU, 128 on CPU)")
+                        help="K values (default: 65536,262144,1048576 on GPU; 10000,100000 on CPU)")
+    parser.add_argument("--dim", type=int, help="D (default: 512)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="inputs and queue (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
     parser.add_argument("--warmup", type=int, default=2)
@@ -281,9 +285,9 @@ def main(argv=None) -> list[dict]:
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    rows_list = args.rows or ([128, 512, 4096] if on_gpu else [64, 256])
-    slots_list = args.slots or ([1 << 16, 1 << 18, 1 << 20] if on_gpu else [8192])
-    dim = args.dim or (512 if on_gpu else 128)
+    rows_list = args.rows or ([128, 512, 4096] if on_gpu else [64, 256, 1024])
+    slots_list = args.slots or ([1 << 16, 1 << 18, 1 << 20] if on_gpu else [10_000, 100_000])
+    dim = args.dim or 512
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     dtype = DTYPES[dtype_name]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -294,7 +298,8 @@ def main(argv=None) -> list[dict]:
         backends.insert(0, "gemm")  # every fraction is relative to it
 
     name = device_name(device)
-    versions = dict(torch=torch.__version__)
+    versions = dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                    cpu_epilogue=dcq_ops._extension.cpu_capability())
     try:
         import triton
 
@@ -302,6 +307,7 @@ def main(argv=None) -> list[dict]:
     except ImportError:
         versions["triton"] = None
     print(f"# device: {name} | torch {versions['torch']} | triton {versions['triton']} | "
+          f"{versions['threads']} torch threads | CPU epilogue {versions['cpu_epilogue']} | "
           f"dtype {dtype_name} | D={dim} | margin {MARGIN}", flush=True)
 
     out = args.out or RESULTS_DIR / f"kernels_{device_slug(device)}.json"

@@ -3,11 +3,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/epilogue.h"
+
+namespace {
+
+// dcq_ops._C.cpu_capability(): the instruction set of the CPU epilogue in use.
+PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(dcq_ops::cpu_capability()); }
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU epilogue's instruction set: 'avx512', 'avx2' or 'default' (ATEN_CPU_CAPABILITY lowers it)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // `import dcq_ops._C` loads this library, which runs the registrations below.
-// The module itself is empty: every entry point is a torch.ops.dcq_ops op.
+// Every entry point is a torch.ops.dcq_ops op, but for cpu_capability().
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

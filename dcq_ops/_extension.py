@@ -36,3 +36,12 @@ def has_cuda_kernels() -> bool:
 def require_extension(what: str) -> None:
     if EXTENSION_ERROR is not None:
         raise RuntimeError(f"{what} needs {EXTENSION_ERROR}")
+
+
+def cpu_capability() -> str | None:
+    """The instruction set of the chunked backend's CPU epilogue in use ("avx512",
+    "avx2" or "default"; ATEN_CPU_CAPABILITY lowers it), or None without the extension."""
+    if EXTENSION_ERROR is not None:
+        return None
+    from dcq_ops import _C
+    return _C.cpu_capability()

@@ -19,6 +19,7 @@
 
 #include "../margin_ce.h"
 #include "epilogue.h"
+#include "epilogue_kernels.h"
 
 namespace dcq_ops {
 namespace {
@@ -59,7 +60,7 @@ Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_si
   } else {
     // Half the L2 for the logits tile [block_rows, chunk] and the queue chunk [chunk, D].
     const int64_t fit = (l2_cache_bytes() / 2) / ((p.block_rows + dim) * element_size);
-    p.chunk = std::clamp<int64_t>(fit / 16 * 16, 64, 8192);
+    p.chunk = std::clamp<int64_t>(fit / 16 * 16, 64, cpu_kernels::kMaxCols);
   }
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.split_size));
   return p;
@@ -102,7 +103,7 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
         epilogue_tile<T>(logits.data_ptr<T>(), nr, nk, labels + r0, queue_labels + k0, row_max, row_sum,
                          alpha.data_ptr<T>(), params, pass.gemm_dtype);
         if (pass.with_accumulator) {
-          acc_block.mul_(alpha.narrow(0, 0, nr).unsqueeze(1));
+          rescale_rows<T>(acc_block.data_ptr<T>(), nr, dim, alpha.data_ptr<T>());
           acc_block.addmm_(logits, chunk);
         }
       }
