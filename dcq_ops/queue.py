@@ -50,6 +50,10 @@ class ClassQueue(nn.Module):
         self.labels.fill_(-1)
         self.ptr.zero_()
 
+    def batch_limit(self) -> tuple[int, str]:
+        """The largest batch one enqueue takes, and what it is (for the error message)."""
+        return self.size, "the queue size"
+
     def check_enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
         """Shape, dtype and device checks (no host sync); raise before anything is written."""
         if not isinstance(keys, torch.Tensor) or not isinstance(labels, torch.Tensor):
@@ -62,8 +66,9 @@ class ClassQueue(nn.Module):
             raise ValueError(f"labels must be [{keys.shape[0]}] (one per key), got shape {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if not 1 <= keys.shape[0] <= self.size:
-            raise ValueError(f"batch size must be between 1 and the queue size {self.size}, got {keys.shape[0]}")
+        limit, what = self.batch_limit()
+        if not 1 <= keys.shape[0] <= limit:
+            raise ValueError(f"batch size must be between 1 and {what} {limit}, got {keys.shape[0]}")
         for name, t in (("keys", keys), ("labels", labels)):
             if t.device != self.weights.device:
                 raise ValueError(f"{name} must be on the queue's device ({self.weights.device}), got {t.device}")

@@ -73,24 +73,9 @@ class ShardedClassQueue(ClassQueue):
         return (f"global_size={self.global_size}, slots=[{self.start}, {self.stop}) of rank {self.rank}/"
                 f"{self.world_size}, dim={self.dim}, dtype={self.weights.dtype}")
 
-    def check_enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
-        """As ClassQueue.check_enqueue, with the batch bounded by the global queue size."""
-        if not isinstance(keys, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise TypeError(f"keys and labels must be tensors, got {type(keys).__name__} and {type(labels).__name__}")
-        if keys.dim() != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"keys must be [B, {self.dim}], got shape {tuple(keys.shape)}")
-        if not keys.is_floating_point():
-            raise TypeError(f"keys must be a floating-point tensor, got {keys.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != keys.shape[0]:
-            raise ValueError(f"labels must be [{keys.shape[0]}] (one per key), got shape {tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if not 1 <= keys.shape[0] <= self.global_size:
-            raise ValueError(f"batch size must be between 1 and the global queue size {self.global_size}, "
-                             f"got {keys.shape[0]}")
-        for name, t in (("keys", keys), ("labels", labels)):
-            if t.device != self.weights.device:
-                raise ValueError(f"{name} must be on the queue's device ({self.weights.device}), got {t.device}")
+    def batch_limit(self) -> tuple[int, str]:
+        """An enqueue takes the global (gathered) batch: bounded by the global queue size."""
+        return self.global_size, "the global queue size"
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None, *,
