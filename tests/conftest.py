@@ -1,12 +1,19 @@
 """Shared test settings: deterministic seeds, and the CUDA marker's skip."""
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Every test starts from the same random state (tests that draw inputs use
+    their own seeded generators too)."""
     torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
     yield
 
 
