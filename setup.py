@@ -41,6 +41,18 @@ def cuda_include_dirs():
     return dirs
 
 
+def openmp_flags(torch) -> list:
+    """at::parallel_for is a header template: with torch's OpenMP backend it runs
+    in parallel only when the extension is compiled with -fopenmp (else every
+    parallel_for of csrc/cpu runs on one thread). Compile only: the GOMP symbols
+    resolve, at load time, to the OpenMP runtime torch itself loaded, so the
+    process never holds two runtimes."""
+    info = torch.__config__.parallel_info()
+    if "backend: OpenMP" not in info or sys.platform in ("darwin", "win32"):
+        return []
+    return ["-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
+
+
 def build_extensions():
     if os.environ.get("DCQ_OPS_NO_EXTENSION") == "1":
         return [], {}
@@ -68,7 +80,7 @@ def build_extensions():
         )
     # No -std flag: torch's cpp_extension picks the standard its headers need
     # (C++17 for torch 2.11, C++20 for newer releases).
-    extra = {"cxx": ["-O3"]}
+    extra = {"cxx": ["-O3"] + openmp_flags(torch)}
     define_macros = []
     if with_cuda:
         # Without a GPU to detect: every architecture the Triton configs are chosen for

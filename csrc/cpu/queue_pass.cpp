@@ -21,8 +21,31 @@
 #include "epilogue.h"
 #include "epilogue_kernels.h"
 
+// MKL (torch's BLAS on x86) parallelises a GEMM even when it is called inside
+// this file's parallel region: threads nested in threads, spinning against each
+// other and against any other load on the machine (measured: 10x slower while a
+// second process keeps one of two cores busy). A task's GEMMs belong to its
+// thread alone, so they get one MKL thread. The symbol is weak: other BLAS
+// (OpenBLAS detects the parallel region itself) simply lack it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace dcq_ops {
 namespace {
+
+class OneBlasThread {
+ public:
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int previous_ = 0;  // 0: the thread followed the global setting
+};
 
 constexpr int64_t kMaxBlockRows = 256;
 
@@ -80,6 +103,7 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const int64_t* queue_labels = pass.queue_labels.data_ptr<int64_t>();
 
   at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t begin, int64_t end) {
+    const OneBlasThread one_blas_thread;
     // This thread's tile buffers, reused by every chunk of its tasks.
     at::Tensor logits_buffer = at::empty({plan.block_rows * plan.chunk}, opts);
     at::Tensor queue_buffer = convert_queue ? at::empty({plan.chunk * dim}, opts) : at::Tensor();
