@@ -4,8 +4,9 @@ Backbone (small CNN by default, IResNet-18/34/50/100/200), head by flag (``dcq``
 ``softmax``, ``partial_fc``), SGD or AdamW, linear warm-up then cosine or step
 decay (per step), AMP (fp16 with a GradScaler, or bf16), gradient clipping,
 progress lines (or a tqdm bar when tqdm is installed and the output is a
-terminal) with loss and samples/s, periodic verification, a CSV or JSON-lines
-log and checkpoints that resume exactly.
+terminal) with loss and samples/s, periodic verification (of the feature
+extractor, of DCQ's weight generator, or both: ``--eval-model``), a CSV or
+JSON-lines log and checkpoints that resume exactly.
 
 The default data set is the synthetic long-tailed identity set
 (:mod:`dcq_ops.training.synthetic`), so the defaults train on a CPU in a few minutes;
@@ -72,6 +73,8 @@ class TrainConfig:
     head: str = "dcq"                    # dcq | softmax | partial_fc
     sample_rate: float = 0.1             # DCQ queue = ceil(sample_rate * classes); Partial FC sample rate
     queue_size: int | None = None        # DCQ: overrides sample_rate
+    # Generator momentum and queue warm-up defaults: chosen by `benchmarks/accuracy.py --calibrate` (see
+    # benchmarks/ACCURACY.md; 0.999 and a cosine rise did not beat a constant 0.99 in 4644-step runs).
     momentum: float = 0.99               # weight generator EMA momentum (the start value under momentum_schedule=cosine)
     momentum_schedule: str = "constant"  # constant | cosine: rise from momentum to momentum_end over the run (BYOL)
     momentum_end: float = 0.999          # the generator momentum at the last step under momentum_schedule=cosine
