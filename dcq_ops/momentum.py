@@ -23,7 +23,11 @@ class MomentumEncoder(nn.Module):
     """A no-grad copy g of ``module`` f, moved toward it by ``update()``:
     g <- momentum * g + (1 - momentum) * f for parameters (one multi-tensor
     ``torch._foreach_lerp_``, not a Python loop per parameter); buffers (batch-norm
-    statistics) are copied. Calling it runs the copy under ``torch.no_grad()``.
+    statistics) are copied, unless ``update(copy_buffers=False)``: a generator whose
+    BatchNorm runs in train mode then keeps the running statistics of its own
+    forward passes, as the official DCQ code's ``encoder_k`` does. ``momentum`` is a
+    plain attribute: a schedule may change it between updates. Calling it runs the
+    copy under ``torch.no_grad()``.
 
     The source module is remembered but not registered as a submodule, so
     ``state_dict`` holds the generator's own weights only.
@@ -42,7 +46,7 @@ class MomentumEncoder(nn.Module):
         self._source = [module]  # a list: keeps it out of this module's children
 
     @torch.no_grad()
-    def update(self, module: nn.Module | None = None) -> None:
+    def update(self, module: nn.Module | None = None, *, copy_buffers: bool = True) -> None:
         source = unwrap(module if module is not None else self._source[0])
         mine = list(self.module.parameters())
         theirs = list(source.parameters())
@@ -50,6 +54,8 @@ class MomentumEncoder(nn.Module):
             raise ValueError(f"module has {len(theirs)} parameters, the weight generator {len(mine)}: not the same architecture")
         theirs = [t.detach().to(m.dtype) for m, t in zip(mine, theirs)]
         torch._foreach_lerp_(mine, theirs, 1.0 - self.momentum)
+        if not copy_buffers:
+            return
         my_buffers = list(self.module.buffers())
         their_buffers = list(source.buffers())
         if my_buffers:

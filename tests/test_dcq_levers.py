@@ -53,7 +53,7 @@ def test_cosine_schedule_sets_the_generator_momentum_of_each_update():
     trainer = Trainer(TrainConfig(**TINY, steps=5, momentum=0.5, momentum_end=0.9, momentum_schedule="cosine"))
     seen = []
     update = trainer.generator.update
-    trainer.generator.update = lambda *a: (seen.append(trainer.generator.momentum), update(*a))
+    trainer.generator.update = lambda *a, **k: (seen.append(trainer.generator.momentum), update(*a, **k))
     trainer.fit()
     assert seen == pytest.approx([generator_momentum(s, 5, 0.5, 0.9, "cosine") for s in range(5)])
     assert seen[0] == pytest.approx(0.5) and seen[-1] == pytest.approx(0.9)

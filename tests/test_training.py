@@ -208,3 +208,13 @@ def test_command_line_writes_log_checkpoint_and_result(tmp_path, capsys):
     model = load_backbone(str(out / "checkpoint.pt"))
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 16)
     assert os.path.exists(out / "checkpoint_0000004.pt")
+
+
+def test_momentum_encoder_keeps_its_own_buffers_when_asked():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    generator = MomentumEncoder(net, momentum=0.5)
+    net(torch.randn(8, 4))  # the feature extractor's running statistics move
+    generator.update(copy_buffers=False)
+    assert not torch.equal(generator.module[1].running_mean, net[1].running_mean)
+    generator.update()
+    assert torch.equal(generator.module[1].running_mean, net[1].running_mean)

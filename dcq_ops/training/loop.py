@@ -572,20 +572,13 @@ class Trainer:
         c = self.config
         self.generator.momentum = generator_momentum(self.step, self.total_steps, c.momentum, c.momentum_end,
                                                      c.momentum_schedule)
-        if c.generator_bn == "eval":
-            # The generator normalises with the feature extractor's running statistics,
-            # which update() copies.
-            self.generator.update(self.backbone)
-            return
-        # BatchNorm in train mode: the generator keeps its own running statistics,
-        # accumulated by its own forward passes, as the official code's encoder_k
-        # does. They do not affect training (train mode normalises with batch
-        # statistics) but are what the generator is evaluated with; the feature
-        # extractor's, which update() copies, belong to other weights.
-        own = [b.clone() for b in self.generator.buffers()]
-        self.generator.update(self.backbone)
-        if own:
-            torch._foreach_copy_(list(self.generator.buffers()), own)
+        # generator_bn="eval": the generator normalises with the feature extractor's
+        # running statistics, which update() copies. "train": it keeps its own, from
+        # its own forward passes, as the official code's encoder_k does; they do not
+        # affect training (train mode normalises with batch statistics) but are what
+        # the generator is evaluated with, and the feature extractor's belong to
+        # other weights.
+        self.generator.update(self.backbone, copy_buffers=c.generator_bn == "eval")
 
     @torch.no_grad()
     def warm_queue(self) -> None:
