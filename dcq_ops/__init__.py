@@ -10,7 +10,7 @@ the subpackage ``dcq_ops.training``; its names are also reachable from here,
 loaded on first use, so ``import dcq_ops`` never imports the application.
 """
 
-from dcq_ops._extension import EXTENSION_ERROR, extension_loaded, has_cuda_kernels
+from dcq_ops._extension import EXTENSION_ERROR, cpu_capability, extension_loaded, has_cuda_kernels
 from dcq_ops.backends import backends, select_backend
 from dcq_ops.functional import dcq_cross_entropy
 from dcq_ops.loss import DCQLoss
@@ -24,8 +24,8 @@ __version__ = "0.1.0"
 # Aliases of the training application's names (dcq_ops.training), imported on first use.
 _TRAINING = ("DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCHead", "SmallCNN",
              "SyntheticConfig", "TensorImages", "TrainConfig", "Trainer", "TwoViewBatchSampler", "TwoViewDataset",
-             "build_backbone", "build_head", "evaluate_bin", "kfold_accuracy", "load_bin", "make_synthetic",
-             "tar_at_far")
+             "RecordIOImages", "pack_folder", "build_backbone", "build_head", "evaluate_bin", "kfold_accuracy",
+             "load_bin", "make_synthetic", "tar_at_far")
 
 
 def __getattr__(name):
@@ -44,6 +44,7 @@ __all__ = [
     "MomentumEncoder",
     "ShardedClassQueue",
     "backends",
+    "cpu_capability",
     "dcq_cross_entropy",
     "extension_loaded",
     "has_cuda_kernels",
