@@ -8,6 +8,7 @@ import torch
 
 from dcq_ops import margin as margin_math
 from dcq_ops import reference
+from error_model import assert_within
 from inputs import MARGINS, make_inputs
 
 FD_MARGINS = {k: v for k, v in MARGINS.items() if not v.get("straight_through_margin")}
@@ -60,10 +61,11 @@ def test_reference_matches_row_by_row_softmax(name):
     xb = x.clone().requires_grad_(True)
     fast = reference.dcq_cross_entropy(xa, k, y, W, Y, **margin, reduction="none")
     slow = _row_by_row(xb, k, y, W, Y, **margin)
-    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    # Two float64 computations of the same rows: the error model's float64 bound.
+    assert_within(fast.detach(), slow.detach(), slow.detach(), dtype=torch.float64, what="loss rows")
     fast.sum().backward()
     slow.sum().backward()
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-10)
+    assert_within(xa.grad, xb.grad, xb.grad, dtype=torch.float64, what="gradient")
 
 
 def test_straight_through_gradient_is_that_of_the_plain_cosine():
@@ -86,9 +88,9 @@ def test_straight_through_gradient_is_that_of_the_plain_cosine():
     excluded = (Y.view(1, -1) == y.view(-1, 1)) | (Y.view(1, -1) < 0)
     logits = torch.cat([z.view(-1, 1), neg.masked_fill(excluded, float("-inf"))], dim=1)
     expected = -torch.log_softmax(logits, dim=1)[:, 0].mean()
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    assert_within(loss.detach(), expected.detach(), expected.detach(), dtype=torch.float64, what="loss")
     expected.backward()
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    assert_within(xa.grad, xb.grad, xb.grad, dtype=torch.float64, what="gradient")
 
 
 def test_row_with_every_entry_excluded_has_zero_loss_and_gradient():
