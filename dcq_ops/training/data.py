@@ -19,7 +19,6 @@ checkpoint at step s sees exactly the batches an uninterrupted run sees.
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -28,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from dcq_ops.training.images import IMAGE_EXTENSIONS, decode_image, pil_to_tensor, require_pil
+from dcq_ops.training.recordio import RecordIOImages, is_recordio
+
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -94,29 +95,6 @@ class TensorImages:
         return batch
 
 
-def _require_pil():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("reading image files needs Pillow: `pip install pillow`") from None
-    return Image
-
-
-def pil_to_tensor(image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A PIL image -> float tensor [3, H, W] in [-1, 1] (RGB, arcface_torch's normalisation)."""
-    Image = _require_pil()
-    image = image.convert("RGB")
-    if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return (array.float() / 255 - 0.5) / 0.5
-
-
-def decode_image(data: bytes) -> "PIL.Image.Image":  # noqa: F821
-    Image = _require_pil()
-    return Image.open(io.BytesIO(data))
-
-
 class ImageFolder:
     """``root/<identity>/<image>``: one folder per identity (sorted names -> labels 0..C-1).
 
@@ -146,13 +124,13 @@ class ImageFolder:
             raise ValueError(f"root {root!r} holds no images with extensions {extensions} in identity folders")
         self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.long)
-        _require_pil()  # fail now, not in the first batch
+        require_pil()  # fail now, not in the first batch
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
-        Image = _require_pil()
+        Image = require_pil()
         images = []
         for i in np.asarray(indices).reshape(-1):
             with Image.open(self.paths[int(i)]) as image:
@@ -225,7 +203,6 @@ class TwoViewDataset(Dataset):
         if isinstance(source, torch.Tensor):
             source = TensorImages(source, labels)
         elif isinstance(source, (str, os.PathLike)):
-            from dcq_ops.training.recordio import RecordIOImages, is_recordio  # recordio imports this module
             source = RecordIOImages(source) if is_recordio(source) else ImageFolder(source)
         elif labels is not None:
             raise ValueError("labels are taken from the source; pass labels only with an images tensor")

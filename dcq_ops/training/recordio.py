@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcq_ops.training.data import IMAGE_EXTENSIONS
+from dcq_ops.training.images import IMAGE_EXTENSIONS
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)

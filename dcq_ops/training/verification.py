@@ -221,8 +221,8 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
     short side is ``image_size[0]`` when the width differs, and flipped along
     the width. (arcface_torch keeps them as float 0..255; uint8 holds the same
     values in a quarter of the memory, and :func:`embed` normalises them.)"""
-    from dcq_ops.training.data import _require_pil
-    Image = _require_pil()
+    from dcq_ops.training.images import require_pil
+    Image = require_pil()
     with open(path, "rb") as f:
         try:
             bins, issame = pickle.load(f, encoding="bytes")
@@ -279,8 +279,8 @@ def evaluate_bin(model: torch.nn.Module, data, batch_size: int = 256, n_folds: i
 def write_bin(path: str | os.PathLike, images: Sequence, issame: Sequence[bool], format: str = "PNG") -> None:
     """Write an insightface-style ``.bin``: ``images`` (2 per pair) are PIL images,
     uint8 HxWx3 arrays or uint8 [3, H, W] tensors, encoded with Pillow."""
-    from dcq_ops.training.data import _require_pil
-    Image = _require_pil()
+    from dcq_ops.training.images import require_pil
+    Image = require_pil()
     if len(images) != 2 * len(issame):
         raise ValueError(f"images must hold 2 per pair: {len(issame)} pairs need {2 * len(issame)}, got {len(images)}")
     encoded = []
