@@ -201,8 +201,10 @@ Partials queue_pass_cuda(const QueuePass& pass, const MarginParams& params) {
     case at::kBFloat16: return queue_pass<float, at::BFloat16>(pass, params);
     case at::kHalf: return queue_pass<float, at::Half>(pass, params);
     case at::kFloat: return queue_pass<float, float>(pass, params);
-    default: TORCH_CHECK(false, "no CUDA queue pass for GEMM operands in ", pass.gemm_dtype);
+    default: break;
   }
+  TORCH_CHECK(false, "no CUDA queue pass for GEMM operands in ", pass.gemm_dtype);
+  return {};
 }
 
 void finalize_rows_cuda(const at::Tensor& positive_cos, const at::Tensor& row_max, const at::Tensor& row_sum,
