@@ -49,10 +49,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dcq_ops.training.backbones import build_backbone  # noqa: E402
 from dcq_ops.training.loop import TrainConfig, _synthetic, train  # noqa: E402
 from dcq_ops.training.verification import embed, verification_report  # noqa: E402
+from hardware import cpu_model  # noqa: E402
 
 SETS = ("heldout", "tail", "head")
 METRICS = ("accuracy", "tar@far=0.001", "tar@far=0.0001")
@@ -338,17 +340,6 @@ def plot(summary: dict, path: str, title: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(args) -> dict:

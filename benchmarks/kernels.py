@@ -56,6 +56,9 @@ import dcq_ops._extension
 from dcq_ops import reference
 from dcq_ops.backends import why_unavailable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hardware import cpu_model  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MARGIN = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
@@ -245,16 +248,7 @@ def unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str |
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {model} x{os.cpu_count()}"
+    return f"CPU {cpu_model()} x{os.cpu_count()}"
 
 
 def device_slug(device: torch.device) -> str:

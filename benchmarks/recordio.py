@@ -42,6 +42,9 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hardware import cpu_model  # noqa: E402
+
 
 def make_faces(root: str, images: int, identities: int, size: int, seed: int) -> float:
     """Writes ``root/<identity>/<k>.jpg``; returns the mean JPEG size in bytes."""
@@ -72,17 +75,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> dict:
@@ -125,7 +117,7 @@ def main(argv=None) -> dict:
     import PIL
     result = {
         "config": vars(args), "mean_jpeg_bytes": mean_bytes, "rows": rows,
-        "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                      "machine": platform.machine(), "load_average_1min_before": load_before},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
                      "numpy": np.__version__,

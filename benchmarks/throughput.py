@@ -72,6 +72,9 @@ from dcq_ops import MomentumEncoder
 from dcq_ops.training.heads import build_head
 from dcq_ops.training.backbones import BACKBONES, build_backbone
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hardware import cpu_model  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HEADS = ("softmax", "partial_fc", "dcq")
 REFERENCES = ("backbone", "backbone_gen")  # no head: independent of the number of classes
@@ -98,17 +101,6 @@ def make_backbone(name: str, embedding_size: int, image_size: int) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- hardware and memory
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: torch.device) -> dict:
