@@ -186,8 +186,9 @@ class DCQLoss(nn.Module):
 
     def check(self) -> None:
         """Raise now for a bad batch that validate="async" has recorded and not yet
-        reported (e.g. at the end of training, or after compiled steps)."""
-        self.guard.check()
+        reported (e.g. at the end of training, or after compiled steps): it reads the
+        device's status at once (one host sync)."""
+        self.guard.check(now=True)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
         strategy = self.strategy()

@@ -93,13 +93,15 @@ class BatchGuard(nn.Module):
             event.record()
             self._pending = (host, event)
 
-    def check(self) -> None:
+    def check(self, now: bool = False) -> None:
         """Raise for a recorded bad batch, warn once for a degenerate queue; a no-op
-        under torch.compile. On a GPU it waits only for the event of the last
-        recorded step, never for the whole stream."""
+        under torch.compile. On a GPU it waits only for the event of the last step
+        recorded outside torch.compile, never for the whole stream; ``now`` reads the
+        status itself instead (one sync), which also sees steps recorded inside
+        compiled graphs (they copy nothing to the host)."""
         if torch.compiler.is_compiling():
             return
-        if self.status.is_cuda:
+        if self.status.is_cuda and not now:
             if self._pending is None:
                 return
             host, event = self._pending
@@ -107,6 +109,7 @@ class BatchGuard(nn.Module):
             self._pending = None
             first_bad, reasons, degenerate_step = host.tolist()
         else:
+            self._pending = None
             first_bad, reasons, degenerate_step = self.status.tolist()
         if degenerate_step >= 0 and not self._warned_degenerate:
             self._warned_degenerate = True
@@ -116,7 +119,8 @@ class BatchGuard(nn.Module):
                 "loss was exactly 0: nothing is learned. Is every sample labelled the same (e.g. a synthetic data "
                 "set with constant labels)?", RuntimeWarning, stacklevel=3)
         if first_bad >= 0:
-            self.status[0:2].copy_(torch.tensor([-1, 0]))  # reported once
+            self.status[0].fill_(-1)  # reported once (device fills: no host-to-device copy)
+            self.status[1].fill_(0)
             raise ValueError(
                 f"DCQLoss: the training batch of step {first_bad} had {describe(reasons, self.num_classes)}. "
                 "It was not enqueued: the queue is as it was before that step. (validate='async' reports a bad "

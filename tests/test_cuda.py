@@ -218,3 +218,18 @@ def test_bad_batch_on_cuda_never_enters_the_queue():
         assert torch.equal(t, before[n]), n
     with pytest.raises(ValueError, match="step 2 had a label >= num_classes = 1000"):
         _step(backbone, generator, loss_fn, optimizer, batches[2])
+
+
+def test_check_sees_a_bad_batch_of_a_compiled_step():
+    """Compiled steps copy nothing to the host; check() reads the device's status."""
+    torch._dynamo.reset()
+    backbone, generator, loss_fn, optimizer, batches = _training_setup()
+    step = torch.compile(lambda a, labels, k: loss_fn(backbone(a), labels, k), fullgraph=True, backend="aot_eager")
+    a, b, labels = batches[0]
+    step(a, labels, generator(b))
+    before = {n: t.clone() for n, t in loss_fn.queue.state_dict().items()}
+    step(a, labels.clone().fill_(1000), generator(b))
+    for n, t in loss_fn.queue.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    with pytest.raises(ValueError, match="step 2 had a label >= num_classes = 1000"):
+        loss_fn.check()
