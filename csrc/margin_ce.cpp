@@ -49,8 +49,14 @@ at::ScalarType accumulation_dtype(std::initializer_list<const at::Tensor*> tenso
   return at::kFloat;
 }
 
-// (q, ||x||): the rows normalised in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor> normalise(const at::Tensor& embeddings, at::ScalarType acc) {
+// The rows normalised in the accumulation dtype: q = x / ||x||, and ||x|| for
+// the gradient's projection. The composite op computes them once for both steps.
+struct Rows {
+  at::Tensor q;
+  at::Tensor x_norm;
+};
+
+Rows normalise(const at::Tensor& embeddings, at::ScalarType acc) {
   const at::Tensor x = embeddings.to(acc);
   const at::Tensor x_norm = x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
   return {(x / x_norm).contiguous(), x_norm};
@@ -64,12 +70,12 @@ Partials run_queue_pass(const QueuePass& pass, const MarginParams& params) {
   return queue_pass_cpu(pass, params);
 }
 
-Partials partials_of(const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& queue_weights,
+Partials partials_of(const Rows& rows, const at::Tensor& labels, const at::Tensor& queue_weights,
                      const at::Tensor& queue_labels, const MarginParams& params, bool with_accumulator,
                      int64_t chunk_size) {
-  const auto acc = accumulation_dtype({&embeddings, &queue_weights});
+  const at::Tensor& q = rows.q;
+  const auto acc = q.scalar_type();
   const auto gemm = acc == at::kDouble ? at::kDouble : queue_weights.scalar_type();
-  const at::Tensor q = std::get<0>(normalise(embeddings, acc));
   QueuePass pass{q.to(gemm).to(acc).contiguous(),
                  labels.contiguous(),
                  queue_weights.contiguous(),
@@ -77,28 +83,28 @@ Partials partials_of(const at::Tensor& embeddings, const at::Tensor& labels, con
                  gemm,
                  with_accumulator,
                  chunk_size};
-  if (embeddings.size(0) == 0 || queue_weights.size(0) == 0) {  // nothing kept anywhere
-    const auto opts = embeddings.options().dtype(acc);
-    return {at::full({embeddings.size(0)}, -std::numeric_limits<double>::infinity(), opts),
-            at::zeros({embeddings.size(0)}, opts),
-            with_accumulator ? at::zeros({embeddings.size(0), embeddings.size(1)}, opts) : at::Tensor()};
+  if (q.size(0) == 0 || queue_weights.size(0) == 0) {  // nothing kept anywhere
+    const auto opts = q.options();
+    return {at::full({q.size(0)}, -std::numeric_limits<double>::infinity(), opts), at::zeros({q.size(0)}, opts),
+            with_accumulator ? at::zeros({q.size(0), q.size(1)}, opts) : at::Tensor()};
   }
   return run_queue_pass(pass, params);
 }
 
-std::tuple<at::Tensor, at::Tensor> finalize_of(const at::Tensor& embeddings, const at::Tensor& class_weights,
+std::tuple<at::Tensor, at::Tensor> finalize_of(const Rows& rows, const at::Tensor& class_weights,
                                                const Partials& part, const MarginParams& params, bool compute_grad) {
-  const auto acc = accumulation_dtype({&embeddings, &class_weights, &part.row_sum});
-  auto [q, x_norm] = normalise(embeddings, acc);
-  const at::Tensor w = std::get<0>(normalise(class_weights, acc));
+  const at::Tensor& q = rows.q;
+  const at::Tensor& x_norm = rows.x_norm;
+  const auto acc = q.scalar_type();
+  const at::Tensor w = normalise(class_weights, acc).q;
   const at::Tensor positive_cos = (q * w).sum(1).contiguous();
   const at::Tensor row_max = part.row_max.to(acc).contiguous();
   const at::Tensor row_sum = part.row_sum.to(acc).contiguous();
-  const auto opts = embeddings.options().dtype(acc);
-  const int64_t rows = embeddings.size(0);
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor coef_positive = at::empty({rows}, opts);
-  at::Tensor coef_negative = at::empty({rows}, opts);
+  const auto opts = q.options();
+  const int64_t n = q.size(0), dim = q.size(1);
+  at::Tensor loss = at::empty({n}, opts);
+  at::Tensor coef_positive = at::empty({n}, opts);
+  at::Tensor coef_negative = at::empty({n}, opts);
 #ifdef WITH_CUDA
   if (loss.is_cuda()) {
     finalize_rows_cuda(positive_cos, row_max, row_sum, loss, coef_positive, coef_negative, params);
@@ -107,9 +113,9 @@ std::tuple<at::Tensor, at::Tensor> finalize_of(const at::Tensor& embeddings, con
   {
     finalize_rows_cpu(positive_cos, row_max, row_sum, loss, coef_positive, coef_negative, params);
   }
-  if (!compute_grad) return {loss, at::empty({0, embeddings.size(1)}, opts)};
-  TORCH_CHECK(part.accumulator.defined() && part.accumulator.sizes() == embeddings.sizes(),
-              "the gradient needs the partials' accumulator [", rows, ", ", embeddings.size(1), "], got ",
+  if (!compute_grad) return {loss, at::empty({0, dim}, opts)};
+  TORCH_CHECK(part.accumulator.defined() && part.accumulator.sizes() == q.sizes(),
+              "the gradient needs the partials' accumulator [", n, ", ", dim, "], got ",
               part.accumulator.defined() ? part.accumulator.sizes() : at::IntArrayRef{});
   // d loss / d q, then through q = x / ||x||: (I - q q^T) g / ||x||.
   const at::Tensor grad_q = coef_positive.unsqueeze(1) * w + coef_negative.unsqueeze(1) * part.accumulator.to(acc);
@@ -131,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_partials(
   check_rows(embeddings, labels);
   check_queue(embeddings, queue_weights, queue_labels);
   const MarginParams params = margin_params(scale, 1.0, 0.0, 0.0, filter_threshold, false);
-  Partials p = partials_of(embeddings, labels, queue_weights, queue_labels, params, with_accumulator, chunk_size);
+  const Rows rows = normalise(embeddings, accumulation_dtype({&embeddings, &queue_weights}));
+  Partials p = partials_of(rows, labels, queue_weights, queue_labels, params, with_accumulator, chunk_size);
   if (!with_accumulator) p.accumulator = at::empty({0, embeddings.size(1)}, p.row_sum.options());
   return {p.row_max, p.row_sum, p.accumulator};
 }
@@ -151,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_finalize(
                 ", got one on ", t->device());
   }
   const MarginParams params = margin_params(scale, m1, m2, m3, 0.0, straight_through);
-  return finalize_of(embeddings, class_weights, Partials{row_max, row_sum, accumulator}, params, compute_grad);
+  const Rows normalised = normalise(embeddings, accumulation_dtype({&embeddings, &class_weights, &row_sum}));
+  return finalize_of(normalised, class_weights, Partials{row_max, row_sum, accumulator}, params, compute_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
@@ -165,9 +173,10 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
   TORCH_CHECK(class_weights.device() == embeddings.device(), "class_weights must be on ", embeddings.device(),
               ", got ", class_weights.device());
   const MarginParams params = margin_params(scale, m1, m2, m3, filter_threshold, straight_through);
-  const Partials part =
-      partials_of(embeddings, labels, queue_weights, queue_labels, params, compute_grad, chunk_size);
-  return finalize_of(embeddings, class_weights, part, params, compute_grad);
+  // One accumulation dtype and one normalisation for both steps.
+  const Rows rows = normalise(embeddings, accumulation_dtype({&embeddings, &class_weights, &queue_weights}));
+  const Partials part = partials_of(rows, labels, queue_weights, queue_labels, params, compute_grad, chunk_size);
+  return finalize_of(rows, class_weights, part, params, compute_grad);
 }
 
 TORCH_LIBRARY_IMPL(dcq_ops, CPU, m) {
