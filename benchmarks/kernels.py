@@ -41,7 +41,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import sys

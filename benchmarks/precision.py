@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dcq_ops  # noqa: E402
-from dcq_ops import reference  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hardware import cpu_model  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "precision_cpu.json"
 MARGIN = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         settings=dict(vars(args), out=None, margin=MARGIN, backend="chunked (CPU emulation of 16-bit GEMM operands)"),
-        host=dict(processor=platform.processor() or platform.machine(), torch=torch.__version__,
+        host=dict(processor=cpu_model(), torch=torch.__version__,
                   threads=torch.get_num_threads()),
         mean_exact_loss=exact_loss.mean().item(), results=results), indent=1) + "\n")
     print(f"\nwrote {args.out}")

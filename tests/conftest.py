@@ -10,11 +10,13 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state (tests that draw inputs use
-    their own seeded generators too)."""
+    their own seeded generators too) and leaves the thread count as it found it."""
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+    threads = torch.get_num_threads()  # a Trainer(threads=...) sets the process-wide count
     yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

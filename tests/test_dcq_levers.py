@@ -12,16 +12,10 @@ import torch
 from dcq_ops.training.cli import main
 from dcq_ops.training.loop import TrainConfig, Trainer, generator_momentum, train
 
-# A tiny run, as in test_training.py: 120 identities at 16x16, a 4-channel CNN, one thread.
-TINY = dict(synthetic_identities=120, synthetic_eval_identities=40, image_size=16, width=4, embedding_size=32,
-            batch_size=32, queue_size=64, log_every=1, eval_pairs=400, progress="none", threads=1)
+from test_training import TINY as TRAINING_TINY
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # Trainer(threads=...) sets the process-wide count
-    yield
-    torch.set_num_threads(threads)
+# test_training.py's tiny run, logging every step.
+TINY = dict(TRAINING_TINY, log_every=1)
 
 
 def test_generator_momentum_schedules():

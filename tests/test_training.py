@@ -127,13 +127,6 @@ TINY = dict(synthetic_identities=120, synthetic_eval_identities=40, image_size=1
             batch_size=32, queue_size=64, log_every=5, eval_pairs=400, progress="none", threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # Trainer(threads=...) sets the process-wide count
-    yield
-    torch.set_num_threads(threads)
-
-
 def _final_eval_of_random_init(config):
     trainer = Trainer(config)
     return trainer.evaluate()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dcq_ops.training.images import IMAGE_EXTENSIONS, decode_image, pil_to_tensor, require_pil
+from dcq_ops.training.images import IMAGE_EXTENSIONS, pil_to_tensor, require_pil
 from dcq_ops.training.recordio import RecordIOImages, is_recordio
 
 
