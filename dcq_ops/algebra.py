@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dcq_ops.backends import select_backend, why_unavailable
-from dcq_ops.functional import dcq_cross_entropy
+from dcq_ops.functional import check_triton_dtype, dcq_cross_entropy
 from dcq_ops.margin import MarginConfig
 from dcq_ops.ops.chunked import DEFAULT_CHUNK_SIZE
 
@@ -95,6 +95,7 @@ class RowLoss:
         args = (embeddings.detach(), labels, queue_weights.detach(), queue_labels, margin.scale,
                 margin.interclass_filtering_threshold, with_accumulator)
         if self._use_triton(embeddings):
+            check_triton_dtype(queue_weights, embeddings.device)
             from dcq_ops.triton.margin_ce import partials
             row_max, row_sum, accumulator = partials(*args)
         else:

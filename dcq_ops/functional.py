@@ -3,6 +3,8 @@ dispatch to a backend (docs/loss.md)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from dcq_ops import reference
@@ -63,6 +65,33 @@ def check_margin(scale: float, m1: float, m2: float, m3: float, threshold: float
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+_WARNED_FALLBACK: set = set()
+
+
+def warn_reference_fallback(device: torch.device) -> None:
+    """backend="auto" found no fused kernel for ``device``: say once per device type what
+    that costs and how to get the kernels, instead of running N x K logits in silence."""
+    if device.type in _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK.add(device.type)
+    reason = why_unavailable("chunked", device)
+    warnings.warn(
+        f"dcq_ops: backend='auto' runs the plain PyTorch 'reference' backend on {device.type}, because the fused "
+        f"'chunked' kernels cannot run there ({reason}). The reference materialises the N x K logits: memory grows "
+        "with batch x queue size, and it is several times slower. Build the extension against your torch "
+        "(`pip install --no-build-isolation .`), or pass backend='reference' to silence this warning.",
+        RuntimeWarning, stacklevel=3)
+
+
+def check_triton_dtype(queue_weights: torch.Tensor, device: torch.device) -> None:
+    """Triton's CPU interpreter computes bf16 tl.dot wrongly (losses of ~1e11 were seen): a
+    bf16 queue is refused there rather than answered with garbage. On a GPU it is the default."""
+    if device.type == "cpu" and queue_weights.dtype == torch.bfloat16:
+        raise TypeError("the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) does not compute bfloat16 "
+                        "tl.dot correctly, so backend='triton' refuses a bfloat16 queue on the CPU; use a float32 "
+                        "or float16 queue there, or backend='chunked' (bfloat16 runs on a GPU)")
+
+
 def reduce_loss(loss_rows: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss_rows.mean()
@@ -113,6 +142,10 @@ def dcq_cross_entropy(
             raise TypeError("backend='triton' computes in float32 with float32/float16/bfloat16 GEMM operands; "
                             "float64 inputs run in float64 on the 'chunked' or 'reference' backend")
         resolved = "chunked" if why_unavailable("chunked", embeddings.device) is None else "reference"
+    if resolved == "triton":
+        check_triton_dtype(queue_weights, embeddings.device)
+    if resolved == "reference" and backend == "auto":
+        warn_reference_fallback(embeddings.device)
     if resolved == "reference":
         return reference.dcq_cross_entropy(
             embeddings, class_weights, labels, queue_weights, queue_labels, **margin,

@@ -174,6 +174,12 @@ class DCQLoss(nn.Module):
                 "they are generated from images by the weight generator, and the queue fills itself within a few "
                 "hundred steps. Load the backbone from that checkpoint (and, for the weight generator, copy it: "
                 "MomentumEncoder(backbone)), and start DCQLoss empty.")
+        labels = state_dict.get(prefix + "queue.labels")
+        if self.num_classes is not None and isinstance(labels, torch.Tensor) and labels.numel():
+            high = int(labels.max())  # the queue itself checks everything that does not need num_classes
+            if high >= self.num_classes:
+                raise ValueError(f"loading DCQLoss: the queue's labels must be < num_classes = {self.num_classes}, "
+                                 f"got {high} (a checkpoint of a run with more classes?)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -213,9 +219,12 @@ class DCQLoss(nn.Module):
         value checks too (one host sync), before anything runs: a bad batch leaves the
         queue as it was. Returns the labels as int64 [N] and the detached class weights."""
         labels = self._flatten_labels(labels)
+        # The embedding size first: with the wrong D the queue (of embedding_size columns)
+        # would otherwise be blamed for the embeddings' shape.
+        if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [N, {self.embedding_size}] (DCQLoss's embedding_size), "
+                             f"got shape {tuple(embeddings.shape)}")
         check_arguments(embeddings, class_weights, labels, self.queue.weights, self.queue.labels)
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be [N, {self.embedding_size}] (embedding_size), got {tuple(embeddings.shape)}")
         if self.training:
             self.queue.check_enqueue(class_weights, labels)
         class_weights = class_weights.detach()

@@ -10,6 +10,48 @@ from dcq_ops.ops.queue import queue_enqueue_
 _QUEUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def unit_norm_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 the norm of an enqueued row may be: the rounding of a row normalised
+    in fp32 to the queue's dtype moves its norm by at most half an ulp of the dtype
+    (relative), plus the fp32 normalisation's own error; 4 ulp leaves a margin."""
+    return 4 * torch.finfo(dtype).eps + 64 * torch.finfo(torch.float32).eps
+
+
+@torch.no_grad()
+def check_queue_state(weights: torch.Tensor, labels: torch.Tensor, ptr: torch.Tensor, *, ptr_limit: int,
+                      num_classes: int | None = None, what: str = "queue state") -> None:
+    """The values a queue may hold (one host sync: for loading, never in a step): finite
+    weights, unit rows in every filled slot (label >= 0), labels in [-1, num_classes)
+    (-1 = empty), and a write pointer in [0, ptr_limit). Raises ValueError naming the
+    first offence."""
+    if weights.numel() and not bool(torch.isfinite(weights).all()):
+        bad = int((~torch.isfinite(weights)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{what}: weights must be finite, got NaN or infinite values in slot {bad}")
+    if labels.numel():
+        low = int(labels.min())
+        if low < -1:
+            raise ValueError(f"{what}: labels must be >= -1 (-1 marks an empty slot), got {low}")
+        high = int(labels.max())
+        if num_classes is not None and high >= num_classes:
+            raise ValueError(f"{what}: labels must be < num_classes = {num_classes}, got {high}")
+        filled = labels >= 0
+        if bool(filled.any()):
+            norms = torch.linalg.vector_norm(weights[filled].double(), dim=1)
+            error = (norms - 1).abs()
+            tolerance = unit_norm_tolerance(weights.dtype)
+            worst = int(error.argmax())
+            if float(error[worst]) > tolerance:
+                slot = int(filled.nonzero()[worst, 0])
+                raise ValueError(f"{what}: every filled slot (label >= 0) must hold a unit-norm row (within "
+                                 f"{tolerance:.2g} for {weights.dtype}), got norm {float(norms[worst]):.6g} "
+                                 f"in slot {slot}")
+    if ptr.numel() != 1:
+        raise ValueError(f"{what}: ptr must hold one value, got shape {tuple(ptr.shape)}")
+    head = int(ptr.reshape(()))
+    if not 0 <= head < ptr_limit:
+        raise ValueError(f"{what}: ptr must be in [0, {ptr_limit}), got {head}")
+
+
 class ClassQueue(nn.Module):
     """K slots of unit-norm class weights [K, D] and their labels [K] (-1 = empty).
 
@@ -72,6 +114,25 @@ class ClassQueue(nn.Module):
         for name, t in (("keys", keys), ("labels", labels)):
             if t.device != self.weights.device:
                 raise ValueError(f"{name} must be on the queue's device ({self.weights.device}), got {t.device}")
+
+    def ptr_limit(self) -> int:
+        """The number of values the write pointer takes (it counts slots modulo this)."""
+        return self.size
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint is read before it is loaded: a queue state that training could
+        # never produce (NaN rows, rows that are not unit length, a pointer past the
+        # end) would otherwise poison every later loss without a word.
+        names = [prefix + n for n in ("weights", "labels", "ptr")]
+        if all(n in state_dict for n in names):
+            weights, labels, ptr = (state_dict[n] for n in names)
+            if (tuple(weights.shape) == tuple(self.weights.shape) and tuple(labels.shape) == tuple(self.labels.shape)
+                    and weights.is_floating_point()):  # otherwise the shape error below says what is wrong
+                check_queue_state(weights, labels, ptr, ptr_limit=self.ptr_limit(),
+                                  what=f"loading {type(self).__name__} ({prefix or 'state_dict'})")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None) -> None:

@@ -32,7 +32,13 @@ import warnings
 import torch
 from torch import nn
 
-NEGATIVE_LABEL, LABEL_TOO_LARGE, BAD_EMBEDDINGS, BAD_CLASS_WEIGHTS = 1, 2, 4, 8
+NEGATIVE_LABEL, LABEL_TOO_LARGE, BAD_EMBEDDINGS, BAD_CLASS_WEIGHTS, ZERO_CLASS_WEIGHTS = 1, 2, 4, 8, 16
+
+
+def zero_rows(class_weights: torch.Tensor) -> torch.Tensor:
+    """Which rows are zero vectors [N] bool: they have no direction, so they would enter the
+    queue as zero rows (a "class weight" similar to nothing), which no generator produces."""
+    return class_weights.abs().amax(dim=1) == 0
 
 
 def describe(reasons: int, num_classes: int | None) -> str:
@@ -46,6 +52,8 @@ def describe(reasons: int, num_classes: int | None) -> str:
         words.append("NaN or infinite values in embeddings (embeddings must be finite)")
     if reasons & BAD_CLASS_WEIGHTS:
         words.append("NaN or infinite values in class_weights (class_weights must be finite)")
+    if reasons & ZERO_CLASS_WEIGHTS:
+        words.append("a class_weights row of zeros (class weights must be nonzero: they are normalised)")
     return "; ".join(words)
 
 
@@ -69,6 +77,7 @@ class BatchGuard(nn.Module):
             mask = mask + (labels >= self.num_classes).any().long() * LABEL_TOO_LARGE
         mask = mask + (~torch.isfinite(embeddings)).any().long() * BAD_EMBEDDINGS
         mask = mask + (~torch.isfinite(class_weights)).any().long() * BAD_CLASS_WEIGHTS
+        mask = mask + zero_rows(class_weights).any().long() * ZERO_CLASS_WEIGHTS
         return mask.view(1)
 
     @staticmethod
@@ -133,8 +142,9 @@ def check_values_now(embeddings, labels, class_weights, num_classes: int | None)
     if torch.compiler.is_compiling():
         _assert_values(embeddings, labels, class_weights, num_classes)
         return
-    low, high, bad_embeddings, bad_weights = torch.stack([
+    low, high, bad_embeddings, bad_weights, zero_weights = torch.stack([
         labels.min(), labels.max(), (~torch.isfinite(embeddings)).sum(), (~torch.isfinite(class_weights)).sum(),
+        zero_rows(class_weights).sum(),
     ]).tolist()
     if low < 0:
         raise ValueError(f"labels must be >= 0, got a label of {low}")
@@ -144,6 +154,8 @@ def check_values_now(embeddings, labels, class_weights, num_classes: int | None)
         raise ValueError(f"embeddings must be finite, got {bad_embeddings} NaN or infinite values")
     if bad_weights:
         raise ValueError(f"class_weights must be finite, got {bad_weights} NaN or infinite values")
+    if zero_weights:
+        raise ValueError(f"class_weights rows must be nonzero (they are normalised), got {zero_weights} rows of zeros")
 
 
 def _assert_values(embeddings, labels, class_weights, num_classes: int | None) -> None:
@@ -155,3 +167,4 @@ def _assert_values(embeddings, labels, class_weights, num_classes: int | None) -
                             f"labels must be < num_classes = {num_classes}, got a larger label")
     torch._assert_async(torch.isfinite(embeddings).all(), "embeddings must be finite, got NaN or infinite values")
     torch._assert_async(torch.isfinite(class_weights).all(), "class_weights must be finite, got NaN or infinite values")
+    torch._assert_async(~zero_rows(class_weights).any(), "class_weights rows must be nonzero, got a row of zeros")

@@ -39,13 +39,18 @@ BAD_VALUES = {  # case: (bad batch, words of the eager error, words of the async
                        "embeddings must be finite", "NaN or infinite values in embeddings"),
     "inf class weights": (lambda b: _replace(b, 2, b[2].index_fill(0, torch.tensor([0]), float("inf"))),
                           "class_weights must be finite", "NaN or infinite values in class_weights"),
+    # A zero row has no direction: it would enter the queue as a zero "class weight".
+    "zero class weight row": (lambda b: _replace(b, 2, b[2].index_fill(0, torch.tensor([3]), 0.0)),
+                              "class_weights rows must be nonzero", "a class_weights row of zeros"),
 }
 
 BAD = {
     "float labels": (lambda b: _replace(b, 1, torch.zeros(5)), TypeError, "labels"),
     "labels count": (lambda b: _replace(b, 1, torch.arange(4)), ValueError, "labels"),
     "class_weights shape": (lambda b: _replace(b, 2, torch.randn(4, 6)), ValueError, "class_weights"),
-    "embedding size": (lambda b: [torch.randn(5, 7), b[1], torch.randn(5, 7)], ValueError, "embedding"),
+    # The embeddings are blamed, not the queue (whose width is embedding_size).
+    "embedding size": (lambda b: [torch.randn(5, 7), b[1], torch.randn(5, 7)], ValueError,
+                       r"embeddings must be \[N, 6\] \(DCQLoss's embedding_size\), got shape \(5, 7\)"),
     "empty batch": (lambda b: [torch.randn(0, 6), torch.arange(0), torch.randn(0, 6)], ValueError, "empty"),
     "batch larger than queue": (lambda b: [torch.randn(11, 6), torch.arange(11), torch.randn(11, 6)], ValueError, "queue size"),
     "other device": (lambda b: _replace(b, 2, b[2].to("meta")), ValueError, "device"),
@@ -161,3 +166,126 @@ def test_functional_rejects_mismatched_queue():
         dcq_ops.dcq_cross_entropy(x, k, y, W[:, :4], Y)
     with pytest.raises(ValueError, match="queue_labels"):
         dcq_ops.dcq_cross_entropy(x, k, y, W, Y[:5])
+
+
+# ----------------------------------------------------------------- double backward
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_double_backward_is_a_clear_error_on_the_fused_backends(backend):
+    x, k, y, W, Y = make_inputs(rows=5, dim=8, slots=12)
+    x.requires_grad_(True)
+    loss = dcq_ops.dcq_cross_entropy(x, k, y, W, Y, backend=backend)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)  # the first derivative is fine everywhere
+    (plain,) = torch.autograd.grad(dcq_ops.dcq_cross_entropy(x, k, y, W, Y, backend=backend), x)
+    assert torch.equal(grad.detach(), plain)
+    if backend == "reference":  # plain PyTorch: second derivatives exist
+        (second,) = torch.autograd.grad(grad.square().sum(), x)
+        assert torch.isfinite(second).all()
+    else:
+        with pytest.raises(RuntimeError, match="first derivative only.*backend='reference'"):
+            torch.autograd.grad(grad.square().sum(), x)
+
+
+# ----------------------------------------------------------------- state checked on load
+
+
+def trained_loss():
+    loss_fn = dcq_ops.DCQLoss(None, 6, num_classes=40, queue_size=10)
+    loss_fn(*good_batch())
+    return loss_fn
+
+
+def corrupt(state, name, change):
+    state = {n: t.clone() for n, t in state.items()}
+    change(state[name])
+    return state
+
+
+def _scale_slot(weights, slot=1, factor=1.5):
+    weights[slot] *= factor
+
+
+BAD_STATES = {  # case: (tensor, change, words of the error)
+    "nan weights": ("queue.weights", lambda w: w[2].fill_(float("nan")), "weights must be finite.*slot 2"),
+    "inf weights": ("queue.weights", lambda w: w[0, 3].fill_(float("inf")), "weights must be finite.*slot 0"),
+    "row not unit": ("queue.weights", _scale_slot, "unit-norm row.*norm 1.5.*slot 1"),
+    "zero filled row": ("queue.weights", lambda w: w[4].zero_(), "unit-norm row.*norm 0.*slot 4"),
+    "label >= num_classes": ("queue.labels", lambda y: y[0].fill_(40), "labels must be < num_classes = 40"),
+    "label < -1": ("queue.labels", lambda y: y[0].fill_(-3), "labels must be >= -1"),
+    "ptr past the end": ("queue.ptr", lambda p: p.fill_(99), r"ptr must be in \[0, 10\), got 99"),
+    "negative ptr": ("queue.ptr", lambda p: p.fill_(-1), r"ptr must be in \[0, 10\), got -1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+def test_load_state_dict_refuses_a_queue_training_cannot_produce(case):
+    name, change, message = BAD_STATES[case]
+    state = corrupt(trained_loss().state_dict(), name, change)
+    fresh = dcq_ops.DCQLoss(None, 6, num_classes=40, queue_size=10)
+    before = queue_state(fresh)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(state)
+    assert_unchanged(fresh, before)  # nothing of the bad state was loaded
+
+
+def test_load_state_dict_accepts_what_training_produced_in_every_queue_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        source = dcq_ops.DCQLoss(None, 6, num_classes=40, queue_size=10, queue_dtype=dtype)
+        for seed in range(4):  # wraps around: every slot filled
+            x, k, y, *_ = make_inputs(rows=5, dim=6, num_classes=40, seed=seed)
+            source(x * 1e3, y, k * 1e-3)
+        target = dcq_ops.DCQLoss(None, 6, num_classes=40, queue_size=10, queue_dtype=dtype)
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target.queue.weights, source.queue.weights)
+
+
+def test_class_queue_checks_its_state_without_num_classes():
+    queue = dcq_ops.ClassQueue(4, 3)
+    queue.enqueue(torch.randn(2, 3), torch.tensor([7, 1000]))
+    state = queue.state_dict()
+    dcq_ops.ClassQueue(4, 3).load_state_dict(state)  # any label >= 0 is a class here
+    with pytest.raises(ValueError, match=r"ptr must be in \[0, 4\)"):
+        dcq_ops.ClassQueue(4, 3).load_state_dict(corrupt(state, "ptr", lambda p: p.fill_(4)))
+
+
+def test_sharded_queue_checks_the_global_state():
+    shard = dcq_ops.ShardedClassQueue(6, 3, world_size=2, rank=1)
+    weights = torch.nn.functional.normalize(torch.randn(6, 3), dim=1)
+    labels = torch.tensor([0, 1, 2, -1, -1, -1])
+    shard.load_global_(weights, labels, 3)  # the global pointer may point into another rank's block
+    assert int(shard.ptr) == 3
+    with pytest.raises(ValueError, match=r"ptr must be in \[0, 6\)"):
+        shard.load_global_(weights, labels, 6)
+    with pytest.raises(ValueError, match="unit-norm"):
+        shard.load_global_(weights * 2, labels, 0)
+
+
+# ----------------------------------------------------------------- fallbacks that speak
+
+
+def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
+    import importlib
+    from dcq_ops import functional
+    backends = importlib.import_module("dcq_ops.backends")  # the module (dcq_ops.backends is also a function)
+    monkeypatch.setattr(backends, "extension_loaded", lambda: False)  # as a plain `pip install .` leaves it
+    monkeypatch.setattr(backends, "EXTENSION_ERROR", "dcq_ops._C is not built (test)")
+    monkeypatch.setattr(functional, "_WARNED_FALLBACK", set())
+    x, k, y, W, Y = make_inputs(rows=4, dim=5, slots=6)
+    with pytest.warns(RuntimeWarning, match="runs the plain PyTorch 'reference' backend.*N x K logits"):
+        loss = dcq_ops.dcq_cross_entropy(x, k, y, W, Y)
+    assert torch.equal(loss, dcq_ops.dcq_cross_entropy(x, k, y, W, Y, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device type
+        dcq_ops.dcq_cross_entropy(x, k, y, W, Y)
+        dcq_ops.dcq_cross_entropy(x, k, y, W, Y, backend="reference")  # asked for: no warning
+
+
+def test_the_interpreter_refuses_a_bf16_queue(monkeypatch):
+    from dcq_ops import functional
+    # What dispatch does for CPU tensors under TRITON_INTERPRET=1 (tests/test_triton.py runs the
+    # interpreter itself); the refusal comes before any kernel is imported.
+    monkeypatch.setattr(functional, "select_backend", lambda device, backend: "triton")
+    x, k, y, W, Y = make_inputs(rows=4, dim=5, slots=6)
+    with pytest.raises(TypeError, match="Triton interpreter.*bfloat16"):
+        dcq_ops.dcq_cross_entropy(x, k, y, W.bfloat16(), Y, backend="triton")

@@ -13,25 +13,52 @@ import torch
 
 def _setup_context(ctx, inputs, output):
     _, grad_rows = output
-    ctx.save_for_backward(grad_rows)
+    ctx.save_for_backward(grad_rows, inputs[0])  # the embeddings: see _NoDoubleBackward (no copy)
     ctx.embedding_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(grad_rows)
 
 
-def _scaled(grad_rows, grad_loss_rows, embedding_dtype):
+DOUBLE_BACKWARD_ERROR = (
+    "the fused DCQ loss backends ('chunked', 'triton') compute the first derivative only: their gradient "
+    "is produced in the forward pass, so it has no derivative of its own and cannot be differentiated again "
+    "(double backward, torch.autograd.grad(..., create_graph=True) then backward through the gradient). "
+    "Use backend='reference' for higher-order derivatives")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The gradient of the embeddings when the backward itself is recorded (create_graph=True):
+    the value passes through, and differentiating it raises a clear error instead of
+    autograd's "element 0 of tensors does not require grad" (the saved gradient rows
+    are constants to autograd)."""
+
+    @staticmethod
+    def forward(ctx, grad_embeddings, embeddings):
+        # ``embeddings`` only ties the result to the graph (so that differentiating it
+        # reaches the backward below); its value is not used.
+        return grad_embeddings.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _scaled(grad_rows, grad_loss_rows, embedding_dtype, embeddings=None):
     """Row i's saved gradient times the upstream gradient of loss row i."""
     if grad_rows.shape[0] != grad_loss_rows.shape[0]:
         raise RuntimeError(
             "the DCQ loss ran its forward without computing the gradient "
             "(embeddings did not require grad, or grad mode was off), so it cannot backpropagate"
         )
-    return (grad_rows * grad_loss_rows.unsqueeze(1).to(grad_rows.dtype)).to(embedding_dtype)
+    grad = (grad_rows * grad_loss_rows.unsqueeze(1).to(grad_rows.dtype)).to(embedding_dtype)
+    if torch.is_grad_enabled() and embeddings is not None:  # create_graph=True: the backward is recorded
+        grad = _NoDoubleBackward.apply(grad, embeddings)
+    return grad
 
 
 def _backward(ctx, grad_loss_rows, _unused_grad_of_grad_rows):
-    (grad_rows,) = ctx.saved_tensors
+    grad_rows, embeddings = ctx.saved_tensors
     # One gradient for embeddings; none for every other input and parameter.
-    return (_scaled(grad_rows, grad_loss_rows, ctx.embedding_dtype),) + (None,) * (ctx.num_inputs - 1)
+    return (_scaled(grad_rows, grad_loss_rows, ctx.embedding_dtype, embeddings),) + (None,) * (ctx.num_inputs - 1)
 
 
 def register_fused_autograd(op_name: str, num_inputs: int) -> None:
@@ -63,15 +90,15 @@ class _RowsWithGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, loss_rows, grad_rows):
-        ctx.save_for_backward(grad_rows)
+        ctx.save_for_backward(grad_rows, embeddings)
         ctx.embedding_dtype = embeddings.dtype
         ctx.mark_non_differentiable(grad_rows)
         return loss_rows.clone()
 
     @staticmethod
     def backward(ctx, grad_loss_rows):
-        (grad_rows,) = ctx.saved_tensors
-        return _scaled(grad_rows, grad_loss_rows, ctx.embedding_dtype), None, None
+        grad_rows, embeddings = ctx.saved_tensors
+        return _scaled(grad_rows, grad_loss_rows, ctx.embedding_dtype, embeddings), None, None
 
 
 def rows_with_gradient(embeddings: torch.Tensor, loss_rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dcq_ops.ops.queue import queue_enqueue_
 from dcq_ops.parallel.collectives import (gather_padded, gather_rows, initialized, reduce_scatter_single, trim,
                                           world_size_and_rank)
 from dcq_ops.parallel.strategy import Batch, QueueStrategy, exchange_header
-from dcq_ops.queue import ClassQueue
+from dcq_ops.queue import ClassQueue, check_queue_state
 
 
 def shard_range(queue_size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -77,6 +77,10 @@ class ShardedClassQueue(ClassQueue):
         """An enqueue takes the global (gathered) batch: bounded by the global queue size."""
         return self.global_size, "the global queue size"
 
+    def ptr_limit(self) -> int:
+        """The pointer is global: it counts the slots of every rank."""
+        return self.global_size
+
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None, *,
                 ptr: int | None = None) -> None:
@@ -115,6 +119,8 @@ class ShardedClassQueue(ClassQueue):
                              f"got {tuple(weights.shape)}")
         if tuple(labels.shape) != (self.global_size,):
             raise ValueError(f"labels must be [{self.global_size}], got {tuple(labels.shape)}")
+        check_queue_state(weights, labels, torch.as_tensor(ptr).reshape(-1), ptr_limit=self.global_size,
+                          what="load_global_")
         self.weights.copy_(weights[self.start:self.stop])
         self.labels.copy_(labels[self.start:self.stop])
         self.ptr.copy_(torch.as_tensor(ptr, dtype=torch.long).reshape(1))
