@@ -1,7 +1,12 @@
-"""``python -m dcq_ops.eval``: verification of a training checkpoint on insightface
-``.bin`` sets. The application lives in dcq_ops.training."""
+"""``python -m dcq_ops.eval``: verification on insightface ``.bin`` sets of a
+dcq_ops.train checkpoint or an arcface_torch ``backbone.pth``. The command
+lives in dcq_ops.training.evaluate (``evaluate`` returns the results)."""
 
-from dcq_ops.training.cli import eval_main as main
+import sys
+
+from dcq_ops.training.evaluate import evaluate, main
+
+__all__ = ["evaluate", "main"]
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

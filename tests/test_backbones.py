@@ -79,3 +79,36 @@ def test_checkpoints_of_the_earlier_layout_still_load():
     fresh.load_state_dict(legacy)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- issue 18: the network from a state dict
+
+
+def test_infer_iresnet_from_arcface_torch_keys():
+    """The upstream r50 state dict's names and shapes (from the JSON) name r50,
+    embedding 512, input 112x112, 3 channels."""
+    from dcq_ops.training.backbones import infer_iresnet
+    upstream = {k: torch.empty(s, device="meta") for k, s in UPSTREAM["iresnet50"].items()}
+    assert infer_iresnet(upstream) == {"depth": 50, "blocks": (3, 4, 14, 3), "embedding_size": 512,
+                                       "image_size": 112, "in_channels": 3}
+
+
+@pytest.mark.parametrize("depth, embedding_size, image_size", [(18, 512, 112), (34, 128, 64), (50, 256, 112),
+                                                               (100, 512, 112), (200, 64, 32)])
+def test_infer_iresnet_every_depth(depth, embedding_size, image_size):
+    from dcq_ops.training.backbones import IRESNET_DEPTHS, infer_iresnet
+    with torch.device("meta"):  # names and shapes only: no weights are computed
+        state = IResNet(depth, embedding_size=embedding_size, image_size=image_size).state_dict()
+    assert infer_iresnet(state) == {"depth": depth, "blocks": IRESNET_DEPTHS[depth],
+                                    "embedding_size": embedding_size, "image_size": image_size, "in_channels": 3}
+
+
+def test_infer_iresnet_says_none_where_the_keys_do_not_tell():
+    from dcq_ops.training.backbones import infer_iresnet
+    with torch.device("meta"):
+        small = build_backbone("small_cnn", embedding_size=8, image_size=16).state_dict()
+        r18 = IResNet(18).state_dict()
+    assert infer_iresnet(small)["depth"] is None and infer_iresnet(small)["blocks"] is None
+    odd = {k: v for k, v in r18.items() if not k.startswith("layer3.1.")}  # blocks (2, 2, 1, 2): no IResNet
+    assert infer_iresnet(odd)["blocks"] == (2, 2, 1, 2) and infer_iresnet(odd)["depth"] is None
+    assert infer_iresnet({})["embedding_size"] is None and infer_iresnet({})["image_size"] is None

@@ -1,5 +1,7 @@
 """Two-view data: same-identity pairs, singletons, determinism, image folders; the synthetic set."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,67 @@ def test_synthetic_config_rejects_bad_values():
         SyntheticConfig(channels=2)
     with pytest.raises(ValueError, match="min_images"):
         SyntheticConfig(min_images=5, max_images=3)
+
+
+# --------------------------------------------------------------------------- issue 18: data paths and broken files
+
+
+def test_check_data_path_names_the_path_and_what_is_expected(tmp_path):
+    from dcq_ops.training.data import check_data_path
+    Image = pytest.importorskip("PIL.Image")
+    from dcq_ops.training.recordio import pack_folder
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(faces / "ann" / "0.png")
+    assert check_data_path(faces) is None and check_data_path(str(faces)) is None
+    pack_folder(faces, tmp_path / "data" / "train")
+    assert check_data_path(tmp_path / "data") is None
+    assert check_data_path(tmp_path / "data" / "train.rec") is None
+
+    with pytest.raises(ValueError, match=r"data path '.*nowhere' does not exist: expected an image folder"):
+        check_data_path(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"is a file but not a \.rec \(an \.idx is read through its \.rec: pass "
+                                         r".*train\.rec\)"):
+        check_data_path(tmp_path / "data" / "train.idx")
+    os.remove(tmp_path / "data" / "train.idx")
+    for path in (tmp_path / "data", tmp_path / "data" / "train.rec"):
+        with pytest.raises(ValueError, match=r"found .*train\.rec but not .*train\.idx beside it.*"
+                                             r"python -m dcq_ops\.training\.recordio index"):
+            check_data_path(path)
+    (tmp_path / "empty" / "ann").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"'.*empty' is a folder with 1 sub-folders, none holding an image"):
+        check_data_path(tmp_path / "empty")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(ValueError, match=r"'.*flat' is a folder with no sub-folders"):
+        check_data_path(tmp_path / "flat")
+    os.rename(tmp_path / "data" / "train.rec", tmp_path / "flat" / "faces.rec")
+    with pytest.raises(ValueError, match=r"holds faces\.rec but no train\.rec: pass the \.rec file itself"):
+        check_data_path(tmp_path / "flat")
+
+
+def test_image_folder_names_an_unreadable_file(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    from dcq_ops.training.images import ImageDecodeError
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / "ann" / "0.png")
+    good = (tmp_path / "ann" / "0.png").read_bytes()
+    (tmp_path / "ann" / "1.png").write_bytes(good[: len(good) // 2])  # truncated: Pillow opens it, then fails
+    (tmp_path / "ann" / "2.jpg").write_bytes(b"\0" * 64)  # not an image at all
+    folder = ImageFolder(tmp_path)
+    assert folder.load(np.array([0])).shape == (1, 3, 8, 8)
+    for index, name in ((1, "1.png"), (2, "2.jpg")):
+        with pytest.raises(ImageDecodeError, match=rf"ann/{name} \(image {index} of .*\): cannot decode the image"):
+            folder.load(np.array([0, index]))
+    with pytest.raises(ValueError, match="not a directory: it does not exist"):
+        ImageFolder(tmp_path / "missing")
+
+
+def test_importing_the_package_does_not_import_recordio():
+    """`python -m dcq_ops.training.recordio` warns when the package imported the module first."""
+    import subprocess
+    import sys
+    code = ("import sys, dcq_ops.training, dcq_ops.training.data, dcq_ops.training.loop; "
+            "print('dcq_ops.training.recordio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -228,3 +228,175 @@ def test_insightface_accuracy_matches_a_literal_threshold_sweep():
     result = insightface_accuracy(embeddings, issame)
     assert result["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
     assert result["std"] == pytest.approx(np.std(accs), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- issue 18: the eval command
+
+
+def _toy_bin(path, size, n_pairs=10, seed=3):
+    """Genuine pairs: an image and a slightly noisy copy; impostor pairs: two random images."""
+    rng = np.random.default_rng(seed)
+    images, issame = [], []
+    for k in range(n_pairs):
+        first = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        same = k % 2 == 0
+        second = (np.clip(first + rng.integers(-8, 9, first.shape), 0, 255).astype(np.uint8) if same
+                  else rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        images += [first, second]
+        issame.append(same)
+    write_bin(path, images, issame)
+    return path
+
+
+def _iresnet(depth=18, embedding_size=32, image_size=112, seed=0):
+    from dcq_ops.training.backbones import IResNet
+    torch.manual_seed(seed)
+    model = IResNet(depth, embedding_size=embedding_size, image_size=image_size).eval()
+    for m in model.modules():  # running statistics that a missed buffer would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_eval_command_reads_an_arcface_torch_backbone_pth(tmp_path, capsys):
+    """A plain IResNet-18 state dict at arcface_torch's 112x112: the command infers
+    r18 and the embedding size and reports what evaluating the model directly gives."""
+    pytest.importorskip("PIL")
+    from dcq_ops.training.evaluate import evaluate, main
+    model = _iresnet()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    bin_path = _toy_bin(tmp_path / "toy.bin", 112)
+    results = evaluate(["--checkpoint", str(tmp_path / "backbone.pth"), "--bin", str(bin_path),
+                        "--batch-size", "8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "state dict, iresnet18, embedding 32, input 112x112" in out
+    direct = evaluate_bin(model, load_bin(bin_path, (112, 112)), 8)
+    assert results == {"toy.bin": direct}
+    assert direct["pairs"] == 10 and direct["xnorm"] > 0
+
+
+def test_eval_command_in_a_subprocess_exits_0(tmp_path):
+    """``python -m dcq_ops.eval`` (exit status 0, no warnings) on a 32x32 r18: the
+    input size comes from the FC's shape."""
+    pytest.importorskip("PIL")
+    import json
+    import subprocess
+    import sys
+    model = _iresnet(image_size=32, embedding_size=16, seed=1)
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    bin_path = _toy_bin(tmp_path / "toy.bin", 32)
+    run = subprocess.run([sys.executable, "-m", "dcq_ops.eval", "--checkpoint", str(tmp_path / "backbone.pth"),
+                          "--bin", str(bin_path), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Warning" not in run.stderr, run.stderr
+    line = next(line for line in run.stdout.splitlines() if line.startswith("toy.bin: "))
+    reported = json.loads(line[len("toy.bin: "):])
+    direct = evaluate_bin(model, load_bin(bin_path, (32, 32)))
+    assert reported.keys() == direct.keys()
+    for key, value in direct.items():  # another process, maybe another thread count: float sums may differ
+        assert reported[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for bad in (["--checkpoint", str(tmp_path / "none.pth"), "--bin", str(bin_path)],
+                ["--checkpoint", str(tmp_path / "backbone.pth"), "--bin", str(tmp_path / "none.bin")]):
+        failed = subprocess.run([sys.executable, "-m", "dcq_ops.eval", *bad], capture_output=True, text=True,
+                                timeout=300)
+        assert failed.returncode == 2 and "no such file" in failed.stderr, failed.stderr
+
+
+def _exit_message(capsys, argv):
+    from dcq_ops.training.evaluate import evaluate
+    with pytest.raises(SystemExit) as caught:
+        evaluate(argv)
+    assert caught.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_eval_command_errors_exit_2_with_a_reason(tmp_path, capsys):
+    pytest.importorskip("PIL")
+    from dcq_ops.training.backbones import SmallCNN
+    bin_path = str(_toy_bin(tmp_path / "toy.bin", 16))
+    r18 = tmp_path / "r18.pth"
+    torch.save(_iresnet(image_size=16, embedding_size=8).state_dict(), r18)
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "none.pth"), "--bin", bin_path])
+    assert "--checkpoint" in err and "none.pth: no such file" in err
+    err = _exit_message(capsys, ["--checkpoint", str(r18), "--bin", bin_path, "--bin", str(tmp_path / "x.bin")])
+    assert "--bin" in err and "x.bin: no such file" in err
+    err = _exit_message(capsys, ["--checkpoint", str(r18), "--bin", bin_path, "--network", "r50"])
+    assert "(2, 2, 2, 2) blocks per layer (r18), but --network r50 has (3, 4, 14, 3)" in err
+    err = _exit_message(capsys, ["--checkpoint", str(r18), "--bin", bin_path, "--network", "r9"])
+    assert "invalid choice" in err
+    err = _exit_message(capsys, ["--checkpoint", str(r18), "--bin", bin_path, "--embedding-size", "16"])
+    assert "embedding size 8, but --embedding-size says 16" in err
+    torch.save(SmallCNN(embedding_size=8, image_size=16).state_dict(), tmp_path / "small.pth")
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "small.pth"), "--bin", bin_path])
+    assert "cannot infer the network from the state dict's keys" in err and "pass --network r18|r34" in err
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "small.pth"), "--bin", bin_path, "--network", "r18"])
+    assert "cannot infer the embedding size (no features.weight or fc.weight): pass --embedding-size" in err
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "small.pth"), "--bin", bin_path, "--network", "r18",
+                                 "--embedding-size", "8"])
+    assert "does not load into IResNet-18" in err and "missing keys bn1.bias" in err and "in all)" in err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "junk.pth"), "--bin", bin_path])
+    assert "junk.pth: cannot be read by torch.load" in err
+    torch.save({"epoch": 3}, tmp_path / "other.pt")
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "other.pt"), "--bin", bin_path])
+    assert "expected a dcq_ops.train checkpoint or a state dict" in err
+
+
+def test_load_model_reads_train_checkpoints_and_arcface_torch_wrappers(tmp_path, capsys):
+    """A dcq_ops.train checkpoint (read as loop.load_backbone reads it; it holds
+    numpy RNG states, which the safe unpickler refuses), arcface_torch's
+    checkpoint_gpu_0.pt (state_dict_backbone) and a DDP-prefixed state dict."""
+    pytest.importorskip("PIL")
+    import dataclasses
+    from dcq_ops.training.backbones import build_backbone
+    from dcq_ops.training.evaluate import evaluate, load_model
+    from dcq_ops.training.loop import CHECKPOINT_FORMAT, TrainConfig, load_backbone
+    torch.manual_seed(2)
+    config = TrainConfig(backbone="small_cnn", width=4, embedding_size=8, image_size=16)
+    small = build_backbone("small_cnn", embedding_size=8, image_size=16, width=4).eval()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "step": 5, "world_size": 1,
+                "backbone": small.state_dict(), "rng": {"numpy": np.random.get_state()}}, path)
+    model, info = load_model(path)
+    assert info == {"kind": "dcq_ops.train checkpoint", "network": "small_cnn", "embedding_size": 8,
+                    "image_size": 16}
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model(x), load_backbone(str(path))(x), rtol=0, atol=0)
+    bin_path = _toy_bin(tmp_path / "toy.bin", 16)
+    results = evaluate(["--checkpoint", str(path), "--bin", str(bin_path), "--device", "cpu"])
+    assert results == {"toy.bin": evaluate_bin(load_backbone(str(path)), load_bin(bin_path, (16, 16)))}
+    err = _exit_message(capsys, ["--checkpoint", str(path), "--bin", str(bin_path), "--network", "r18"])
+    assert "checkpoint of backbone 'small_cnn' (its config), but --network r18" in err
+
+    r18 = _iresnet(image_size=16, embedding_size=8)
+    x = torch.randn(2, 3, 16, 16)
+    torch.save({"epoch": 1, "state_dict_backbone": r18.state_dict(), "state_dict_softmax_fc": {}},
+               tmp_path / "checkpoint_gpu_0.pt")
+    torch.save({f"module.{k}": v for k, v in r18.state_dict().items()}, tmp_path / "ddp.pth")
+    for name in ("checkpoint_gpu_0.pt", "ddp.pth"):
+        model, info = load_model(tmp_path / name)
+        assert info == {"kind": "state dict", "network": "iresnet18", "embedding_size": 8, "image_size": 16}
+        torch.testing.assert_close(model(x), r18(x), rtol=0, atol=0)
+
+
+def test_eval_main_returns_none_so_sys_exit_gives_0(tmp_path):
+    pytest.importorskip("PIL")
+    import dcq_ops.eval
+    torch.save(_iresnet(image_size=16, embedding_size=8).state_dict(), tmp_path / "r18.pth")
+    bin_path = _toy_bin(tmp_path / "toy.bin", 16)
+    assert dcq_ops.eval.main(["--checkpoint", str(tmp_path / "r18.pth"), "--bin", str(bin_path)]) is None
+
+
+def test_a_bin_image_that_does_not_decode_names_the_file(tmp_path):
+    pytest.importorskip("PIL")
+    from dcq_ops.training.images import ImageDecodeError
+    path = _toy_bin(tmp_path / "toy.bin", 8, n_pairs=2)
+    with open(path, "rb") as f:
+        images, issame = pickle.load(f)
+    images[3] = b"\0" * 40
+    with open(path, "wb") as f:
+        pickle.dump((images, issame), f)
+    with pytest.raises(ImageDecodeError, match=r"toy\.bin: image 3 \(pair 1\): cannot decode the image "
+                                               r"\(40 bytes, starting 00 00"):
+        load_bin(path, (8, 8))

@@ -202,3 +202,41 @@ def build_backbone(name: str, *, in_channels: int = 3, embedding_size: int = 512
     if name.startswith("iresnet") and name[len("iresnet"):].isdigit() and int(name[len("iresnet"):]) in IRESNET_DEPTHS:
         return IResNet(int(name[len("iresnet"):]), in_channels, embedding_size, image_size, dropout)
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+
+
+_LAYER_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.")
+
+
+def infer_iresnet(state_dict) -> dict:
+    """What an IResNet state dict in arcface_torch's layout says about its
+    network: {"depth", "blocks", "embedding_size", "image_size", "in_channels"}.
+    ``depth`` comes from the blocks per layer (``layer{1..4}.{b}.*``, e.g.
+    (3, 4, 14, 3) -> 50), ``embedding_size`` from ``features.weight`` (or
+    ``fc.weight``), ``image_size`` from the FC's input (512 x (size/16)^2),
+    ``in_channels`` from ``conv1.weight``. An entry is None where the keys do
+    not tell (another layout, a depth not in IRESNET_DEPTHS, a missing tensor).
+    Only names and shapes are read, so tensors on the meta device do."""
+    counts = {}
+    for key in state_dict:
+        match = _LAYER_BLOCK.match(key)
+        if match:
+            layer, block = int(match.group(1)), int(match.group(2))
+            counts[layer] = max(counts.get(layer, 0), block + 1)
+    blocks = tuple(counts.get(layer, 0) for layer in (1, 2, 3, 4)) if counts else None
+    depth = next((d for d, layout in IRESNET_DEPTHS.items() if layout == blocks), None)
+
+    def shape(key):
+        value = state_dict.get(key)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    features, fc, conv1 = shape("features.weight"), shape("fc.weight"), shape("conv1.weight")
+    embedding_size = features[0] if features and len(features) == 1 else (fc[0] if fc and len(fc) == 2 else None)
+    image_size = None
+    channels = shape("bn2.weight")
+    if fc and len(fc) == 2 and channels and len(channels) == 1 and fc[1] % channels[0] == 0:
+        side = round((fc[1] // channels[0]) ** 0.5)
+        if side > 0 and side * side * channels[0] == fc[1]:
+            image_size = 16 * side  # four stride-2 stages
+    in_channels = conv1[1] if conv1 and len(conv1) == 4 else None
+    return {"depth": depth, "blocks": blocks, "embedding_size": embedding_size, "image_size": image_size,
+            "in_channels": in_channels}

@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dcq_ops.training.images import IMAGE_EXTENSIONS, pil_to_tensor, require_pil
-from dcq_ops.training.recordio import RecordIOImages, is_recordio
+from dcq_ops.training.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_failure, pil_to_tensor, require_pil
+
+# dcq_ops.training.recordio is imported where it is used, not here: the package
+# imports this module, and `python -m dcq_ops.training.recordio` warns when the
+# module it runs was imported before it (runpy's RuntimeWarning).
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -67,6 +70,68 @@ def _labels_tensor(labels) -> torch.Tensor:
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"labels must be >= 0, got a label of {int(labels.min())}")
     return labels
+
+
+_EXPECTED_DATA = ("an image folder (one sub-folder of images per identity), a .rec file with its .idx beside "
+                  "it, or a folder holding train.rec and train.idx")
+
+
+def check_data_path(path: str | os.PathLike) -> None:
+    """Raise ValueError, naming ``path`` and what is expected there, unless it
+    is a training set that :class:`ImageFolder` or
+    :class:`~dcq_ops.training.recordio.RecordIOImages` opens: a ``.rec`` file
+    with its ``.idx`` beside it (same stem), a folder holding ``train.rec`` and
+    ``train.idx``, or a folder with at least one identity sub-folder holding an
+    image. Cheap (it stops at the first image found, reads no image), so an
+    argument check can call it before anything is built. The keyword
+    "synthetic" (the trainer's default data) is not a path: callers skip it."""
+    shown = os.fspath(path)
+    if not os.path.exists(shown):
+        hint = ""
+        if shown.endswith(".idx") and os.path.exists(shown[:-4] + ".rec"):
+            hint = f"; did you mean {shown[:-4] + '.rec'}?"
+        raise ValueError(f"data path {shown!r} does not exist: expected {_EXPECTED_DATA}{hint}")
+    if os.path.isfile(shown):
+        if not shown.endswith(".rec"):
+            hint = ""
+            if shown.endswith(".idx") and os.path.exists(shown[:-4] + ".rec"):
+                hint = f" (an .idx is read through its .rec: pass {shown[:-4] + '.rec'})"
+            raise ValueError(f"data path {shown!r} is a file but not a .rec{hint}: expected {_EXPECTED_DATA}")
+        _check_index_beside(shown)
+        return
+    if not os.path.isdir(shown):
+        raise ValueError(f"data path {shown!r} is neither a file nor a folder: expected {_EXPECTED_DATA}")
+    rec = os.path.join(shown, "train.rec")
+    if os.path.exists(rec):
+        _check_index_beside(rec)
+        return
+    extensions = tuple(e.lower() for e in IMAGE_EXTENSIONS)
+    folders = 0
+    try:
+        with os.scandir(shown) as entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    continue
+                folders += 1
+                with os.scandir(entry.path) as files:
+                    if any(f.name.lower().endswith(extensions) and f.is_file() for f in files):
+                        return  # one identity folder with an image: ImageFolder reads the rest
+    except OSError as exc:
+        raise ValueError(f"data path {shown!r} cannot be listed ({exc}): expected {_EXPECTED_DATA}") from exc
+    recs = sorted(f for f in os.listdir(shown) if f.endswith(".rec"))
+    if recs:
+        raise ValueError(f"data path {shown!r} holds {', '.join(recs)} but no train.rec: pass the .rec file "
+                         f"itself, or name it train.rec")
+    found = f"{folders} sub-folders, none holding an image" if folders else "no sub-folders"
+    raise ValueError(f"data path {shown!r} is a folder with {found} (extensions {', '.join(extensions)}): "
+                     f"expected {_EXPECTED_DATA}")
+
+
+def _check_index_beside(rec: str) -> None:
+    idx = os.path.splitext(rec)[0] + ".idx"
+    if not os.path.exists(idx):
+        raise ValueError(f"data path {rec!r}: found {rec} but not {idx} beside it (a .rec is read through its "
+                         f"index); create it with `python -m dcq_ops.training.recordio index {rec}`")
 
 
 class TensorImages:
@@ -109,7 +174,8 @@ class ImageFolder:
                  transform: Callable | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS):
         root = os.fspath(root)
         if not os.path.isdir(root):
-            raise ValueError(f"root must be a directory of identity folders, got {root!r} (not a directory)")
+            why = "not a directory" if os.path.exists(root) else "not a directory: it does not exist"
+            raise ValueError(f"root must be a directory of identity folders, got {root!r} ({why})")
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         self.root, self.image_size, self.transform = root, image_size, transform
@@ -133,7 +199,20 @@ class ImageFolder:
         Image = require_pil()
         images = []
         for i in np.asarray(indices).reshape(-1):
-            with Image.open(self.paths[int(i)]) as image:
+            path = self.paths[int(i)]
+            image = None
+            try:
+                image = Image.open(path)
+                image.load()  # decode here (Pillow is lazy), so a broken file fails inside this try
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                raise  # the file, not its bytes: these already name the path
+            except DECODE_ERRORS as exc:
+                if image is not None:
+                    image.close()
+                # Pillow names the file only when it cannot identify it, not when a
+                # truncated or corrupt one fails to decode: name it always.
+                raise decode_failure(f"{path} (image {int(i)} of {self.root})", exc) from exc
+            with image:
                 images.append(self.transform(image) if self.transform is not None
                               else pil_to_tensor(image, self.image_size))
         shapes = {tuple(t.shape) for t in images}
@@ -203,6 +282,7 @@ class TwoViewDataset(Dataset):
         if isinstance(source, torch.Tensor):
             source = TensorImages(source, labels)
         elif isinstance(source, (str, os.PathLike)):
+            from dcq_ops.training.recordio import RecordIOImages, is_recordio
             source = RecordIOImages(source) if is_recordio(source) else ImageFolder(source)
         elif labels is not None:
             raise ValueError("labels are taken from the source; pass labels only with an images tensor")

@@ -5,11 +5,40 @@ Shared by the image-folder and RecordIO sources (data.py, recordio.py)."""
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageDecodeError(ValueError):
+    """An image (a file, a RecordIO record, an entry of a .bin) that cannot be
+    decoded. The message names where the bytes came from; the decoder's own
+    error (which names only a BytesIO) is the ``__cause__``. A ValueError, so
+    code that catches the data layer's other errors catches this one too."""
+
+
+def describe_bytes(data: bytes) -> str:
+    """"N bytes, starting ff d8 ff e0": what a reader needs to tell a JPEG, a
+    PNG, zeros or text apart when a decoder rejects them."""
+    head = " ".join(f"{b:02x}" for b in data[:8])
+    return f"{len(data)} bytes, starting {head}" if data else "0 bytes"
+
+
+def decode_failure(where: str, exc: BaseException, data: bytes | None = None) -> ImageDecodeError:
+    """The ImageDecodeError for the bytes at ``where`` (raise it ``from exc``)."""
+    what = f" ({describe_bytes(data)})" if data is not None else ""
+    return ImageDecodeError(f"{where}: cannot decode the image{what}: {type(exc).__name__}: {exc}")
+
+
+# What decoders raise for bad bytes: Pillow raises UnidentifiedImageError (an
+# OSError) or OSError ("image file is truncated"), and for some malformed files
+# SyntaxError, ValueError, struct.error, EOFError or IndexError; torchvision's
+# decoders raise RuntimeError. MemoryError and KeyboardInterrupt are not the
+# image's fault and pass through.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, RuntimeError, EOFError, IndexError, struct.error)
 
 
 def require_pil():

@@ -40,6 +40,7 @@ Command line::
 
     python -m dcq_ops.training.recordio pack FOLDER OUT_PREFIX   # FOLDER/<identity>/<image> -> OUT_PREFIX.rec/.idx
     python -m dcq_ops.training.recordio info PATH                # counts of a .rec (or a folder with train.rec)
+    python -m dcq_ops.training.recordio index PATH.rec           # write the missing PATH.idx beside it
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcq_ops.training.images import IMAGE_EXTENSIONS
+from dcq_ops.training.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_failure
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -95,9 +96,54 @@ def resolve_paths(path: str | os.PathLike) -> tuple[str, str]:
                          f"train.rec and train.idx")
     idx = os.path.splitext(rec)[0] + ".idx"
     if not os.path.exists(idx):
-        raise ValueError(f"{rec}: its index {idx} is missing: a .rec is read through the .idx next to it "
-                         f"(same stem; text lines 'key<TAB>offset'), expected that file, got none")
+        raise ValueError(f"{rec}: its index {idx} is missing: found {rec} but not {idx} beside it; a .rec is "
+                         f"read through the .idx next to it (same stem; text lines 'key<TAB>offset'). Create "
+                         f"it with `python -m dcq_ops.training.recordio index {rec}`")
     return rec, idx
+
+
+def build_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> dict:
+    """Write the ``.idx`` of a ``.rec`` (default: beside it, same stem) by
+    walking its records in file order and numbering them 0, 1, 2, ... as
+    MXNet's ``tools/rec2idx.py`` does: the keys are right for files written in
+    key order (this package's writer, insightface's packing tools).
+    Returns {"rec", "idx", "records"}."""
+    rec_path = os.fspath(rec_path)
+    if not os.path.isfile(rec_path):
+        raise ValueError(f"{rec_path!r} is not a file: expected a .rec to index")
+    idx_path = os.path.splitext(rec_path)[0] + ".idx" if idx_path is None else os.fspath(idx_path)
+    size = os.path.getsize(rec_path)
+    lines, pos, record_start, inside = [], 0, 0, False
+    with open(rec_path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            frame = f.read(_FRAME.size)
+            if len(frame) < _FRAME.size:
+                raise ValueError(f"{rec_path}: truncated record header at byte {pos}: expected 8 bytes, "
+                                 f"got {len(frame)}")
+            magic, word = _FRAME.unpack(frame)
+            if magic != MAGIC:
+                raise ValueError(f"{rec_path}: bad magic number at byte {pos}: expected 0x{MAGIC:08x}, got "
+                                 f"0x{magic:08x} (not a RecordIO file)")
+            cflag, length = word >> _LENGTH_BITS, word & _LENGTH_MASK
+            if cflag > 3 or (cflag in (2, 3)) != inside:
+                raise ValueError(f"{rec_path}: bad continuation flag {cflag} at byte {pos}")
+            if not inside:
+                record_start = pos
+            if pos + _FRAME.size + length > size:
+                raise ValueError(f"{rec_path}: the record at byte {record_start} is truncated: its header says "
+                                 f"{length} bytes from byte {pos + _FRAME.size}, the file ends at {size}")
+            pos += _FRAME.size + length + (-length % 4)  # the padding to 4 bytes
+            inside = cflag in (1, 2)  # a split record continues in the next frame
+            if not inside:
+                lines.append(f"{len(lines)}\t{record_start}\n")
+    if inside:
+        raise ValueError(f"{rec_path}: the last record (at byte {record_start}) lacks its final part")
+    tmp = idx_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, idx_path)  # never a half-written index under the final name
+    return {"rec": rec_path, "idx": idx_path, "records": len(lines)}
 
 
 def _parse_index_lines(idx_path: str, data: bytes) -> np.ndarray:
@@ -238,7 +284,9 @@ class RecordIOImages:
     ``num_classes`` is the number of identities; ``has_identity_records`` says
     whether labels came from identity records (else from a scan of every image
     header, see the module's docs). Errors in the file (bad magic number,
-    truncated record, broken index) raise ValueError naming the file.
+    truncated record, broken index) raise ValueError naming the file; an image
+    that does not decode raises :class:`~dcq_ops.training.images.ImageDecodeError`
+    (a ValueError) naming the file, the record's key and its byte offset.
     """
 
     def __init__(self, path: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
@@ -431,7 +479,14 @@ class RecordIOImages:
         return unpack_header(payload)[3]
 
     def _decoded(self, index: int) -> np.ndarray:
-        image = self._decode(self.read_image_bytes(index), self.image_size)
+        data = self.read_image_bytes(index)
+        try:
+            image = self._decode(data, self.image_size)
+        except DECODE_ERRORS as exc:
+            # The decoder names only a BytesIO: say which file and record hold the bytes.
+            slot = self._image_slots[index]
+            where = f"{self.rec_path}: record {int(self.keys[index])} at offset {int(self._offsets[slot])}"
+            raise decode_failure(f"{where} (image {index}, decoder {self.decoder})", exc, data) from exc
         if isinstance(image, torch.Tensor):
             image = image.numpy()
         if self.image_size is not None and image.shape[:2] != self.image_size:
@@ -516,12 +571,15 @@ def _encoded_image(path: str, image_size: tuple[int, int] | None, quality: int) 
     if image_size is None and (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
         return data
     from PIL import Image
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        if image_size is not None and image.size != (image_size[1], image_size[0]):
-            image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
-        out = io.BytesIO()
-        image.save(out, format="JPEG", quality=quality)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+    except DECODE_ERRORS as exc:  # Pillow names only the BytesIO: name the file
+        raise decode_failure(path, exc, data) from exc
+    if image_size is not None and image.size != (image_size[1], image_size[0]):
+        image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
     return out.getvalue()
 
 
@@ -593,7 +651,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="images only (readers then scan every image's label)")
     info = commands.add_parser("info", help="counts of a .rec (or a directory with train.rec)")
     info.add_argument("path")
+    index = commands.add_parser("index", help="write the .idx of a .rec that lacks one (records numbered in "
+                                              "file order, as MXNet's tools/rec2idx.py)")
+    index.add_argument("rec")
+    index.add_argument("--idx", help="where to write it (default: beside the .rec, same stem)")
     args = parser.parse_args(argv)
+    if args.command == "index":
+        try:
+            result = build_index(args.rec, args.idx)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"wrote {result['idx']}: {result['records']} records of {result['rec']}")
+        return result
     if args.command == "pack":
         size = args.image_size
         if size is not None and len(size) not in (1, 2):

@@ -6,7 +6,9 @@ Conventions: ``scores`` are similarities (higher = more likely the same
 identity) unless ``greater_is_same=False`` (distances). ``issame`` is a boolean
 array, one per pair.
 
-Command line: ``python -m dcq_ops.eval --checkpoint run/checkpoint.pt --bin lfw.bin [--bin cfp_fp.bin ...]``.
+Command line: ``python -m dcq_ops.eval --checkpoint run/checkpoint.pt --bin lfw.bin [--bin cfp_fp.bin ...]``
+(a dcq_ops.train checkpoint, or an arcface_torch ``backbone.pth``; see
+:mod:`dcq_ops.training.evaluate`).
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
     short side is ``image_size[0]`` when the width differs, and flipped along
     the width. (arcface_torch keeps them as float 0..255; uint8 holds the same
     values in a quarter of the memory, and :func:`embed` normalises them.)"""
-    from dcq_ops.training.images import require_pil
+    from dcq_ops.training.images import DECODE_ERRORS, decode_failure, require_pil
     Image = require_pil()
     with open(path, "rb") as f:
         try:
@@ -235,13 +237,17 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
     H, W = image_size
     data = torch.empty(len(bins), 3, H, W, dtype=torch.uint8)
     for i, item in enumerate(bins):
-        with Image.open(io.BytesIO(_image_bytes(item))) as image:
-            image = image.convert("RGB")
-            if image.size[0] != H:  # mxnet's resize_short(img, image_size[0]), compared on the width
-                w, h = image.size
-                scale = H / min(w, h)
-                image = image.resize((round(w * scale), round(h * scale)), Image.BICUBIC)  # mxnet's interp=2
-            array = np.asarray(image, dtype=np.uint8)
+        encoded = _image_bytes(item)
+        try:
+            with Image.open(io.BytesIO(encoded)) as image:
+                image = image.convert("RGB")
+        except DECODE_ERRORS as exc:  # Pillow names only the BytesIO: name the .bin and the image
+            raise decode_failure(f"{os.fspath(path)}: image {i} (pair {i // 2})", exc, encoded) from exc
+        if image.size[0] != H:  # mxnet's resize_short(img, image_size[0]), compared on the width
+            w, h = image.size
+            scale = H / min(w, h)
+            image = image.resize((round(w * scale), round(h * scale)), Image.BICUBIC)  # mxnet's interp=2
+        array = np.asarray(image, dtype=np.uint8)
         if array.shape[:2] != (H, W):
             raise ValueError(f"image {i} of {os.fspath(path)!r} is {array.shape[1]}x{array.shape[0]} after resizing, "
                              f"expected {W}x{H} (image_size)")
