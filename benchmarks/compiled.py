@@ -25,9 +25,7 @@ compile, spills, or needs more shared memory than the target has: CI runs it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,6 +41,9 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_model, meta, write_json  # noqa: E402
 
 from dcq_ops.triton import margin_ce  # noqa: E402
 from dcq_ops.triton.configs import ARCHITECTURES, block_d_of, mma_family, tile_configs  # noqa: E402
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--first-only", action="store_true", help="only the default configuration of each")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    run_meta = meta("compiled.py", sys.argv[1:] if argv is None else argv, note="compiled without a GPU")
 
     block_d = block_d_of(args.dim)
     entries, failures = [], 0
@@ -217,11 +219,10 @@ def main(argv=None) -> int:
         print(f"{'ok  ' if e['ok'] else 'FAIL'} {e['target']} {e['kernel']:<14} {e['dtype']:<4} "
               f"{'grad' if e.get('gradient', True) else 'loss'} {tiles:<18} regs {e['registers']:>3} "
               f"spill {e['spill_bytes']:>4} B shared {e['shared'] >> 10:>3}/{limit >> 10} KiB{loop}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(
-        triton=triton.__version__, dim=args.dim, host=platform.processor() or platform.machine(),
+    write_json(args.out, dict(
+        triton=triton.__version__, dim=args.dim, host=cpu_model(),
         note="compiled without a GPU; FLOPs/ideal > 1 means warps repeat each other's MMAs",
-        entries=entries), indent=1) + "\n")
+        entries=entries), run_meta)
     print(f"{failures} failure(s); wrote {args.out}")
     return 1 if failures else 0
 

@@ -23,26 +23,32 @@ Rows of the table, for each shape (N embeddings, K queue slots, D dims):
   cut-cross-entropy on the same shapes, without margin or queue mask (logits
   s·q·W^T, targets in [0, K)), when they are installed and on CUDA.
 
-Timing: warm-up runs (compilation, autotuning), then the median of timed
-repeats (CUDA events on a GPU). Peak extra memory: on CUDA
-``max_memory_allocated`` during one step minus what was allocated before it
-(inputs excluded); on CPU the growth of the peak resident set size (VmHWM,
-reset through /proc/self/clear_refs; empty where that is not possible).
+Timing (benchmarks/common.py, ``time_stable``): ``--warmup`` runs
+(compilation, autotuning), then timed repeats (CUDA events on a GPU), at least
+``--min-repeats`` and at most ``--max-repeats``, until the median has settled
+(its ~95% interval within 2.5%) or ``--row-budget-s`` of repeats is spent.
+``ms_fwd_bwd`` is the median; ``min_ms`` / ``max_ms``, ``spread`` (middle half
+of the repeats over the median), ``samples`` and ``stable`` come with it. A
+noisy row (too spread or too few repeats to trust) is marked ``~`` in the
+table, and so are the ratios computed from it. Peak extra memory
+(common.PeakMemory): on CUDA ``max_memory_allocated`` during one step minus
+what was allocated before it (inputs excluded); on CPU the growth of the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs; empty where
+that is not possible).
 
 A configuration that runs out of memory is recorded as "OOM" and the run goes
 on; ``--budget-s`` skips what remains once the budget is spent. Output: a table
 on stdout with the device, and the records as a JSON list in
-benchmarks/results/kernels_<device>.json (or ``--out``).
+benchmarks/results/kernels_<device>.json (or ``--out``): a list, not a dict with
+a ``meta`` block, because scripts/gpu_check.sh reads it as one; every record
+carries the device and the versions instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,92 +62,11 @@ from dcq_ops import reference
 from dcq_ops.backends import why_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hardware import cpu_model  # noqa: E402
+from common import (DTYPES, MIB, NOISY_LEGEND, NOISY_MARK, RESULTS_DIR, cpu_model, is_oom, peak_bytes,  # noqa: E402
+                    release_memory, time_stable, versions as harness_versions, write_json)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MARGIN = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
-MIB = 2**20
 BACKENDS = ("gemm", "triton", "chunked", "reference", "reference_compile", "liger", "cce")
-
-
-# ----------------------------------------------------------------------------
-# Measurement
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(step, device: torch.device, *, warmup: int, min_iters: int = 3, max_iters: int = 20,
-            min_total_s: float = 0.25) -> float:
-    """Median milliseconds of step() after `warmup` calls; at least min_iters
-    repeats, more (up to max_iters) until min_total_s has been measured."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    while len(times) < min_iters or (sum(times) < 1e3 * min_total_s and len(times) < max_iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_extra_mib(step, device: torch.device) -> float | None:
-    """Peak memory of one step() above what was allocated before it."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / MIB
-    # CPU: reset the high-water mark of the resident set to the current size.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    base = _proc_status_kib("VmRSS")
-    step()
-    peak = _proc_status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(0, peak - base) / 1024
-
-
-def is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom_type) or "out of memory" in str(exc).lower()
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------
@@ -270,7 +195,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dim", type=int, help="D (default: 512)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="inputs and queue (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--min-repeats", type=int, default=3, help="fewest timed repeats per row")
+    parser.add_argument("--max-repeats", type=int, default=50, help="most timed repeats per row")
+    parser.add_argument("--row-budget-s", type=float, default=2.0,
+                        help="seconds of timed repeats per row, after which no repeat is started")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip what remains once this many seconds have passed")
     parser.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/kernels_<device>.json)")
@@ -291,14 +220,9 @@ def main(argv=None) -> list[dict]:
         backends.insert(0, "gemm")  # every fraction is relative to it
 
     name = device_name(device)
-    versions = dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                    cpu_epilogue=dcq_ops._extension.cpu_capability())
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = None
+    found = harness_versions()
+    versions = dict(torch=found["torch"], threads=torch.get_num_threads(),
+                    cpu_epilogue=dcq_ops._extension.cpu_capability(), triton=found["triton"])
     print(f"# device: {name} | torch {versions['torch']} | triton {versions['triton']} | "
           f"{versions['threads']} torch threads | CPU epilogue {versions['cpu_epilogue']} | "
           f"dtype {dtype_name} | D={dim} | margin {MARGIN}", flush=True)
@@ -308,8 +232,8 @@ def main(argv=None) -> list[dict]:
     compiled = None
     started = time.monotonic()
     records = []
-    header = (f"{'backend':<18} {'N':>6} {'K':>9} {'ms fwd+bwd':>11} {'TFLOP/s':>8} {'of GEMM':>8} "
-              f"{'vs ref':>7} {'peak MiB':>9}  status")
+    header = (f"{'backend':<18} {'N':>6} {'K':>9} {'ms fwd+bwd':>11} {'min-max ms':>15} {'spread':>6} {'n':>3} "
+              f"{'TFLOP/s':>8} {'of GEMM':>8} {'vs ref':>7} {'peak MiB':>9}  status")
     print(header)
     print("-" * len(header), flush=True)
     for rows in rows_list:
@@ -338,10 +262,12 @@ def main(argv=None) -> list[dict]:
                             if backend == "reference_compile" and compiled is None:
                                 compiled = torch.compile(reference.dcq_cross_entropy)
                             step = loss_step(backend, inputs, compiled)
-                        ms = time_ms(step, device, warmup=args.warmup)
-                        record["ms_fwd_bwd"] = ms
-                        record["tflops"] = flops / (ms * 1e-3) / 1e12
-                        record["peak_extra_mib"] = peak_extra_mib(step, device)
+                        timing = time_stable(step, device, warmup=args.warmup, min_samples=args.min_repeats,
+                                             max_samples=args.max_repeats, budget_s=args.row_budget_s)
+                        ms = 1e3 * timing.median_s
+                        record.update(timing.fields(), ms_fwd_bwd=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                        extra = peak_bytes(step, device)
+                        record["peak_extra_mib"] = None if extra is None else extra / MIB
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         if is_oom(exc):
                             record["ms_fwd_bwd"] = "OOM"
@@ -350,37 +276,46 @@ def main(argv=None) -> list[dict]:
                             record["status"] = f"error: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
                     finally:
                         step = None
-                        free_memory(device)
+                        release_memory(device)
                 shape_records.append(record)
 
-            timed = {r["backend"]: r["ms_fwd_bwd"] for r in shape_records if isinstance(r["ms_fwd_bwd"], float)}
+            timed = {r["backend"]: r for r in shape_records if isinstance(r["ms_fwd_bwd"], float)}
             for record in shape_records:
                 ms = record["ms_fwd_bwd"]
                 if isinstance(ms, float):
-                    if "gemm" in timed:
-                        record["gemm_fraction"] = timed["gemm"] / ms
-                    if "reference" in timed:
-                        record["speedup_vs_reference"] = timed["reference"] / ms
+                    for key, ref in (("gemm_fraction", "gemm"), ("speedup_vs_reference", "reference")):
+                        if ref in timed:
+                            record[key] = timed[ref]["ms_fwd_bwd"] / ms
+                            # a ratio is noise when either of its two measurements is
+                            record[key + "_stable"] = record["stable"] and timed[ref]["stable"]
                 print(format_row(record), flush=True)
             records.extend(shape_records)
             # Written after every shape: a run killed by a timeout keeps what it measured.
-            out.write_text(json.dumps(records, indent=1) + "\n")
+            write_json(out, records)
             del inputs
-            free_memory(device)
+            release_memory(device)
 
+    if any(r.get("stable") is False for r in records):
+        print("# " + NOISY_LEGEND)
     print(f"# {len(records)} records -> {out} ({time.monotonic() - started:.0f} s)")
     return records
 
 
 def format_row(r: dict) -> str:
-    def num(value, fmt):
-        return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+    def num(value, fmt, stable=True):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "-"
+        return ("" if stable else NOISY_MARK) + format(value, fmt)
 
-    ms = r["ms_fwd_bwd"] if isinstance(r["ms_fwd_bwd"], float) else (r["ms_fwd_bwd"] or "-")
-    ms_text = num(ms, "11.3f") if isinstance(ms, float) else f"{ms:>11}"
-    return (f"{r['backend']:<18} {r['N']:>6} {r['K']:>9} {ms_text} {num(r['tflops'], '8.3g'):>8} "
-            f"{num(r['gemm_fraction'], '8.2f'):>8} {num(r['speedup_vs_reference'], '7.2f'):>7} "
-            f"{num(r['peak_extra_mib'], '9.1f'):>9}  {r['status'] if r['status'] != 'ok' else ''}")
+    ms = r["ms_fwd_bwd"]
+    timed = isinstance(ms, float)
+    ms_text = num(ms, ".3f", r.get("stable", True)) if timed else str(ms or "-")
+    span = f"{r['min_ms']:.3f}-{r['max_ms']:.3f}" if timed else "-"
+    spread, n = (f"{100 * r['spread']:.0f}%", str(r["samples"])) if timed else ("-", "-")
+    ratio = {k: num(r[k], ".2f", r.get(k + "_stable", True)) for k in ("gemm_fraction", "speedup_vs_reference")}
+    return (f"{r['backend']:<18} {r['N']:>6} {r['K']:>9} {ms_text:>11} {span:>15} {spread:>6} {n:>3} "
+            f"{num(r['tflops'], '.3g'):>8} {ratio['gemm_fraction']:>8} {ratio['speedup_vs_reference']:>7} "
+            f"{num(r['peak_extra_mib'], '.1f'):>9}  {r['status'] if r['status'] != 'ok' else ''}")
 
 
 if __name__ == "__main__":

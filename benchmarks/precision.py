@@ -23,7 +23,6 @@ embedding). Writes benchmarks/results/precision_cpu.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcq_ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hardware import cpu_model  # noqa: E402
+from common import cpu_model, meta, write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "precision_cpu.json"
 MARGIN = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
@@ -66,11 +65,11 @@ def loss_and_grad(x, k, y, w, yq, *, backend):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--slots", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rows", type=int, default=256, help="N, embeddings in the batch")
+    parser.add_argument("--slots", type=int, default=100_000, help="K, queue slots")
+    parser.add_argument("--dim", type=int, default=512, help="D, embedding size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    parser.add_argument("--out", type=Path, default=OUT, help="JSON output (default: results/precision_cpu.json)")
     args = parser.parse_args(argv)
 
     x, k, y, w, yq = make_inputs(args.rows, args.slots, args.dim, args.seed)
@@ -101,12 +100,10 @@ def main(argv=None) -> int:
         print(f"| {r['operands']} | {r['mean_loss_error']:.2e} | {r['mean_loss_relative_error']:.2e} | "
               f"{r['max_row_loss_error']:.2e} | {r['grad_relative_error_median']:.2e} | "
               f"{r['grad_relative_error_max']:.2e} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(
+    write_json(args.out, dict(
         settings=dict(vars(args), out=None, margin=MARGIN, backend="chunked (CPU emulation of 16-bit GEMM operands)"),
-        host=dict(processor=cpu_model(), torch=torch.__version__,
-                  threads=torch.get_num_threads()),
-        mean_exact_loss=exact_loss.mean().item(), results=results), indent=1) + "\n")
+        host=dict(processor=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads()),
+        mean_exact_loss=exact_loss.mean().item(), results=results), meta("precision.py", argv))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -13,8 +13,11 @@ as insightface's packing tools write, packed with
 JPEG size is reported: decode time grows with it, so compare with the sizes of
 a real set (MS1MV3: about 7 KiB per image) before extrapolating.
 
-Rows (median of ``--repeats`` passes over every image, one process, torch and
-the decoders at ``--threads`` threads):
+Rows (passes over every image after one untimed pass, one process, torch and
+the decoders at ``--threads`` threads; benchmarks/common.py ``time_stable``: at
+least ``--repeats`` and at most ``--max-repeats`` passes, until the median has
+settled or ``--budget-s`` of passes per row is spent; the median rate with the
+min-max of the passes, a row too noisy to trust marked ``~``):
 
 - ``decode/<name>``: the decoder alone, from JPEG bytes in memory to a uint8
   tensor [3, 112, 112];
@@ -25,25 +28,21 @@ the decoders at ``--threads`` threads):
   ``RecordIOImages`` (reading the .idx, then the identity records, or every
   image's header), in images/s of the set.
 
-Writes ``<out>.json`` (rows, hardware, versions) when ``--out`` is given.
+Writes ``<out>.json`` (a ``meta`` block, rows, hardware, versions) when ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hardware import cpu_model  # noqa: E402
+from common import NOISY_LEGEND, format_table, hardware, meta, time_stable, versions, write_json  # noqa: E402
 
 
 def make_faces(root: str, images: int, identities: int, size: int, seed: int) -> float:
@@ -68,13 +67,11 @@ def make_faces(root: str, images: int, identities: int, size: int, seed: int) ->
     return total / images
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(name: str, fn, images: int, args) -> dict:
+    """One row: the median pass of ``fn`` (over ``images`` images), as images/s and seconds."""
+    t = time_stable(fn, warmup=1, min_samples=args.repeats, max_samples=max(args.repeats, args.max_repeats),
+                    budget_s=args.budget_s)
+    return {"row": name, "images_per_s": images / t.median_s, "seconds": t.median_s, **t.fields("s")}
 
 
 def main(argv=None) -> dict:
@@ -83,7 +80,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--identities", type=int, default=400)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="fewest timed passes per row")
+    parser.add_argument("--max-repeats", type=int, default=20, help="most timed passes per row")
+    parser.add_argument("--budget-s", type=float, default=10.0,
+                        help="seconds of timed passes per row, after which no pass is started")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="path without extension for the .json")
@@ -103,36 +103,34 @@ def main(argv=None) -> dict:
             source = RecordIOImages(os.path.join(tmp, "data"), decoder=name)
             encoded = [source.read_image_bytes(i) for i in range(n)]
             _, decode = get_decoder(name)
-            decode(encoded[0], None)  # warm-up (imports, first allocations)
-            seconds = timed(lambda: [decode(data, None) for data in encoded], args.repeats)
-            rows.append({"row": f"decode/{name}", "images_per_s": n / seconds, "seconds": seconds})
+            rows.append(timed(f"decode/{name}", lambda: [decode(data, None) for data in encoded], n, args))
             batches = np.array_split(np.arange(n), max(1, n // args.batch_size))
-            seconds = timed(lambda: [source.load(b) for b in batches], args.repeats)
-            rows.append({"row": f"load/{name}", "images_per_s": n / seconds, "seconds": seconds})
+            rows.append(timed(f"load/{name}", lambda: [source.load(b) for b in batches], n, args))
         for row, path in (("open/identity_records", os.path.join(tmp, "data")),
                           ("open/label_scan", os.path.join(tmp, "flat.rec"))):
-            seconds = timed(lambda: RecordIOImages(path), args.repeats)
-            rows.append({"row": row, "images_per_s": n / seconds, "seconds": seconds})
+            rows.append(timed(row, lambda: RecordIOImages(path), n, args))
 
     import PIL
+    hw = hardware()
     result = {
         "config": vars(args), "mean_jpeg_bytes": mean_bytes, "rows": rows,
-        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-                     "machine": platform.machine(), "load_average_1min_before": load_before},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-                     "numpy": np.__version__,
-                     "torchvision": (sys.modules["torchvision"].__version__ if "torchvision" in sys.modules
-                                     else "not installed")},
+        "hardware": {"cpu": hw["cpu"], "cores": hw["cpu_count"], "threads": args.threads,
+                     "machine": hw["machine"], "load_average_1min_before": load_before},
+        "versions": versions(pillow=PIL.__version__, numpy=np.__version__,
+                             torchvision=(sys.modules["torchvision"].__version__ if "torchvision" in sys.modules
+                                          else "not installed")),
         "decoders_installed": available_decoders(),
     }
     print(f"{n} images {args.size}x{args.size}, mean JPEG {mean_bytes / 1024:.1f} KiB, {args.threads} thread(s), "
-          f"{result['hardware']['cpu']} ({result['hardware']['cores']} cores)")
-    for r in rows:
-        print(f"  {r['row']:<24} {r['images_per_s']:>10.0f} images/s   ({r['seconds']:.3f} s)")
+          f"{hw['cpu']} ({hw['cpu_count']} cores)")
+    print(format_table(["row", "images/s", "median s", "min-max s", "spread", "n"],
+                       [[r["row"], ("" if r["stable"] else "~") + f"{r['images_per_s']:.0f}", f"{r['seconds']:.3f}",
+                         f"{r['min_s']:.3f}-{r['max_s']:.3f}", f"{100 * r['spread']:.0f}%", str(r["samples"])]
+                        for r in rows]))
+    if not all(r["stable"] for r in rows):
+        print(NOISY_LEGEND)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out + ".json", result, meta("recordio.py", argv))
     return result
 
 
