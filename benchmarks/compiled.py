@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_model, meta, write_json  # noqa: E402
 
-from dcq_ops.triton import margin_ce  # noqa: E402
+from dcq_ops.triton import kernels, launch  # noqa: E402
 from dcq_ops.triton.configs import ARCHITECTURES, block_d_of, mma_family, tile_configs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compiled.json"
@@ -134,26 +134,26 @@ def loop_counts(ptx: str, config, block_d: int, gemms: int) -> dict:
                 exponentials_per_logit=round(exps / logits, 3) if body else None)
 
 
-def queue_pass(dtype: str, precision, block_d: int, config, with_acc: bool, arch: int):
+def queue_pass(dtype: str, precision, block_d: int, config, compute_grad: bool, arch: int):
     pointers = dict(q_ptr=f"*{dtype}", labels_ptr="*i64", w_ptr=f"*{dtype}", queue_labels_ptr="*i64",
                     max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32")
     scalars = dict(num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32",
-                   scale_log2="fp32", filter_threshold="fp32", row_bucket="i32", split_bucket="i32")
-    constants = dict(FILTER=True, WITH_ACC=with_acc, INPUT_PRECISION=precision,
+                   scale_log2="fp32", interclass_filtering_threshold="fp32", row_bucket="i32", split_bucket="i32")
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, INPUT_PRECISION=precision,
                      BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_D=block_d)
-    return compile_kernel(margin_ce._queue_pass_kernel, dict(pointers, **scalars), constants,
+    return compile_kernel(kernels.queue_pass_kernel, dict(pointers, **scalars), constants,
                           list(pointers) + ["num_rows", "queue_size", "dim", "split_size"], arch,
                           num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def merge_kernel(block_d: int, finalize: bool, arch: int):
-    block_r, block_s = margin_ce.merge_blocks(4096, 8, block_d, programs=264)
+    block_r, block_s = launch.merge_blocks(4096, 8, block_d, programs=264)
     pointers = {name: "*fp32" for name in ("max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "out_max_ptr", "out_sum_ptr",
                                            "out_acc_ptr", "pos_logit_ptr", "pos_slope_ptr", "q_ptr", "w_ptr",
                                            "inv_norm_ptr", "loss_ptr", "grad_ptr")}
     scalars = dict(num_rows="i32", dim="i32", num_splits="i32", scale="fp32")
-    constants = dict(FINALIZE=finalize, WITH_ACC=True, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d)
-    compiled = compile_kernel(margin_ce._merge_kernel, dict(pointers, **scalars), constants,
+    constants = dict(FINALIZE=finalize, COMPUTE_GRAD=True, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d)
+    compiled = compile_kernel(kernels.merge_kernel, dict(pointers, **scalars), constants,
                               list(pointers) + ["dim"], arch, num_warps=4)
     return compiled, dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
 
@@ -178,16 +178,16 @@ def main(argv=None) -> int:
             dtype, element_size, precision = DTYPES[name]
             configs = tile_configs(target, element_size, args.dim, tf32=precision == "tf32")
             for rank, config in enumerate(configs[:1] if args.first_only else configs):
-                for with_acc in (True, False):
-                    entry = dict(target=target.name, kernel="queue_pass", gradient=with_acc, dtype=name,
+                for compute_grad in (True, False):
+                    entry = dict(target=target.name, kernel="queue_pass", gradient=compute_grad, dtype=name,
                                  default=rank == 0, BLOCK_D=block_d, **config.as_dict(),
                                  shared_estimate=config.shared_bytes(block_d, element_size,
                                                                      mma_family(target.capability)))
                     try:
-                        compiled = queue_pass(dtype, precision, block_d, config, with_acc, arch)
+                        compiled = queue_pass(dtype, precision, block_d, config, compute_grad, arch)
                         registers, spills = ptxas_report(compiled.asm["ptx"], arch)
                         entry.update(registers=registers, spill_bytes=spills, shared=compiled.metadata.shared,
-                                     **loop_counts(compiled.asm["ptx"], config, block_d, 2 if with_acc else 1))
+                                     **loop_counts(compiled.asm["ptx"], config, block_d, 2 if compute_grad else 1))
                     except Exception as exc:  # noqa: BLE001 - every failure is reported
                         entry.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
                     entries.append(entry)

@@ -32,27 +32,29 @@ TORCH_LIBRARY(dcq_ops, m) {
   // to the embeddings, or [0, D] when compute_grad is false), in fp32, or in
   // fp64 when an input is float64. Gradient to embeddings only.
   m.def(
-      "margin_cross_entropy(Tensor embeddings, Tensor class_weights, Tensor labels, "
+      "dcq_cross_entropy(Tensor embeddings, Tensor class_weights, Tensor labels, "
       "Tensor queue_weights, Tensor queue_labels, float scale, float m1, float m2, float m3, "
-      "float filter_threshold, bool straight_through, bool compute_grad, int chunk_size) "
+      "float interclass_filtering_threshold, bool straight_through_margin, bool compute_grad, int chunk_size) "
       "-> (Tensor, Tensor)");
   // The loss algebra's first step over a slice of the queue: (row_max [N],
-  // row_sum [N], accumulator [N, D], or [0, D] without it).
+  // row_sum [N], accumulator [N, D], or [0, D] when compute_grad is false).
   m.def(
-      "margin_ce_partials(Tensor embeddings, Tensor labels, Tensor queue_weights, Tensor queue_labels, "
-      "float scale, float filter_threshold, bool with_accumulator, int chunk_size) -> (Tensor, Tensor, Tensor)");
+      "dcq_cross_entropy_partials(Tensor embeddings, Tensor labels, Tensor queue_weights, Tensor queue_labels, "
+      "float scale, float interclass_filtering_threshold, bool compute_grad, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor)");
   // Its last step, from the merged partials of every row: (loss per row,
   // gradient rows or [0, D]).
   m.def(
-      "margin_ce_finalize(Tensor embeddings, Tensor class_weights, Tensor row_max, Tensor row_sum, "
-      "Tensor accumulator, float scale, float m1, float m2, float m3, bool straight_through, "
+      "dcq_cross_entropy_finalize(Tensor embeddings, Tensor class_weights, Tensor row_max, Tensor row_sum, "
+      "Tensor accumulator, float scale, float m1, float m2, float m3, bool straight_through_margin, "
       "bool compute_grad) -> (Tensor, Tensor)");
-  // FIFO write of normalised keys into (weights, labels) at the device-side
-  // pointer ptr [1] (int64), which it advances modulo the queue size. With a
-  // guard (int64 [1] on the queue's device), nothing is written and the
-  // pointer stays where it was unless guard == 0: a bad batch never enters
-  // the queue, and the host never waits to find out.
+  // FIFO write of the normalised class_weights and their class_labels into
+  // (weights, labels) at the device-side pointer ptr [1] (int64), which it
+  // advances modulo the queue size. With bad_reasons (int64 [1] on the queue's
+  // device), nothing is written and the pointer stays where it was unless
+  // bad_reasons == 0: a bad batch never enters the queue, and the host never
+  // waits to find out.
   m.def(
-      "queue_enqueue_(Tensor(a!) weights, Tensor(b!) labels, Tensor(c!) ptr, Tensor keys, "
-      "Tensor key_labels, Tensor? guard=None) -> ()");
+      "queue_enqueue_(Tensor(a!) weights, Tensor(b!) labels, Tensor(c!) ptr, Tensor class_weights, "
+      "Tensor class_labels, Tensor? bad_reasons=None) -> ()");
 }

@@ -56,10 +56,17 @@ struct Rows {
   at::Tensor x_norm;
 };
 
+// x / max(||x||, 1e-12), as F.normalize, with ||x|| measured in units of the
+// row's largest magnitude, so that the sum of squares cannot overflow (|x| >=
+// 1e19 in fp32 would give a zero row) nor underflow. An all-zero row stays
+// zero; a NaN or inf makes the row NaN (inf / inf), never a finite vector.
 Rows normalise(const at::Tensor& embeddings, at::ScalarType acc) {
   const at::Tensor x = embeddings.to(acc);
-  const at::Tensor x_norm = x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
-  return {(x / x_norm).contiguous(), x_norm};
+  const at::Tensor largest = x.abs().amax({1}, /*keepdim=*/true);
+  const at::Tensor unit = at::where(largest > 0, largest, at::ones_like(largest));  // all-zero row, or NaN
+  const at::Tensor scaled = x / unit;
+  const at::Tensor scaled_norm = at::maximum(scaled.norm(2, {1}, /*keepdim=*/true), unit.reciprocal() * 1e-12);
+  return {(scaled / scaled_norm).contiguous(), unit * scaled_norm};
 }
 
 Partials run_queue_pass(const QueuePass& pass, const MarginParams& params) {
@@ -71,7 +78,7 @@ Partials run_queue_pass(const QueuePass& pass, const MarginParams& params) {
 }
 
 Partials partials_of(const Rows& rows, const at::Tensor& labels, const at::Tensor& queue_weights,
-                     const at::Tensor& queue_labels, const MarginParams& params, bool with_accumulator,
+                     const at::Tensor& queue_labels, const MarginParams& params, bool compute_grad,
                      int64_t chunk_size) {
   const at::Tensor& q = rows.q;
   const auto acc = q.scalar_type();
@@ -81,12 +88,12 @@ Partials partials_of(const Rows& rows, const at::Tensor& labels, const at::Tenso
                  queue_weights.contiguous(),
                  queue_labels.contiguous(),
                  gemm,
-                 with_accumulator,
+                 compute_grad,
                  chunk_size};
   if (q.size(0) == 0 || queue_weights.size(0) == 0) {  // nothing kept anywhere
     const auto opts = q.options();
     return {at::full({q.size(0)}, -std::numeric_limits<double>::infinity(), opts), at::zeros({q.size(0)}, opts),
-            with_accumulator ? at::zeros({q.size(0), q.size(1)}, opts) : at::Tensor()};
+            compute_grad ? at::zeros({q.size(0), q.size(1)}, opts) : at::Tensor()};
   }
   return run_queue_pass(pass, params);
 }
@@ -123,30 +130,30 @@ std::tuple<at::Tensor, at::Tensor> finalize_of(const Rows& rows, const at::Tenso
   return {loss, grad_x};
 }
 
-MarginParams margin_params(double scale, double m1, double m2, double m3, double filter_threshold,
-                           bool straight_through) {
-  return MarginParams{scale, m1, m2, m3, filter_threshold, straight_through};
+MarginParams margin_params(double scale, double m1, double m2, double m3, double interclass_filtering_threshold,
+                           bool straight_through_margin) {
+  return MarginParams{scale, m1, m2, m3, interclass_filtering_threshold, straight_through_margin};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_partials(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dcq_cross_entropy_partials(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& queue_weights,
-    const at::Tensor& queue_labels, double scale, double filter_threshold, bool with_accumulator,
+    const at::Tensor& queue_labels, double scale, double interclass_filtering_threshold, bool compute_grad,
     int64_t chunk_size) {
   check_rows(embeddings, labels);
   check_queue(embeddings, queue_weights, queue_labels);
-  const MarginParams params = margin_params(scale, 1.0, 0.0, 0.0, filter_threshold, false);
+  const MarginParams params = margin_params(scale, 1.0, 0.0, 0.0, interclass_filtering_threshold, false);
   const Rows rows = normalise(embeddings, accumulation_dtype({&embeddings, &queue_weights}));
-  Partials p = partials_of(rows, labels, queue_weights, queue_labels, params, with_accumulator, chunk_size);
-  if (!with_accumulator) p.accumulator = at::empty({0, embeddings.size(1)}, p.row_sum.options());
+  Partials p = partials_of(rows, labels, queue_weights, queue_labels, params, compute_grad, chunk_size);
+  if (!compute_grad) p.accumulator = at::empty({0, embeddings.size(1)}, p.row_sum.options());
   return {p.row_max, p.row_sum, p.accumulator};
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_ce_finalize(
+std::tuple<at::Tensor, at::Tensor> dcq_cross_entropy_finalize(
     const at::Tensor& embeddings, const at::Tensor& class_weights, const at::Tensor& row_max,
     const at::Tensor& row_sum, const at::Tensor& accumulator, double scale, double m1, double m2, double m3,
-    bool straight_through, bool compute_grad) {
+    bool straight_through_margin, bool compute_grad) {
   TORCH_CHECK(embeddings.dim() == 2, "embeddings must be [N, D], got shape ", embeddings.sizes());
   TORCH_CHECK(class_weights.sizes() == embeddings.sizes(), "class_weights must have the shape of embeddings ",
               embeddings.sizes(), ", got ", class_weights.sizes());
@@ -157,22 +164,24 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_finalize(
     TORCH_CHECK(t->device() == embeddings.device(), "finalize's tensors must be on ", embeddings.device(),
                 ", got one on ", t->device());
   }
-  const MarginParams params = margin_params(scale, m1, m2, m3, 0.0, straight_through);
+  const MarginParams params = margin_params(scale, m1, m2, m3, 0.0, straight_through_margin);
   const Rows normalised = normalise(embeddings, accumulation_dtype({&embeddings, &class_weights, &row_sum}));
   return finalize_of(normalised, class_weights, Partials{row_max, row_sum, accumulator}, params, compute_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
+std::tuple<at::Tensor, at::Tensor> dcq_cross_entropy(
     const at::Tensor& embeddings, const at::Tensor& class_weights, const at::Tensor& labels,
     const at::Tensor& queue_weights, const at::Tensor& queue_labels, double scale, double m1, double m2,
-    double m3, double filter_threshold, bool straight_through, bool compute_grad, int64_t chunk_size) {
+    double m3, double interclass_filtering_threshold, bool straight_through_margin, bool compute_grad,
+    int64_t chunk_size) {
   check_rows(embeddings, labels);
   check_queue(embeddings, queue_weights, queue_labels);
   TORCH_CHECK(class_weights.sizes() == embeddings.sizes(), "class_weights must have the shape of embeddings ",
               embeddings.sizes(), ", got ", class_weights.sizes());
   TORCH_CHECK(class_weights.device() == embeddings.device(), "class_weights must be on ", embeddings.device(),
               ", got ", class_weights.device());
-  const MarginParams params = margin_params(scale, m1, m2, m3, filter_threshold, straight_through);
+  const MarginParams params =
+      margin_params(scale, m1, m2, m3, interclass_filtering_threshold, straight_through_margin);
   // One accumulation dtype and one normalisation for both steps.
   const Rows rows = normalise(embeddings, accumulation_dtype({&embeddings, &class_weights, &queue_weights}));
   const Partials part = partials_of(rows, labels, queue_weights, queue_labels, params, compute_grad, chunk_size);
@@ -180,15 +189,15 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
 }
 
 TORCH_LIBRARY_IMPL(dcq_ops, CPU, m) {
-  m.impl("margin_cross_entropy", &margin_cross_entropy);
-  m.impl("margin_ce_partials", &margin_ce_partials);
-  m.impl("margin_ce_finalize", &margin_ce_finalize);
+  m.impl("dcq_cross_entropy", &dcq_cross_entropy);
+  m.impl("dcq_cross_entropy_partials", &dcq_cross_entropy_partials);
+  m.impl("dcq_cross_entropy_finalize", &dcq_cross_entropy_finalize);
 }
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(dcq_ops, CUDA, m) {
-  m.impl("margin_cross_entropy", &margin_cross_entropy);
-  m.impl("margin_ce_partials", &margin_ce_partials);
-  m.impl("margin_ce_finalize", &margin_ce_finalize);
+  m.impl("dcq_cross_entropy", &dcq_cross_entropy);
+  m.impl("dcq_cross_entropy_partials", &dcq_cross_entropy_partials);
+  m.impl("dcq_cross_entropy_finalize", &dcq_cross_entropy_finalize);
 }
 #endif
 

@@ -2,7 +2,7 @@
 //
 //   partials(rows, a slice of the queue) -> (row_max, row_sum, accumulator)
 //   finalize(rows, class weights, merged partials) -> (loss rows, gradient rows)
-//   margin_cross_entropy = partials over the whole queue, then finalize.
+//   dcq_cross_entropy = partials over the whole queue, then finalize.
 //
 // margin_ce.cpp holds the device-generic parts (argument checks, the O(N*D)
 // prologue and projection, dtypes); cpu/ and cuda/ walk the queue (GEMMs and
@@ -19,12 +19,12 @@ namespace dcq_ops {
 
 // The partials of every row over a slice of the queue (docs/loss.md):
 // row_max [N] (natural-log units, -inf where nothing was kept), row_sum [N]
-// and, when asked for, the accumulator [N, D] = sum_j exp(z_ij - row_max) W_j
+// and, with compute_grad, the accumulator [N, D] = sum_j exp(z_ij - row_max) W_j
 // over the entries that carry a gradient. All in the accumulation dtype.
 struct Partials {
   at::Tensor row_max;
   at::Tensor row_sum;
-  at::Tensor accumulator;  // undefined when not asked for
+  at::Tensor accumulator;  // undefined without compute_grad
 };
 
 // What a device driver is given: the normalised rows q [N, D] in the
@@ -37,23 +37,25 @@ struct QueuePass {
   at::Tensor queue_weights; // [K, D], contiguous, any float dtype
   at::Tensor queue_labels;  // int64 [K], contiguous
   at::ScalarType gemm_dtype;
-  bool with_accumulator;
+  bool compute_grad;        // the accumulator too (the gradient needs it)
   int64_t chunk_size;       // queue entries per GEMM; 0 = the driver's choice
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_partials(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dcq_cross_entropy_partials(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& queue_weights,
-    const at::Tensor& queue_labels, double scale, double filter_threshold, bool with_accumulator, int64_t chunk_size);
+    const at::Tensor& queue_labels, double scale, double interclass_filtering_threshold, bool compute_grad,
+    int64_t chunk_size);
 
-std::tuple<at::Tensor, at::Tensor> margin_ce_finalize(
+std::tuple<at::Tensor, at::Tensor> dcq_cross_entropy_finalize(
     const at::Tensor& embeddings, const at::Tensor& class_weights, const at::Tensor& row_max,
     const at::Tensor& row_sum, const at::Tensor& accumulator, double scale, double m1, double m2, double m3,
-    bool straight_through, bool compute_grad);
+    bool straight_through_margin, bool compute_grad);
 
-std::tuple<at::Tensor, at::Tensor> margin_cross_entropy(
+std::tuple<at::Tensor, at::Tensor> dcq_cross_entropy(
     const at::Tensor& embeddings, const at::Tensor& class_weights, const at::Tensor& labels,
     const at::Tensor& queue_weights, const at::Tensor& queue_labels, double scale, double m1, double m2,
-    double m3, double filter_threshold, bool straight_through, bool compute_grad, int64_t chunk_size);
+    double m3, double interclass_filtering_threshold, bool straight_through_margin, bool compute_grad,
+    int64_t chunk_size);
 
 // Device drivers.
 Partials queue_pass_cpu(const QueuePass& pass, const MarginParams& params);

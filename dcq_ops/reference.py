@@ -25,6 +25,17 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12) row by row, as F.normalize, with ||x|| computed as
+    a * ||x / a|| for a = max |x| (a constant here: the norm does not depend on
+    it), so that the sum of squares cannot overflow (|x| >= 1e19 in fp32) nor
+    underflow. An all-zero row stays zero; a NaN or inf makes the row NaN."""
+    largest = x.detach().abs().amax(dim=1, keepdim=True)
+    largest = torch.where(largest > 0, largest, torch.ones_like(largest))  # all-zero row, or NaN
+    norm = largest * torch.linalg.vector_norm(x / largest, dim=1, keepdim=True)
+    return x / norm.clamp_min(1e-12)
+
+
 def dcq_cross_entropy(
     embeddings: torch.Tensor,
     class_weights: torch.Tensor,
@@ -42,16 +53,22 @@ def dcq_cross_entropy(
 ) -> torch.Tensor:
     """The loss of docs/loss.md, materialising the N×K logits. Gradient flows to ``embeddings`` only."""
     acc = accumulation_dtype(embeddings, class_weights, queue_weights)
-    q = F.normalize(embeddings.to(acc), dim=1)
-    w = F.normalize(class_weights.detach().to(acc), dim=1)
+    q = normalize_rows(embeddings.to(acc))
+    w = normalize_rows(class_weights.detach().to(acc))
     # A copy: DCQLoss overwrites the queue in place right after the loss, before
     # backward() runs, and the matmul below saves its operand for the backward.
     queue_w = queue_weights.detach().to(acc, copy=True)
 
-    positive_cos = (q * w).sum(dim=1)
+    positive_cos = (q * w).sum(dim=1)  # NaN when x_i or k_i is not finite
     positive_logit = margin_logit(positive_cos, scale, m1, m2, m3, straight_through_margin)
 
-    cos = q @ queue_w.t()  # [N, K]: the logits the fused backends never materialise
+    # Non-finite input is never hidden (docs/loss.md, "Numerics"): a queue slot
+    # that is not finite has cosine NaN with every row, so a row that keeps it has
+    # loss NaN and gradient NaN. Its weights are zeroed in the product so that a
+    # row that excludes it sees nothing of it, not even 0 * NaN in the backward.
+    finite_slot = torch.isfinite(queue_w).all(dim=1)
+    queue_w = torch.where(finite_slot.view(-1, 1), queue_w, torch.zeros_like(queue_w))
+    cos = (q @ queue_w.t()).masked_fill(~finite_slot, float("nan"))  # [N, K]: never materialised elsewhere
     excluded = (queue_labels.view(1, -1) == labels.view(-1, 1)) | (queue_labels.view(1, -1) < 0)
     if interclass_filtering_threshold > 0:
         filtered = (cos > interclass_filtering_threshold) & ~excluded
@@ -66,7 +83,9 @@ def dcq_cross_entropy(
     # softplus(d) as -logsigmoid(-d): stable both ways, and without F.softplus's
     # linear cut-off at d > 20 (an error of ~2e-9 that float64 tests would see).
     loss_rows = -F.logsigmoid(positive_logit - lse_negative)
-    loss_rows = torch.where(has_negative, loss_rows, torch.zeros_like(loss_rows))
+    # 0 * z_i is 0 with gradient 0, or NaN with a NaN gradient when the row's own
+    # embedding or class weight is not finite (z_i is then NaN): never a finite number.
+    loss_rows = torch.where(has_negative, loss_rows, 0 * positive_logit)
     if reduction == "none":
         return loss_rows
     if reduction == "sum":
@@ -74,3 +93,10 @@ def dcq_cross_entropy(
     if reduction == "mean":
         return loss_rows.mean()
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def loss_rows(embeddings, class_weights, labels, queue_weights, queue_labels, margin) -> torch.Tensor:
+    """The loss of every row [N] (``reduction="none"``), for the margin of a MarginConfig:
+    the reference's entry point in the backend table (dcq_ops.backends)."""
+    return dcq_cross_entropy(embeddings, class_weights, labels, queue_weights, queue_labels, **margin.kwargs(),
+                             reduction="none")

@@ -77,9 +77,9 @@ fi
 say "configuration"
 timeout "$(budget 330 60)" "$PYTHON" - > "$OUT/configuration.txt" 2>&1 <<'EOF'
 import torch
-from dcq_ops.triton import margin_ce
+from dcq_ops.triton import launch, ops
 from dcq_ops.triton.configs import mma_family, tile_configs
-architecture, sms = margin_ce._device_architecture(torch.cuda.current_device())
+architecture, sms = launch.device_architecture(torch.cuda.current_device())
 print(f"{torch.cuda.get_device_name()}: {architecture.name}, {mma_family(architecture.capability)}, "
       f"{architecture.shared_memory_per_block_optin >> 10} KiB shared memory per block, {sms} SMs")
 for name, size, tf32 in (("bf16/fp16", 2, False), ("fp32", 4, False), ("tf32", 4, True)):
@@ -88,8 +88,8 @@ x = torch.randn(512, 512, device="cuda")
 w = torch.nn.functional.normalize(torch.randn(1 << 16, 512, device="cuda"), dim=1).bfloat16()
 y = torch.randint(0, 1000, (512,), device="cuda")
 yq = torch.randint(0, 1000, (1 << 16,), device="cuda")
-margin_ce.margin_cross_entropy_triton(x, x, y, w, yq, 64.0, 1.0, 0.5, 0.0, 0.0, True, True)
-for key, kernel in margin_ce._AUTOTUNED.items():
+ops.triton_dcq_cross_entropy(x, x, y, w, yq, 64.0, 1.0, 0.5, 0.0, 0.0, True, True)
+for key, kernel in launch._AUTOTUNED.items():
     print(f"  autotuner's pick for BLOCK_M={key[0]}, N=512, K=65536, bf16:", kernel.best_config)
 EOF
 cat "$OUT/configuration.txt" | tee -a "$SUMMARY"

@@ -104,7 +104,7 @@ def test_chunks_and_threads_do_not_change_the_result(chunk, threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loss, grad = torch.ops.dcq_ops.margin_cross_entropy(*inputs, *op_args(margin), True, chunk)
+        loss, grad = torch.ops.dcq_ops.dcq_cross_entropy(*inputs, *op_args(margin), True, chunk)
     finally:
         torch.set_num_threads(saved)
     assert_backend_within(loss, grad, inputs, margin, what=f"chunk {chunk}, {threads} threads")
@@ -113,20 +113,21 @@ def test_chunks_and_threads_do_not_change_the_result(chunk, threads):
 def test_partials_of_slices_merge_to_the_whole_queue():
     """The loss algebra: partials over disjoint slices, merged, then finalised,
     equal the fused op (and the reference)."""
-    from dcq_ops.algebra import RowLoss, merge
+    from dcq_ops.algebra import merge
+    from dcq_ops.loss_kernels import LossKernels
 
     x, k, y, w, yq = make_inputs(rows=19, dim=7, slots=41, num_classes=9, empty=5, seed=13)
     margin = dcq_ops.MarginConfig(64.0, 1.0, 0.5, 0.0, 0.2, True)
-    row_loss = RowLoss(margin, backend="chunked")
+    kernels = LossKernels(margin, backend="chunked")
     for cuts in ([0, 41], [0, 20, 41], [0, 14, 28, 41], [0, 0, 41]):
-        parts = [row_loss.partials(x, y, w[a:b], yq[a:b], with_accumulator=True) for a, b in zip(cuts, cuts[1:])]
-        loss, grad = row_loss.finalize(x, k, merge(parts), compute_grad=True)
+        parts = [kernels.partials(x, y, w[a:b], yq[a:b], compute_grad=True) for a, b in zip(cuts, cuts[1:])]
+        loss, grad = kernels.finalize(x, k, merge(parts), compute_grad=True)
         assert_backend_within(loss, grad, (x, k, y, w, yq), margin.kwargs(), what=f"slices {cuts}")
 
 
 def test_partials_are_the_online_log_sum_exp_state():
     x, k, y, w, yq = make_inputs(rows=5, dim=6, slots=17, num_classes=4, empty=2, dtype=torch.float64, seed=14)
-    row_max, row_sum, acc = torch.ops.dcq_ops.margin_ce_partials(x, y, w, yq, 30.0, 0.0, True, 4)
+    row_max, row_sum, acc = torch.ops.dcq_ops.dcq_cross_entropy_partials(x, y, w, yq, 30.0, 0.0, True, 4)
     z = 30.0 * F.normalize(x, dim=1) @ w.t()
     kept = (yq.view(1, -1) != y.view(-1, 1)) & (yq.view(1, -1) >= 0)
     z = z.masked_fill(~kept, float("-inf"))
@@ -135,7 +136,7 @@ def test_partials_are_the_online_log_sum_exp_state():
     for got, exact, what in ((row_max, expected_max, "row_max"), (row_sum, p.sum(dim=1), "row_sum"),
                              (acc, p @ w, "accumulator")):
         assert_within(got, exact, exact, dtype=torch.float64, what=what)
-    _, _, none = torch.ops.dcq_ops.margin_ce_partials(x, y, w, yq, 30.0, 0.0, False, 0)
+    _, _, none = torch.ops.dcq_ops.dcq_cross_entropy_partials(x, y, w, yq, 30.0, 0.0, False, 0)
     assert none.shape == (0, 6)
 
 
@@ -171,7 +172,7 @@ def test_no_grad_forward_skips_the_gradient():
         loss = chunked(x, k, y, w, yq, reduction="none")
     (low, _), (exact, _) = reference_pair((x, k, y, w, yq), {})
     assert_within(loss, exact, low, dtype=torch.float32, what="loss without gradient")
-    _, grad_rows = torch.ops.dcq_ops.margin_cross_entropy(x, k, y, w, yq, *op_args(MARGINS["cosface"]), False, 0)
+    _, grad_rows = torch.ops.dcq_ops.dcq_cross_entropy(x, k, y, w, yq, *op_args(MARGINS["cosface"]), False, 0)
     assert grad_rows.shape == (0, 5)
 
 

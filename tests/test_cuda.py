@@ -23,7 +23,7 @@ pytestmark = [
 
 def chunked_op(inputs, margin, compute_grad=True, chunk_size=0):
     x, k, y, w, yq = inputs
-    return torch.ops.dcq_ops.margin_cross_entropy(
+    return torch.ops.dcq_ops.dcq_cross_entropy(
         x, k, y, w, yq, margin["scale"], margin.get("m1", 1.0), margin.get("m2", 0.0), margin.get("m3", 0.0),
         margin.get("interclass_filtering_threshold", 0.0), margin.get("straight_through_margin", False),
         compute_grad, chunk_size)
@@ -142,14 +142,15 @@ def test_queue_enqueue_cuda_does_not_synchronise():
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_partials_and_finalize_on_cuda(backend):
     """The sharded queue's path on one GPU: partials of slices, merged, finalised."""
-    from dcq_ops.algebra import RowLoss, merge
+    from dcq_ops.algebra import merge
+    from dcq_ops.loss_kernels import LossKernels
 
     x, k, y, w, yq = to(make_inputs(rows=64, dim=128, slots=3000, num_classes=500, seed=24,
                                     queue_dtype=torch.bfloat16), "cuda")
     margin = dcq_ops.MarginConfig(64.0, 1.0, 0.5, 0.0, 0.0, True)
-    row_loss = RowLoss(margin, backend=backend)
-    parts = [row_loss.partials(x, y, w[a:b], yq[a:b], with_accumulator=True) for a, b in ((0, 1000), (1000, 3000))]
-    loss, grad = row_loss.finalize(x, k, merge(parts), compute_grad=True)
+    kernels = LossKernels(margin, backend=backend)
+    parts = [kernels.partials(x, y, w[a:b], yq[a:b], compute_grad=True) for a, b in ((0, 1000), (1000, 3000))]
+    loss, grad = kernels.finalize(x, k, merge(parts), compute_grad=True)
     exact_x = x.double().requires_grad_(True)
     exact = reference.dcq_cross_entropy(exact_x, k.double(), y, w.double(), yq, **margin.kwargs(), reduction="none")
     exact.sum().backward()

@@ -23,30 +23,27 @@ ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 
 # Triton picks interpreter or compiler when a kernel is decorated, i.e. when
-# dcq_ops.triton.margin_ce is first imported: set the variable for that import
-# only. Left set, it would make the triton backend "available" on CPU for every
-# test module that runs after this one (see dcq_ops.backends); the tests below
-# set it again (fixture) for the backend dispatch.
-if not ON_CUDA:
-    _saved_interpret = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+# Triton and dcq_ops.triton.kernels are first imported: import_ops sets
+# TRITON_INTERPRET for that import only. Left set, it would make the triton
+# backend "available" on CPU for every test module that runs after this one (see
+# dcq_ops.backends); the tests below set it again (fixture) for the backend
+# dispatch, and for Triton, which reads it at the launches too.
+from dcq_ops.triton import import_ops  # noqa: E402
+
 try:
-    triton_ce = pytest.importorskip("dcq_ops.triton.margin_ce", reason="Triton is not installed")
-finally:
-    if not ON_CUDA:
-        if _saved_interpret is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved_interpret
+    triton_ops = import_ops(interpret=not ON_CUDA)
+except ImportError:
+    pytest.skip("Triton is not installed", allow_module_level=True)
 
 import dcq_ops  # noqa: E402
+from dcq_ops.triton import configs, kernels, launch  # noqa: E402
 from bounds import assert_grad_close, assert_loss_close, compute_dtype, cosine_rounding, positive_slope  # noqa: E402
 from dcq_ops import reference  # noqa: E402
 from inputs import MARGINS, make_inputs  # noqa: E402
 
-if not ON_CUDA and not triton_ce.INTERPRETED:
+if not ON_CUDA and not kernels.INTERPRETED:
     pytest.skip(
-        "dcq_ops.triton.margin_ce was imported before this module without TRITON_INTERPRET=1, "
+        "dcq_ops.triton.kernels was imported before this module without TRITON_INTERPRET=1, "
         "so its kernels are compiled for a GPU; run with TRITON_INTERPRET=1 to test them on CPU",
         allow_module_level=True,
     )
@@ -204,7 +201,7 @@ def test_float64_is_refused_with_the_backends_that_take_it():
     with pytest.raises(TypeError, match="float64 inputs run in float64 on the 'chunked' or 'reference'"):
         dcq_ops.dcq_cross_entropy(*inputs, **MARGINS["combined"], backend="triton")
     with pytest.raises(TypeError, match="float64 runs on the 'chunked' or 'reference' backend"):
-        triton_ce.forward(*inputs[:3], inputs[3].double(), inputs[4], *margin_args(MARGINS["cosface"]), True)
+        triton_ops.forward(*inputs[:3], inputs[3].double(), inputs[4], *margin_args(MARGINS["cosface"]), True)
 
 
 def test_partials_and_finalize_are_the_loss_algebra():
@@ -217,19 +214,19 @@ def test_partials_and_finalize_are_the_loss_algebra():
     scale, m1, m2, m3, threshold, straight = margin_args(dict(margin, interclass_filtering_threshold=0.1))
     parts = []
     for a, b in ((0, 70), (70, 71), (71, 203)):
-        row_max, row_sum, acc = triton_ce.partials(x, y, w[a:b], yq[a:b], scale, threshold, True)
+        row_max, row_sum, acc = triton_ops.triton_dcq_cross_entropy_partials(x, y, w[a:b], yq[a:b], scale, threshold, True)
         parts.append(Partials(row_max, row_sum, acc))
     whole = merge(parts)
-    loss, grad = triton_ce.finalize(x, k, whole.row_max, whole.row_sum, whole.accumulator, scale, m1, m2, m3,
+    loss, grad = triton_ops.triton_dcq_cross_entropy_finalize(x, k, whole.row_max, whole.row_sum, whole.accumulator, scale, m1, m2, m3,
                                     straight, True)
-    fused_loss, fused_grad = triton_ce.forward(x, k, y, w, yq, scale, m1, m2, m3, threshold, straight, True)
+    fused_loss, fused_grad = triton_ops.forward(x, k, y, w, yq, scale, m1, m2, m3, threshold, straight, True)
     weights = torch.ones(x.shape[0], dtype=torch.float64, device=DEVICE)
     zero = torch.zeros(x.shape[0], dtype=torch.float64, device=DEVICE)
     assert_loss_close(loss, fused_loss.double(), scale=scale, delta=zero)
     assert_grad_close(grad, fused_grad.double(), embeddings=x, scale=scale, delta=zero, gemm_dtype=torch.float32,
                       slope=positive_slope(x, k, m1, m2, scale, straight), row_weights=weights)
     if dcq_ops.extension_loaded():
-        chunked = torch.ops.dcq_ops.margin_ce_partials(x.cpu(), y.cpu(), w.cpu(), yq.cpu(), scale, threshold, True, 0)
+        chunked = torch.ops.dcq_ops.dcq_cross_entropy_partials(x.cpu(), y.cpu(), w.cpu(), yq.cpu(), scale, threshold, True, 0)
         # Maxima of logits s * q.W from fp32 dot products of unit vectors, each off by at
         # most D * 2^-24 (twice: one per backend).
         assert (whole.row_max.cpu() - chunked[0]).abs().max() <= 2 * scale * x.shape[1] * 2.0**-24
@@ -315,7 +312,7 @@ def test_splits_and_tiles(block_m, block_k, split_size):
     yq = yq.clone()
     yq[:64] = -1
     margin = MARGINS["combined"]
-    loss, grad = triton_ce.forward(x, k, y, w, yq, *margin_args(margin), True, split_size=split_size,
+    loss, grad = triton_ops.forward(x, k, y, w, yq, *margin_args(margin), True, split_size=split_size,
                                    config=dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=1))
     xr = x.double().requires_grad_(True)
     exact = reference.dcq_cross_entropy(xr, k.double(), y, w.double(), yq, **margin, reduction="none")
@@ -330,8 +327,8 @@ def test_splits_and_tiles(block_m, block_k, split_size):
 def test_without_gradient():
     inputs = random_inputs(seed=11)
     margin = MARGINS["arcface"]
-    with_grad, grad = triton_ce.margin_cross_entropy_triton(*inputs, *margin_args(margin), True)
-    without, no_grad = triton_ce.margin_cross_entropy_triton(*inputs, *margin_args(margin), False)
+    with_grad, grad = triton_ops.triton_dcq_cross_entropy(*inputs, *margin_args(margin), True)
+    without, no_grad = triton_ops.triton_dcq_cross_entropy(*inputs, *margin_args(margin), False)
     assert no_grad.shape == (0, inputs[0].shape[1]) and grad.shape == inputs[0].shape
     torch.testing.assert_close(without, with_grad, rtol=0, atol=0)
     with torch.no_grad():
@@ -357,7 +354,7 @@ def test_backward_does_not_read_the_queue():
 def test_opcheck():
     x, k, y, w, yq = random_inputs(rows=5, dim=20, slots=40, num_classes=6, empty=3, seed=13)
     args = (x.requires_grad_(True), k, y, w, yq, *margin_args(MARGINS["arcface"]), True)
-    torch.library.opcheck(triton_ce.margin_cross_entropy_triton, args)
+    torch.library.opcheck(triton_ops.triton_dcq_cross_entropy, args)
 
 
 def test_split_plan_fills_the_gpu_within_the_workspace_bound():
@@ -372,9 +369,9 @@ def test_split_plan_fills_the_gpu_within_the_workspace_bound():
         block_m = tile_config(ARCHITECTURES["sm_90"], element_size, dim).block_m
         for rows in (128, 512, 4096):
             for queue in (1 << 16, 1 << 18, 1 << 20):
-                split_size, splits = triton_ce.plan_splits(rows, queue, dim, block_m, True, sms)
+                split_size, splits = launch.plan_splits(rows, queue, dim, block_m, True, sms)
                 assert (splits - 1) * split_size < queue <= splits * split_size
-                assert split_size % triton_ce.SPLIT_ALIGN == 0
+                assert split_size % launch.SPLIT_ALIGN == 0
                 programs = -(-rows // block_m) * splits
                 waves = -(-programs // sms)
                 assert programs >= 0.9 * waves * sms, (rows, queue, programs)
@@ -449,11 +446,11 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 def test_cuda_dtypes_and_sizes(dtype, queue_dtype, rows, slots):
     inputs = cuda_inputs(rows, 512, slots, dtype, queue_dtype, seed=rows)
     margin = MARGINS["arcface"]
-    loss, grad = triton_ce.margin_cross_entropy_triton(*inputs, *margin_args(margin), True)
+    loss, grad = triton_ops.triton_dcq_cross_entropy(*inputs, *margin_args(margin), True)
     check_rows_against_reference(inputs, margin, loss, grad, torch.arange(0, rows, 7, device="cuda"))
     if dcq_ops.extension_loaded() and dcq_ops.has_cuda_kernels():
         # The chunked CUDA backend rounds the same GEMM operands: within the same bounds.
-        chunked_loss, chunked_grad = torch.ops.dcq_ops.margin_cross_entropy(*inputs, *margin_args(margin), True, 0)
+        chunked_loss, chunked_grad = torch.ops.dcq_ops.dcq_cross_entropy(*inputs, *margin_args(margin), True, 0)
         check_rows_against_reference(inputs, margin, chunked_loss, chunked_grad,
                                      torch.arange(0, rows, 7, device="cuda"))
 
@@ -467,15 +464,15 @@ def test_cuda_full_size_memory_and_determinism():
     inputs = cuda_inputs(rows, dim, slots, torch.bfloat16, seed=1)
     margin = MARGINS["cosface"]
     args = (*inputs, *margin_args(margin), True)
-    triton_ce.margin_cross_entropy_triton(*args)  # compile outside the measurement
+    triton_ops.triton_dcq_cross_entropy(*args)  # compile outside the measurement
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss, grad = triton_ce.margin_cross_entropy_triton(*args)
+    loss, grad = triton_ops.triton_dcq_cross_entropy(*args)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 256 << 20, f"peak extra memory {extra / 2**20:.0f} MiB"
-    loss2, grad2 = triton_ce.margin_cross_entropy_triton(*args)
+    loss2, grad2 = triton_ops.triton_dcq_cross_entropy(*args)
     assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
     check_rows_against_reference(inputs, margin, loss, grad, torch.arange(0, rows, 128, device="cuda"))
 
@@ -488,10 +485,10 @@ def test_cuda_every_configuration(dim, dtype):
     inputs = cuda_inputs(300, dim, 3000, dtype, seed=dim)
     margin = MARGINS["combined"]
     element_size = torch.empty((), dtype=dtype).element_size()
-    architecture, _ = triton_ce._device_architecture(torch.cuda.current_device())
-    tf32 = triton_ce._input_precision(dtype) == "tf32"
-    for config in triton_ce.tile_configs(architecture, element_size, dim, tf32):
-        loss, grad = triton_ce.forward(*inputs, *margin_args(margin), True, config=config.as_dict())
+    architecture, _ = launch.device_architecture(torch.cuda.current_device())
+    tf32 = launch.input_precision(dtype) == "tf32"
+    for config in configs.tile_configs(architecture, element_size, dim, tf32):
+        loss, grad = triton_ops.forward(*inputs, *margin_args(margin), True, config=config.as_dict())
         check_rows_against_reference(inputs, margin, loss, grad, torch.arange(0, 300, 3, device="cuda"))
 
 
@@ -499,7 +496,7 @@ def test_cuda_every_configuration(dim, dtype):
 def test_autotuned_path():
     inputs = cuda_inputs(256, 512, 1 << 15, torch.bfloat16, seed=2)
     margin = MARGINS["arcface"]
-    loss, grad = triton_ce.margin_cross_entropy_triton(*inputs, *margin_args(margin), True)
+    loss, grad = triton_ops.triton_dcq_cross_entropy(*inputs, *margin_args(margin), True)
     check_rows_against_reference(inputs, margin, loss, grad, torch.arange(0, 256, 5, device="cuda"))
 
 

@@ -14,7 +14,7 @@ COMPILED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "com
 
 # The default (first fitting) configuration at D = 512, as (BLOCK_M, BLOCK_K, warps, stages).
 EXPECTED_16BIT = {
-    "sm_80": (64, 32, 8, 2),   # 163 KiB: (64, 64, 8, 2) needs about 200
+    "sm_80": (32, 16, 4, 2),   # 163 KiB: (64, 64, 8, 2) does not fit, (64, 32, 8, 2) spills (benchmarks/compiled.py)
     "sm_86": (32, 16, 4, 2),   # 99 KiB
     "sm_89": (32, 16, 4, 2),
     "sm_90": (64, 64, 8, 2),   # 227 KiB, wgmma

@@ -25,8 +25,8 @@ constexpr double kPi = 3.14159265358979323846;
 struct MarginParams {
   double scale;
   double m1, m2, m3;
-  double filter_threshold;  // 0 = no inter-class filtering
-  bool straight_through;    // gradient as if z = scale * c (arcface_torch's ArcFace)
+  double interclass_filtering_threshold;  // 0 = no inter-class filtering
+  bool straight_through_margin;           // gradient as if z = scale * c (arcface_torch's ArcFace)
 };
 
 // Overloads that pick the float or double function on host and device alike.
@@ -47,9 +47,30 @@ DCQ_HOST_DEVICE double dcq_max(double a, double b) { return fmax(a, b); }
 DCQ_HOST_DEVICE float dcq_min(float a, float b) { return fminf(a, b); }
 DCQ_HOST_DEVICE double dcq_min(double a, double b) { return fmin(a, b); }
 
+// Clamp to [lo, hi] that keeps a NaN (fmin/fmax would map it to a bound, and a
+// non-finite input to a finite loss).
+template <typename T>
+DCQ_HOST_DEVICE T clamp_keep_nan(T v, T lo, T hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 template <typename T>
 DCQ_HOST_DEVICE T clamp_cosine(T c) {
-  return dcq_min(dcq_max(c, T(-1)), T(1));
+  return clamp_keep_nan(c, T(-1), T(1));
+}
+
+// +0 for a finite v, NaN for an infinite or NaN one. Only a non-finite input
+// makes a cosine non-finite, and adding this to a row's sum of exponentials
+// makes that row NaN whatever the max and the exponential made of the value
+// (exp(-inf) = 0 would hide a -inf, and inter-class filtering a +inf).
+template <typename T>
+DCQ_HOST_DEVICE T zero_or_nan(T v) {
+  return v - v;
+}
+
+template <typename T>
+DCQ_HOST_DEVICE bool is_finite(T v) {
+  return zero_or_nan(v) == T(0);
 }
 
 // z = s * (cos(m1*acos(c) + m2) - m3)
@@ -62,9 +83,8 @@ DCQ_HOST_DEVICE T margin_logit(T c, const MarginParams& p) {
 // dz/dc, exact away from c = +-1 and finite at +-1 (identically s for CosFace).
 template <typename T>
 DCQ_HOST_DEVICE T margin_logit_derivative(T c, const MarginParams& p) {
-  if (p.straight_through) return T(p.scale);
-  T theta = dcq_acos(clamp_cosine(c));
-  theta = dcq_min(dcq_max(theta, T(kMarginThetaEps)), T(kPi - kMarginThetaEps));
+  if (p.straight_through_margin) return T(p.scale);
+  const T theta = clamp_keep_nan(dcq_acos(clamp_cosine(c)), T(kMarginThetaEps), T(kPi - kMarginThetaEps));
   return T(p.scale) * T(p.m1) * dcq_sin(T(p.m1) * theta + T(p.m2)) / dcq_sin(theta);
 }
 
@@ -76,7 +96,7 @@ DCQ_HOST_DEVICE bool is_excluded(long long label, long long qlabel) { return qla
 // with logit 0 in the log-sum-exp and gets no gradient.
 template <typename T>
 DCQ_HOST_DEVICE bool is_filtered(T c, const MarginParams& p) {
-  return p.filter_threshold > 0 && c > T(p.filter_threshold);
+  return p.interclass_filtering_threshold > 0 && c > T(p.interclass_filtering_threshold);
 }
 
 // exp(old_max - new_max), defined as 1 while nothing has been kept (both -inf).
@@ -92,10 +112,13 @@ DCQ_HOST_DEVICE T rescale_factor(T old_max, T new_max) {
 template <typename T>
 DCQ_HOST_DEVICE void finalize_row(T positive_cos, T row_max, T row_sum, const MarginParams& p, T* loss,
                                   T* coef_positive, T* coef_negative) {
-  *loss = T(0);
-  *coef_positive = T(0);
-  *coef_negative = T(0);
-  if (!(row_sum > T(0))) return;  // every queue entry excluded: loss 0, gradient 0
+  if (row_sum == T(0)) {
+    // Every queue entry excluded: loss 0 and gradient 0, unless the row's own
+    // embedding or class weight is not finite (its cosine is then NaN): NaN,
+    // never a finite number. A kept non-finite entry made row_sum NaN instead.
+    *loss = *coef_positive = *coef_negative = zero_or_nan(positive_cos);
+    return;
+  }
   const T z_pos = margin_logit(positive_cos, p);
   const T lse_neg = row_max + dcq_log(row_sum);
   const T d = lse_neg - z_pos;

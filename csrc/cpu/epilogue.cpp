@@ -51,8 +51,8 @@ void epilogue_tile<float>(float* logits, int64_t rows, int64_t cols, const int64
                           const int64_t* queue_labels, float* row_max, float* row_sum, float* alpha,
                           const MarginParams& params, at::ScalarType p_dtype) {
   const cpu_kernels::TileArgs args{logits, rows, cols, labels, queue_labels, row_max, row_sum, alpha,
-                                   static_cast<float>(params.scale), static_cast<float>(params.filter_threshold),
-                                   rounding_of(p_dtype)};
+                                   static_cast<float>(params.scale),
+                                   static_cast<float>(params.interclass_filtering_threshold), rounding_of(p_dtype)};
   switch (isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::kAvx512: return cpu_kernels::epilogue_f32_avx512(args);

@@ -16,11 +16,12 @@ namespace dcq_ops {
 namespace cpu_kernels {
 namespace {
 
-// exp(x), as exp_ps in epilogue_avx512.cpp.
+// exp(x), as exp_ps in epilogue_avx512.cpp (NaN stays NaN).
 DCQ_AVX2 inline __m256 exp_ps(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(-87.3365447505531f);
   const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), lowest);
+  // The operand order keeps a NaN (min/max return their second operand then).
+  x = _mm256_max_ps(lowest, _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -97,10 +98,11 @@ DCQ_AVX2 inline float reduce_add(__m256 v) {
 
 DCQ_AVX2 void epilogue_f32_avx2(const TileArgs& a) {
   const __m256 scale = _mm256_set1_ps(a.scale);
-  const __m256 threshold = _mm256_set1_ps(a.filter_threshold);
-  const bool filter = a.filter_threshold > 0.f;
+  const __m256 threshold = _mm256_set1_ps(a.interclass_filtering_threshold);
+  const bool filter = a.interclass_filtering_threshold > 0.f;
   const float minus_inf = -std::numeric_limits<float>::infinity();
   const __m256 vminus_inf = _mm256_set1_ps(minus_inf);
+  const __m256 zero = _mm256_setzero_ps();
   for (int64_t i = 0; i < a.rows; ++i) {
     float* row = a.logits + i * a.cols;
     const __m256i label = _mm256_set1_epi64x(a.labels[i]);
@@ -131,7 +133,9 @@ DCQ_AVX2 void epilogue_f32_avx2(const TileArgs& a) {
         z = _mm256_andnot_ps(filtered, z);
         gradient = _mm256_andnot_ps(filtered, keep);
       }
-      const __m256 e = _mm256_and_ps(keep, exp_ps(_mm256_sub_ps(z, ref)));
+      // + c * 0: NaN for a non-finite cosine, so that it makes the sum NaN (the
+      // max skips a NaN, and exp(-inf) or filtering would hide an inf): one FMA.
+      const __m256 e = _mm256_and_ps(keep, _mm256_fmadd_ps(c, zero, exp_ps(_mm256_sub_ps(z, ref))));
       vsum = _mm256_add_ps(vsum, e);
       _mm256_maskstore_ps(row + j, valid, round_to(_mm256_and_ps(gradient, e), a.rounding));
     }

@@ -20,11 +20,12 @@ namespace {
 // exp(x) for x <= 0 up to about 2 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by
 // Cephes' degree-6 polynomial, 2^n put into the exponent bits; 0 below the
 // smallest normal float (the reference's subnormals there are below any
-// tolerance that matters).
+// tolerance that matters); NaN stays NaN.
 DCQ_AVX512 inline __m512 exp_ps(__m512 x) {
   const __m512 lowest = _mm512_set1_ps(-87.3365447505531f);
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), lowest);
+  // The operand order keeps a NaN (min/max return their second operand then).
+  x = _mm512_max_ps(lowest, _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
@@ -69,9 +70,10 @@ DCQ_AVX512 inline __m512 round_to(__m512 p, Rounding rounding) {
 DCQ_AVX512 void epilogue_f32_avx512(const TileArgs& a) {
   if (a.cols > kMaxCols) return epilogue_f32_default(a);  // wider than the driver's chunks (an explicit chunk_size)
   const __m512 scale = _mm512_set1_ps(a.scale);
-  const __m512 threshold = _mm512_set1_ps(a.filter_threshold);
-  const bool filter = a.filter_threshold > 0.f;
+  const __m512 threshold = _mm512_set1_ps(a.interclass_filtering_threshold);
+  const bool filter = a.interclass_filtering_threshold > 0.f;
   const float minus_inf = -std::numeric_limits<float>::infinity();
+  const __m512 zero = _mm512_setzero_ps();
   // The kept lanes of each group of 16 slots, found in sweep 1 and reused in sweep 2.
   __mmask16 kept[kMaxCols / 16];
   for (int64_t i = 0; i < a.rows; ++i) {
@@ -103,7 +105,9 @@ DCQ_AVX512 void epilogue_f32_avx512(const TileArgs& a) {
         z = _mm512_mask_mov_ps(z, filtered, _mm512_setzero_ps());
         gradient = static_cast<__mmask16>(keep & ~filtered);
       }
-      const __m512 e = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(z, ref)));
+      // + c * 0: NaN for a non-finite cosine, so that it makes the sum NaN (the
+      // max skips a NaN, and exp(-inf) or filtering would hide an inf): one FMA.
+      const __m512 e = _mm512_maskz_mov_ps(keep, _mm512_fmadd_ps(c, zero, exp_ps(_mm512_sub_ps(z, ref))));
       vsum = _mm512_add_ps(vsum, e);
       _mm512_mask_storeu_ps(row + j, valid, round_to(_mm512_maskz_mov_ps(gradient, e), a.rounding));
     }

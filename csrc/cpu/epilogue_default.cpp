@@ -43,14 +43,16 @@ void epilogue_rows_scalar(T* logits, int64_t rows, int64_t cols, const int64_t* 
     const T new_max = dcq_max(row_max[i], tile_max);
     const T reference = new_max == kMinusInf ? T(0) : new_max;  // nothing kept yet: no -inf - -inf
     // Sweep 2: exp(z - new max) into the sum; into the row where the entry carries a gradient.
+    // A non-finite cosine makes its e, hence the sum, NaN (the max above skips a NaN).
     T sum = 0;
     for (int64_t j = 0; j < cols; ++j) {
       if (is_excluded(label, queue_labels[j])) {
         row[j] = 0;
         continue;
       }
-      const bool filtered = is_filtered(row[j], params);
-      const T e = dcq_exp((filtered ? T(0) : scale * row[j]) - reference);
+      const T c = row[j];
+      const bool filtered = is_filtered(c, params);
+      const T e = dcq_exp((filtered ? T(0) : scale * c) - reference) + zero_or_nan(c);
       sum += e;
       row[j] = filtered ? T(0) : round_to(e, rounding);
     }
@@ -78,7 +80,7 @@ template void rescale_rows_scalar<double>(double*, int64_t, int64_t, const doubl
 namespace cpu_kernels {
 
 void epilogue_f32_default(const TileArgs& a) {
-  const MarginParams params{a.scale, 1.0, 0.0, 0.0, a.filter_threshold, false};
+  const MarginParams params{a.scale, 1.0, 0.0, 0.0, a.interclass_filtering_threshold, false};
   epilogue_rows_scalar<float>(a.logits, a.rows, a.cols, a.labels, a.queue_labels, a.row_max, a.row_sum, a.alpha,
                               params, a.rounding);
 }

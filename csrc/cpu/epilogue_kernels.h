@@ -31,7 +31,7 @@ struct TileArgs {
   float* row_sum;               // [rows], updated
   float* alpha;                 // [rows], written: exp(old max - new max)
   float scale;
-  float filter_threshold;       // 0 = no filtering
+  float interclass_filtering_threshold;  // 0 = no filtering
   Rounding rounding;
 };
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 
@@ -89,6 +90,18 @@ Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_si
   return p;
 }
 
+// Is there a row with a finite sum whose accumulator [rows, dim] is not finite?
+template <typename T>
+bool has_poisoned_row(const T* row_sum, const T* acc, int64_t rows, int64_t dim) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!std::isfinite(row_sum[i])) continue;  // NaN already: the row keeps a non-finite value
+    bool finite = true;
+    for (int64_t d = 0; d < dim; ++d) finite &= std::isfinite(acc[i * dim + d]);
+    if (!finite) return true;
+  }
+  return false;
+}
+
 template <typename T>
 Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const at::Tensor& q = pass.q;
@@ -97,7 +110,7 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const auto opts = q.options();
   const at::Tensor max_ws = at::empty({plan.splits, rows}, opts);
   const at::Tensor sum_ws = at::empty({plan.splits, rows}, opts);
-  const at::Tensor acc_ws = pass.with_accumulator ? at::zeros({plan.splits, rows, dim}, opts) : at::Tensor();
+  const at::Tensor acc_ws = pass.compute_grad ? at::zeros({plan.splits, rows, dim}, opts) : at::Tensor();
   const bool convert_queue = pass.queue_weights.scalar_type() != q.scalar_type();
   const int64_t* labels = pass.labels.data_ptr<int64_t>();
   const int64_t* queue_labels = pass.queue_labels.data_ptr<int64_t>();
@@ -114,28 +127,40 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
       const int64_t k_begin = split * plan.split_size, k_end = std::min(queue_size, k_begin + plan.split_size);
       T* row_max = max_ws.data_ptr<T>() + split * rows + r0;
       T* row_sum = sum_ws.data_ptr<T>() + split * rows + r0;
-      std::fill(row_max, row_max + nr, -std::numeric_limits<T>::infinity());
-      std::fill(row_sum, row_sum + nr, T(0));
       const at::Tensor q_block = q.narrow(0, r0, nr);
-      at::Tensor acc_block = pass.with_accumulator ? acc_ws[split].narrow(0, r0, nr) : at::Tensor();
-      for (int64_t k0 = k_begin; k0 < k_end; k0 += plan.chunk) {
-        const int64_t nk = std::min(plan.chunk, k_end - k0);
-        at::Tensor chunk = pass.queue_weights.narrow(0, k0, nk);
-        if (convert_queue) chunk = queue_buffer.narrow(0, 0, nk * dim).view({nk, dim}).copy_(chunk);
-        at::Tensor logits = logits_buffer.narrow(0, 0, nr * nk).view({nr, nk});
-        at::mm_out(logits, q_block, chunk.t());
-        epilogue_tile<T>(logits.data_ptr<T>(), nr, nk, labels + r0, queue_labels + k0, row_max, row_sum,
-                         alpha.data_ptr<T>(), params, pass.gemm_dtype);
-        if (pass.with_accumulator) {
-          rescale_rows<T>(acc_block.data_ptr<T>(), nr, dim, alpha.data_ptr<T>());
-          acc_block.addmm_(logits, chunk);
+      at::Tensor acc_block = pass.compute_grad ? acc_ws[split].narrow(0, r0, nr) : at::Tensor();
+      const auto run_task = [&](bool zero_nonfinite_in_gemm2) {
+        std::fill(row_max, row_max + nr, -std::numeric_limits<T>::infinity());
+        std::fill(row_sum, row_sum + nr, T(0));
+        if (pass.compute_grad) acc_block.zero_();
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += plan.chunk) {
+          const int64_t nk = std::min(plan.chunk, k_end - k0);
+          at::Tensor chunk = pass.queue_weights.narrow(0, k0, nk);
+          if (convert_queue) chunk = queue_buffer.narrow(0, 0, nk * dim).view({nk, dim}).copy_(chunk);
+          at::Tensor logits = logits_buffer.narrow(0, 0, nr * nk).view({nr, nk});
+          at::mm_out(logits, q_block, chunk.t());
+          epilogue_tile<T>(logits.data_ptr<T>(), nr, nk, labels + r0, queue_labels + k0, row_max, row_sum,
+                           alpha.data_ptr<T>(), params, pass.gemm_dtype);
+          if (pass.compute_grad) {
+            rescale_rows<T>(acc_block.data_ptr<T>(), nr, dim, alpha.data_ptr<T>());
+            acc_block.addmm_(logits, zero_nonfinite_in_gemm2 ? chunk.masked_fill(chunk.isfinite().logical_not(), 0)
+                                                             : chunk);
+          }
         }
-      }
+      };
+      run_task(false);
+      // GEMM 2 multiplies the probability 0 of an excluded slot by its weights,
+      // so a non-finite slot that a row excludes would still make the row's
+      // accumulator NaN (0 * NaN). Such a row, with a finite sum and a
+      // non-finite accumulator, exists only when the queue holds a non-finite
+      // value: the task then runs again with those values zeroed in GEMM 2
+      // alone (GEMM 1 still sees them, so the rows that keep them stay NaN).
+      if (pass.compute_grad && has_poisoned_row(row_sum, acc_block.data_ptr<T>(), nr, dim)) run_task(true);
     }
   });
 
   if (plan.splits == 1) {
-    return {max_ws[0], sum_ws[0], pass.with_accumulator ? acc_ws[0] : at::Tensor()};
+    return {max_ws[0], sum_ws[0], pass.compute_grad ? acc_ws[0] : at::Tensor()};
   }
   // Merge the splits of each row: a max, then the sums rescaled to it.
   const at::Tensor merged_max = max_ws.amax(0);
@@ -143,7 +168,7 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const at::Tensor factor = at::exp(max_ws - reference);  // 0 for a split that kept nothing
   const at::Tensor merged_sum = (sum_ws * factor).sum(0);
   at::Tensor merged_acc;
-  if (pass.with_accumulator) merged_acc = (acc_ws * factor.unsqueeze(2)).sum(0);
+  if (pass.compute_grad) merged_acc = (acc_ws * factor.unsqueeze(2)).sum(0);
   return {merged_max, merged_sum, merged_acc};
 }
 

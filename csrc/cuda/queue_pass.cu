@@ -68,7 +68,9 @@ __global__ void chunk_epilogue_kernel(const acc_t* __restrict__ logits, p_t* __r
     if (j < cols && !is_excluded(label, chunk_labels[j])) {
       const acc_t c = row[j];
       const bool filtered = is_filtered(c, p);
-      z[t] = filtered ? acc_t(0) : scale * c;
+      // + zero_or_nan(c): a non-finite cosine gives z = NaN, which the max
+      // skips and the sum carries (exp(-inf) = 0 or filtering would hide an inf).
+      z[t] = (filtered ? acc_t(0) : scale * c) + zero_or_nan(c);
       kept |= 1u << t;
       with_gradient |= filtered ? 0u : (1u << t);
       local_max = z[t] > local_max ? z[t] : local_max;
@@ -103,12 +105,30 @@ __global__ void chunk_epilogue_kernel(const acc_t* __restrict__ logits, p_t* __r
 }
 
 // acc = acc * alpha[row] + partial, elementwise over [rows, dim].
-template <typename acc_t>
+//
+// GEMM 2 multiplies the probability 0 of an excluded slot by its weights, so a
+// non-finite slot that a row excludes would still make the row's partial NaN
+// (0 * NaN). A non-finite partial of a row whose running sum is finite (it has
+// kept no non-finite value) is such a case, which only a queue holding a
+// non-finite value makes: that element is recomputed here, plainly, with the
+// non-finite queue values zeroed. The check costs one compare per element.
+template <typename acc_t, typename p_t>
 __global__ void rescale_accumulate_kernel(acc_t* __restrict__ acc, const acc_t* __restrict__ partial,
-                                          const acc_t* __restrict__ alpha, int64_t rows, int64_t dim) {
+                                          const acc_t* __restrict__ alpha, const acc_t* __restrict__ row_sum,
+                                          const p_t* __restrict__ probs, const p_t* __restrict__ chunk,
+                                          int64_t rows, int64_t dim, int64_t cols) {
   const int64_t n = rows * dim;
   for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < n; k += int64_t{gridDim.x} * blockDim.x) {
-    acc[k] = acc[k] * alpha[k / dim] + partial[k];
+    const int64_t i = k / dim, d = k % dim;
+    acc_t add = partial[k];
+    if (!is_finite(add) && is_finite(row_sum[i])) {
+      add = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t w = static_cast<acc_t>(chunk[j * dim + d]);
+        if (is_finite(w)) add += static_cast<acc_t>(probs[i * cols + j]) * w;
+      }
+    }
+    acc[k] = acc[k] * alpha[i] + add;
   }
 }
 
@@ -152,8 +172,8 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   at::Tensor row_max = at::full({rows}, -std::numeric_limits<double>::infinity(), acc_opts);
   at::Tensor row_sum = at::zeros({rows}, acc_opts);
   at::Tensor alpha = at::empty({rows}, acc_opts);
-  at::Tensor acc = pass.with_accumulator ? at::zeros({rows, dim}, acc_opts) : at::Tensor();
-  at::Tensor partial = pass.with_accumulator ? at::empty({rows, dim}, acc_opts) : at::Tensor();
+  at::Tensor acc = pass.compute_grad ? at::zeros({rows, dim}, acc_opts) : at::Tensor();
+  at::Tensor partial = pass.compute_grad ? at::empty({rows, dim}, acc_opts) : at::Tensor();
   at::Tensor logits_buffer = at::empty({rows * chunk}, acc_opts);
   at::Tensor probs_buffer = at::empty({rows * chunk}, acc_opts.dtype(pass.gemm_dtype));
 
@@ -169,11 +189,13 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
         pass.queue_labels.data_ptr<int64_t>() + start, row_max.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>(),
         alpha.data_ptr<acc_t>(), len, params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (pass.with_accumulator) {
+    if (pass.compute_grad) {
       mm_into(partial, probs, w);
       const int blocks = static_cast<int>(std::min<int64_t>((rows * dim + kThreads - 1) / kThreads, 4096));
-      rescale_accumulate_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          acc.data_ptr<acc_t>(), partial.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), rows, dim);
+      rescale_accumulate_kernel<acc_t, p_t><<<blocks, kThreads, 0, stream>>>(
+          acc.data_ptr<acc_t>(), partial.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), row_sum.data_ptr<acc_t>(),
+          reinterpret_cast<const p_t*>(probs.data_ptr()), reinterpret_cast<const p_t*>(w.data_ptr()), rows, dim,
+          len);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

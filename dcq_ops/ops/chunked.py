@@ -1,7 +1,8 @@
 """The chunked backend's ops (C++/CUDA kernels in csrc/): the loss algebra's
-``margin_ce_partials`` and ``margin_ce_finalize``, and their composition
-``margin_cross_entropy`` with its autograd; fake kernels for all three, so
-that torch.compile traces them and opcheck passes."""
+``dcq_cross_entropy_partials`` and ``dcq_cross_entropy_finalize``, and their
+composition ``dcq_cross_entropy`` with its autograd; a wrapper named as each op,
+and fake kernels for all three, so that torch.compile traces them and opcheck
+passes."""
 
 from __future__ import annotations
 
@@ -16,32 +17,81 @@ DEFAULT_CHUNK_SIZE = 0
 
 if extension_loaded():
 
-    @torch.library.register_fake("dcq_ops::margin_cross_entropy")
-    def _margin_cross_entropy_fake(
+    @torch.library.register_fake("dcq_ops::dcq_cross_entropy")
+    def _dcq_cross_entropy_fake(
         embeddings, class_weights, labels, queue_weights, queue_labels,
-        scale, m1, m2, m3, filter_threshold, straight_through, compute_grad, chunk_size,
+        scale, m1, m2, m3, interclass_filtering_threshold, straight_through_margin, compute_grad, chunk_size,
     ):
         return fused_fake(embeddings, compute_grad, accumulation_dtype(embeddings, class_weights, queue_weights))
 
-    register_fused_autograd("dcq_ops::margin_cross_entropy", num_inputs=13)
+    register_fused_autograd("dcq_ops::dcq_cross_entropy", num_inputs=13)
 
-    @torch.library.register_fake("dcq_ops::margin_ce_partials")
-    def _partials_fake(embeddings, labels, queue_weights, queue_labels, scale, filter_threshold, with_accumulator,
-                       chunk_size):
+    @torch.library.register_fake("dcq_ops::dcq_cross_entropy_partials")
+    def _dcq_cross_entropy_partials_fake(embeddings, labels, queue_weights, queue_labels, scale,
+                                         interclass_filtering_threshold, compute_grad, chunk_size):
         rows, dim = embeddings.shape
         dtype = accumulation_dtype(embeddings, queue_weights)
         return (embeddings.new_empty((rows,), dtype=dtype), embeddings.new_empty((rows,), dtype=dtype),
-                embeddings.new_empty((rows if with_accumulator else 0, dim), dtype=dtype))
+                embeddings.new_empty((rows if compute_grad else 0, dim), dtype=dtype))
 
-    @torch.library.register_fake("dcq_ops::margin_ce_finalize")
-    def _finalize_fake(embeddings, class_weights, row_max, row_sum, accumulator, scale, m1, m2, m3,
-                       straight_through, compute_grad):
+    @torch.library.register_fake("dcq_ops::dcq_cross_entropy_finalize")
+    def _dcq_cross_entropy_finalize_fake(embeddings, class_weights, row_max, row_sum, accumulator, scale, m1, m2, m3,
+                                         straight_through_margin, compute_grad):
         return fused_fake(embeddings, compute_grad, accumulation_dtype(embeddings, class_weights, row_sum))
 
 
-def margin_cross_entropy_chunked(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
-                                 filter_threshold, straight_through, compute_grad, chunk_size=DEFAULT_CHUNK_SIZE):
-    """(loss per row [N], d loss_row / d embeddings [N, D] or [0, D]), in fp32 (fp64 for float64 inputs)."""
-    return torch.ops.dcq_ops.margin_cross_entropy(
+def dcq_cross_entropy(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
+                      interclass_filtering_threshold, straight_through_margin, compute_grad,
+                      chunk_size=DEFAULT_CHUNK_SIZE):
+    """``dcq_ops::dcq_cross_entropy``: (loss per row [N], d loss_row / d embeddings [N, D], or
+    [0, D] when ``compute_grad`` is false), in fp32 (fp64 for float64 inputs)."""
+    return torch.ops.dcq_ops.dcq_cross_entropy(
         embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
-        filter_threshold, straight_through, compute_grad, chunk_size)
+        interclass_filtering_threshold, straight_through_margin, compute_grad, chunk_size)
+
+
+def dcq_cross_entropy_partials(embeddings, labels, queue_weights, queue_labels, scale, interclass_filtering_threshold,
+                               compute_grad, chunk_size=DEFAULT_CHUNK_SIZE):
+    """``dcq_ops::dcq_cross_entropy_partials``: (row_max [N], row_sum [N], accumulator [N, D], or
+    [0, D] when ``compute_grad`` is false) of every row over this queue slice."""
+    return torch.ops.dcq_ops.dcq_cross_entropy_partials(
+        embeddings, labels, queue_weights, queue_labels, scale, interclass_filtering_threshold, compute_grad,
+        chunk_size)
+
+
+def dcq_cross_entropy_finalize(embeddings, class_weights, row_max, row_sum, accumulator, scale, m1, m2, m3,
+                               straight_through_margin, compute_grad):
+    """``dcq_ops::dcq_cross_entropy_finalize``: (loss per row [N], gradient rows [N, D] or [0, D])
+    from the merged partials of every row."""
+    return torch.ops.dcq_ops.dcq_cross_entropy_finalize(
+        embeddings, class_weights, row_max, row_sum, accumulator, scale, m1, m2, m3, straight_through_margin,
+        compute_grad)
+
+
+# ----------------------------------------------------------------------------
+# The backend table's entry points (dcq_ops.backends): the ops with a MarginConfig.
+
+
+def _compute_grad(embeddings: torch.Tensor) -> bool:
+    return embeddings.requires_grad and torch.is_grad_enabled()
+
+
+def loss_rows(embeddings, class_weights, labels, queue_weights, queue_labels, margin) -> torch.Tensor:
+    """The loss of every row [N], differentiable with respect to ``embeddings`` (its gradient
+    is computed in the same pass when they require one)."""
+    rows, _ = dcq_cross_entropy(
+        embeddings, class_weights, labels, queue_weights, queue_labels, margin.scale, margin.m1, margin.m2,
+        margin.m3, margin.interclass_filtering_threshold, margin.straight_through_margin, _compute_grad(embeddings))
+    return rows
+
+
+def partials(embeddings, labels, queue_weights, queue_labels, margin, compute_grad: bool):
+    """(row_max, row_sum, accumulator) of every row over this queue slice."""
+    return dcq_cross_entropy_partials(embeddings, labels, queue_weights, queue_labels, margin.scale,
+                                      margin.interclass_filtering_threshold, compute_grad)
+
+
+def finalize(embeddings, class_weights, row_max, row_sum, accumulator, margin, compute_grad: bool):
+    """(loss rows, gradient rows) from the merged partials of every row."""
+    return dcq_cross_entropy_finalize(embeddings, class_weights, row_max, row_sum, accumulator, margin.scale,
+                                      margin.m1, margin.m2, margin.m3, margin.straight_through_margin, compute_grad)
