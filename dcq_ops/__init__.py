@@ -6,9 +6,13 @@ multi-rank queue strategies (``dcq_ops.parallel``). The loss is defined in
 docs/loss.md.
 
 The training application (backbones, data, heads, verification, the loop) is
-the subpackage ``dcq_ops.training``; its names are also reachable from here,
-loaded on first use, so ``import dcq_ops`` never imports the application.
+the subpackage ``dcq_ops.training``: import its names from there. (They are still
+reachable from here for one release, with a DeprecationWarning, loaded on first use,
+so ``import dcq_ops`` never imports the application.) docs/api.md is the reference.
 """
+
+import warnings as _warnings
+
 
 from dcq_ops._extension import EXTENSION_ERROR, cpu_capability, extension_loaded, has_cuda_kernels
 from dcq_ops.backends import backends, select_backend
@@ -21,7 +25,7 @@ from dcq_ops.queue import ClassQueue
 
 __version__ = "0.1.0"
 
-# Aliases of the training application's names (dcq_ops.training), imported on first use.
+# Deprecated aliases of the training application's names (dcq_ops.training), imported on first use.
 _TRAINING = ("DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCHead", "SmallCNN",
              "SyntheticConfig", "TensorImages", "TrainConfig", "Trainer", "TwoViewBatchSampler", "TwoViewDataset",
              "RecordIOImages", "pack_folder", "build_backbone", "build_head", "evaluate_bin", "kfold_accuracy",
@@ -30,6 +34,8 @@ _TRAINING = ("DCQHead", "FullSoftmaxHead", "IResNet", "ImageFolder", "PartialFCH
 
 def __getattr__(name):
     if name in _TRAINING:
+        _warnings.warn(f"dcq_ops.{name} is deprecated: import it from dcq_ops.training (the root namespace is the "
+                       "library only)", DeprecationWarning, stacklevel=2)
         from dcq_ops import training
         return getattr(training, name)
     raise AttributeError(f"module 'dcq_ops' has no attribute {name!r}")

@@ -23,11 +23,22 @@ except ImportError as exc:  # not built, or built against another torch
 
 
 def extension_loaded() -> bool:
+    """Whether the compiled extension dcq_ops._C loaded (if not, ``EXTENSION_ERROR`` says why).
+
+    Returns
+    -------
+    bool
+    """
     return EXTENSION_ERROR is None
 
 
 def has_cuda_kernels() -> bool:
-    """Whether the loaded extension was compiled with its CUDA kernels."""
+    """Whether the loaded extension was compiled with its CUDA kernels.
+
+    Returns
+    -------
+    bool
+    """
     if EXTENSION_ERROR is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("dcq_ops::queue_enqueue_", "CUDA")
@@ -39,8 +50,14 @@ def require_extension(what: str) -> None:
 
 
 def cpu_capability() -> str | None:
-    """The instruction set of the chunked backend's CPU epilogue in use ("avx512",
-    "avx2" or "default"; ATEN_CPU_CAPABILITY lowers it), or None without the extension."""
+    """The instruction set of the chunked backend's CPU epilogue in use.
+
+    Returns
+    -------
+    str or None
+        "avx512", "avx2" or "default" (ATEN_CPU_CAPABILITY lowers it), or None without
+        the extension.
+    """
     if EXTENSION_ERROR is not None:
         return None
     from dcq_ops import _C

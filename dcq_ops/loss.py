@@ -7,13 +7,14 @@ import math
 import torch
 from torch import nn
 
-from dcq_ops.algebra import RowLoss
 from dcq_ops.backends import select_backend
-from dcq_ops.functional import check_arguments
+from dcq_ops.batch_guard import BatchGuard, check_values_now
+from dcq_ops.loss_kernels import LossKernels
 from dcq_ops.margin import margin_from
 from dcq_ops.parallel import STRATEGIES, check_mode, make_sharded_queue, resolve_mode
 from dcq_ops.queue import ClassQueue
-from dcq_ops.validation import BatchGuard, check_values_now
+from dcq_ops.validation import (check_float_tensor, check_label_tensor, check_loss_arguments, check_number,
+                                check_positive_int, check_reduction)
 
 QUEUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALIDATE_MODES = ("async", "eager", "off")
@@ -25,42 +26,58 @@ def auto_queue_dtype(device) -> torch.dtype:
 
 
 class DCQLoss(nn.Module):
-    """Margin softmax loss against a Dynamic Class Queue instead of a class-weight matrix.
+    """Margin softmax loss against a Dynamic Class Queue instead of a class-weight matrix:
+    the drop-in replacement of arcface_torch's ``PartialFC_V2``.
 
-    The first five parameters mirror ``PartialFC_V2(margin_loss, embedding_size,
-    num_classes, sample_rate, fp16)``. The queue holds ``queue_size`` slots, or
-    else ``ceil(sample_rate * num_classes)``; its memory and the loss's cost do
-    not depend on the number of classes otherwise.
+    ``forward(embeddings, labels, class_weights)`` is the loss of the batch against the
+    queue as it was before the call; then, in training mode only, the (normalised)
+    ``class_weights`` and ``labels`` are enqueued. ``class_weights`` are the weight
+    generator's embeddings of a second view of each sample and receive no gradient.
+    The queue's memory and the loss's cost do not depend on the number of classes.
 
-    ``forward(embeddings, labels, class_weights)``: the loss of the batch against
-    the queue as it was before the call; then, in training mode only, the
-    (normalised) ``class_weights`` and ``labels`` are enqueued. ``class_weights``
-    are the weight generator's embeddings of a second view of each sample and
-    receive no gradient.
-
-    Dtypes: both GEMMs of the loss take their operands in the queue's dtype;
-    accumulation, the loss and the gradient are fp32 (docs/loss.md, "Numerics").
-    ``queue_dtype="auto"`` is bf16 on CUDA (tensor cores) and fp32 on the CPU,
-    and follows the module when it moves (``.cuda()``, ``.cpu()``); or give
-    torch.float32, torch.bfloat16 or torch.float16. ``fp16=True`` means
-    ``queue_dtype=torch.float16``, as ``PartialFC_V2(fp16=True)`` runs its GEMMs
-    in fp16. An fp32 queue on CUDA uses TF32 unless
-    ``torch.get_float32_matmul_precision() == "highest"``. Under autocast the
-    loss is still accumulated in fp32.
-
-    ``validate``: "async" (default, also ``True``) checks every training batch
-    on the device with no host sync: a batch with a bad label (< 0 or >=
-    num_classes) or a non-finite value is never enqueued, and ``ValueError``
-    naming the step and the reason is raised at the next call (or by
-    ``check()``); "eager" raises at once, at the cost of one host sync per step;
-    "off" (also ``False``) checks nothing. See dcq_ops/validation.py.
-    ``save_queue=False`` leaves the queue out of ``state_dict`` (as the paper's
-    code did).
-
-    ``distributed`` ("auto", "none", "gathered", "sharded") and ``process_group``
-    (default: the default group): how ranks of torch.distributed share the queue
-    (dcq_ops/parallel/); "auto" is "gathered" (the paper's: every rank holds the
-    same queue) under a process group of more than one rank. See docs/distributed.md.
+    Parameters
+    ----------
+    margin_loss : object or None
+        None (the paper's CosFace, s=50, m=0.3), a MarginConfig, or arcface_torch's
+        ``CombinedMarginLoss`` / ``ArcFace`` / ``CosFace`` (read by attribute: see
+        ``margin_from``).
+    embedding_size : int
+        D, the embeddings' width.
+    num_classes : int, optional
+        The number of identities: labels must be below it (checked on the device).
+    sample_rate : float
+        In (0, 1]: the queue holds ``ceil(sample_rate * num_classes)`` slots unless
+        ``queue_size`` is given (arcface_torch's name for the share of classes).
+    fp16 : bool
+        ``queue_dtype=torch.float16`` (as ``PartialFC_V2(fp16=True)`` runs its GEMMs in fp16).
+    queue_size : int, optional
+        The number of slots (of the global queue, when sharded).
+    queue_dtype : "auto" or torch.dtype
+        The dtype of the queue and of both GEMMs' operands; accumulation, the loss and
+        the gradient are fp32 (docs/loss.md, "Numerics"). "auto": bf16 on CUDA (tensor
+        cores), fp32 on the CPU, following the module through ``.cuda()``/``.cpu()``. An
+        fp32 queue on CUDA uses TF32 unless ``torch.get_float32_matmul_precision() ==
+        "highest"``. Under autocast the loss is still accumulated in fp32.
+    backend : str
+        "auto", "triton", "chunked" or "reference" (``dcq_ops.backends()``).
+    validate : str or bool
+        "async" (default, ``True``): every training batch is checked on the device with
+        no host sync; a batch with a bad label or a non-finite or zero value is never
+        enqueued, and ``ValueError`` naming the step and the reason is raised at the next
+        call (or by ``check()``). "eager": raised at once (one host sync per step).
+        "off" (``False``): nothing is checked. docs/validation.md says what each protects.
+    reduction : str
+        "mean", "sum" or "none".
+    save_queue : bool
+        Keep the queue in ``state_dict`` (False: as the paper's code did).
+    device : torch.device or str, optional
+        Where the queue is created.
+    distributed : str
+        "auto", "none", "gathered" or "sharded": how ranks of torch.distributed share
+        the queue (docs/distributed.md); "auto" is "gathered" (every rank holds the same
+        queue, the paper's) under a process group of more than one rank.
+    process_group : ProcessGroup, optional
+        Default: the default group.
     """
 
     def __init__(
@@ -83,19 +100,15 @@ class DCQLoss(nn.Module):
     ):
         super().__init__()
         self.margin = margin_from(margin_loss)
-        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size <= 0:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes <= 0):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("num_classes", num_classes, allow_none=True)
         if queue_size is None:
             if num_classes is None:
                 raise ValueError("give queue_size, or num_classes and sample_rate (queue = ceil(sample_rate * num_classes))")
-            if not 0 < sample_rate <= 1:
-                raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+            sample_rate = check_number("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
             queue_size = math.ceil(sample_rate * num_classes)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_positive_int("queue_size", queue_size)
+        check_reduction(reduction)
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.sample_rate = sample_rate
@@ -115,7 +128,7 @@ class DCQLoss(nn.Module):
             self.queue = ClassQueue(queue_size, embedding_size, dtype=dtype, device=device, persistent=save_queue)
         self.guard = BatchGuard(num_classes, device=device)
         select_backend(self.queue.weights.device, backend)  # fail early on an unusable backend
-        self.row_loss = RowLoss(self.margin, backend)
+        self.kernels = LossKernels(self.margin, backend)
 
     # ----------------------------------------------------------------- settings
 
@@ -155,15 +168,60 @@ class DCQLoss(nn.Module):
 
     def extra_repr(self) -> str:
         m = self.margin
-        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, queue_size={self.queue.size}, "
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, queue_size={self.queue_size}, "
                 f"queue_dtype={self.queue.weights.dtype}, s={m.scale}, m1={m.m1}, m2={m.m2}, m3={m.m3}, "
-                f"filter={m.interclass_filtering_threshold}, straight_through={m.straight_through}, "
+                f"filter={m.interclass_filtering_threshold}, straight_through_margin={m.straight_through_margin}, "
                 f"backend={self.backend}, validate={self.validate}")
 
     @property
     def resolved_backend(self) -> str:
         """The backend that runs for this module's device ("auto" resolved)."""
-        return select_backend(self.queue.weights.device, self.backend)
+        return select_backend(self.queue.weights.device, self.backend, warn=False)
+
+    @property
+    def queue_size(self) -> int:
+        """The number of slots of the queue (of the global queue, when it is sharded)."""
+        return self.queue.queue_size
+
+    @property
+    def no_class_label(self) -> int:
+        """The label of queue slots that belong to no class (``num_classes``): a negative
+        for every row, never excluded. ``prefill`` gives it to random warm-up vectors.
+        Without ``num_classes`` there is none (every label >= 0 may be a class)."""
+        if self.num_classes is None:
+            raise ValueError("DCQLoss without num_classes has no label of no class: give num_classes, or labels")
+        return self.num_classes
+
+    @torch.no_grad()
+    def prefill(self, class_weights: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Enqueue class weights without computing a loss: a warm-up of the queue before the
+        first step (e.g. the weight generator's embeddings of training images, or random
+        vectors), so that every slot is a negative from the start.
+
+        Parameters
+        ----------
+        class_weights : torch.Tensor
+            [B, D] with B <= ``queue_size``; normalised on the way in, as in a step.
+        labels : torch.Tensor, optional
+            [B] integer labels in [0, num_classes); default: ``no_class_label`` for every
+            row (random warm-up vectors belong to no class).
+
+        Notes
+        -----
+        The values are checked at once (one host sync: this is not a training step). In
+        the gathered mode every rank must prefill the same batch, so that the queues stay
+        equal; in the sharded mode too (each rank writes the slots of its block).
+        """
+        # check_values_now's embeddings are an empty slice: a prefill has none to check.
+        if labels is None:
+            check_float_tensor("class_weights", class_weights, dim=2)
+            labels = torch.full((class_weights.shape[0],), self.no_class_label, dtype=torch.long,
+                                device=class_weights.device)
+            check_values_now(class_weights[:0], labels, class_weights, None)  # the label is above every class
+        else:
+            labels = check_label_tensor("labels", labels)
+            check_values_now(class_weights[:0], labels, class_weights, self.num_classes)
+        self.queue.enqueue(class_weights.detach(), labels)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -177,9 +235,10 @@ class DCQLoss(nn.Module):
         labels = state_dict.get(prefix + "queue.labels")
         if self.num_classes is not None and isinstance(labels, torch.Tensor) and labels.numel():
             high = int(labels.max())  # the queue itself checks everything that does not need num_classes
-            if high >= self.num_classes:
-                raise ValueError(f"loading DCQLoss: the queue's labels must be < num_classes = {self.num_classes}, "
-                                 f"got {high} (a checkpoint of a run with more classes?)")
+            if high > self.no_class_label:
+                raise ValueError(f"loading DCQLoss: the queue's labels must be < num_classes = {self.num_classes} "
+                                 f"(or num_classes itself, the label of warm-up slots of no class), got {high} "
+                                 "(a checkpoint of a run with more classes?)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -196,22 +255,58 @@ class DCQLoss(nn.Module):
         device's status at once (one host sync)."""
         self.guard.check(now=True)
 
+    def pending_report(self) -> str | None:
+        """The report of a bad batch that validate="async" kept out of the queue and has not
+        reported yet (the text of the ValueError the next call would raise), or None; once
+        returned it is not raised. For a training loop that logs bad batches instead of
+        stopping. On a GPU it waits only for the last step's status copy, as the next call
+        would.
+
+        Returns
+        -------
+        str or None
+        """
+        try:
+            self.guard.check()
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        """The loss of the batch against the queue as it was; then, in training mode, the
+        batch's class weights and labels are enqueued.
+
+        Parameters
+        ----------
+        embeddings : torch.Tensor
+            [N, embedding_size], the feature extractor's output (the only input that
+            receives a gradient).
+        labels : torch.Tensor
+            [N] or [N, 1] integer labels.
+        class_weights : torch.Tensor
+            [N, embedding_size], the weight generator's embeddings of a second view of
+            each sample.
+
+        Returns
+        -------
+        torch.Tensor
+            The loss, reduced as ``reduction`` says (fp32).
+        """
         strategy = self.strategy()
-        on_device = self.validate == "async" and strategy.mode == "none"
+        on_device = self.validate == "async" and strategy.validates_on_device
         if on_device:
             self.guard.check()  # a bad batch of an earlier step surfaces here
         batch = strategy.exchange(embeddings, lambda: self._prepare(embeddings, labels, class_weights,
                                                                      eager=self.validate == "eager" or not on_device),
                                   training=self.training)
         if on_device and self.training:
-            batch.guard = self.guard.reasons(batch.embeddings, batch.labels, batch.class_weights)
+            batch.bad_reasons = self.guard.reasons(batch.embeddings, batch.labels, batch.class_weights)
             degenerate = BatchGuard.degenerate(batch.labels, self.queue.labels)
-        loss = strategy.reduce(strategy.loss_rows(batch, self.row_loss), batch, self.reduction)
+        loss = strategy.reduce(strategy.loss_rows(batch, self.kernels), batch, self.reduction)
         if self.training:
             strategy.enqueue(batch)
             if on_device:
-                self.guard.record(batch.guard, degenerate)
+                self.guard.record(batch.bad_reasons, degenerate)
         return loss
 
     def _prepare(self, embeddings, labels, class_weights, *, eager: bool):
@@ -224,7 +319,7 @@ class DCQLoss(nn.Module):
         if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be [N, {self.embedding_size}] (DCQLoss's embedding_size), "
                              f"got shape {tuple(embeddings.shape)}")
-        check_arguments(embeddings, class_weights, labels, self.queue.weights, self.queue.labels)
+        check_loss_arguments(embeddings, class_weights, labels, self.queue.weights, self.queue.labels)
         if self.training:
             self.queue.check_enqueue(class_weights, labels)
         class_weights = class_weights.detach()
@@ -232,13 +327,6 @@ class DCQLoss(nn.Module):
             check_values_now(embeddings, labels, class_weights, self.num_classes)
         return labels, class_weights
 
-    def _flatten_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-        if labels.dim() == 2 and labels.shape[1] == 1:
-            labels = labels.view(-1)
-        if labels.dim() != 1:
-            raise ValueError(f"labels must have shape [N] or [N, 1], got {tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        return labels.long()
+    @staticmethod
+    def _flatten_labels(labels: torch.Tensor) -> torch.Tensor:
+        return check_label_tensor("labels", labels, allow_column=True)  # arcface_torch passes [N, 1]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dcq_ops.validation import check_number
+
 # Below this sin(theta) the margin's derivative is evaluated at theta = EPS
 # (or pi - EPS): the derivative of cos(m1*theta + m2) with respect to cos(theta)
 # is m1*sin(m1*theta + m2)/sin(theta), which is 0/0 at c = +-1. Clamping theta
@@ -35,21 +37,21 @@ def margin_derivative(cosine: torch.Tensor, m1: float, m2: float) -> torch.Tenso
 class _MarginLogit(torch.autograd.Function):
     """z = s*(cos(m1*acos(c) + m2) - m3) with the stable derivative above.
 
-    With ``straight_through`` the gradient is that of z = s*c, as arcface_torch
+    With ``straight_through_margin`` the gradient is that of z = s*c, as arcface_torch
     does when it applies the ArcFace margin under ``no_grad``.
     """
 
     @staticmethod
-    def forward(ctx, cosine, scale, m1, m2, m3, straight_through):
+    def forward(ctx, cosine, scale, m1, m2, m3, straight_through_margin):
         ctx.save_for_backward(cosine)
-        ctx.params = (scale, m1, m2, straight_through)
+        ctx.params = (scale, m1, m2, straight_through_margin)
         return scale * margin_value(cosine, m1, m2, m3)
 
     @staticmethod
     def backward(ctx, grad_out):
         (cosine,) = ctx.saved_tensors
-        scale, m1, m2, straight_through = ctx.params
-        if straight_through:
+        scale, m1, m2, straight_through_margin = ctx.params
+        if straight_through_margin:
             dz_dc = torch.full_like(cosine, scale)
         else:
             dz_dc = scale * margin_derivative(cosine, m1, m2)
@@ -57,9 +59,9 @@ class _MarginLogit(torch.autograd.Function):
 
 
 def margin_logit(cosine: torch.Tensor, scale: float, m1: float, m2: float, m3: float,
-                 straight_through: bool = False) -> torch.Tensor:
+                 straight_through_margin: bool = False) -> torch.Tensor:
     """The positive logit z = s*(cos(m1*acos(c) + m2) - m3), with the stable derivative."""
-    return _MarginLogit.apply(cosine, scale, m1, m2, m3, straight_through)
+    return _MarginLogit.apply(cosine, scale, m1, m2, m3, straight_through_margin)
 
 
 
@@ -68,10 +70,25 @@ class MarginConfig:
     """z_pos = scale * (cos(m1*theta + m2) - m3); negatives scale * cos.
 
     CosFace: m1=1, m2=0, m3>0. ArcFace: m1=1, m2>0, m3=0. SphereFace: m1>1.
-    ``straight_through`` gives the positive the gradient of scale * cos, as
+    ``straight_through_margin`` gives the positive the gradient of scale * cos, as
     arcface_torch's CombinedMarginLoss does for ArcFace (margin under no_grad).
     ``interclass_filtering_threshold`` (0 = off): inter-class cosines above it
     count as 0, with no gradient.
+
+    Attributes
+    ----------
+    scale : float
+        s > 0.
+    m1 : float
+        Multiplicative angular margin, >= 1.
+    m2 : float
+        Additive angular margin.
+    m3 : float
+        Additive cosine margin.
+    interclass_filtering_threshold : float
+        In [0, 1); 0 = off.
+    straight_through_margin : bool
+        The positive's gradient as if z = s * c.
     """
 
     scale: float = 50.0
@@ -79,30 +96,27 @@ class MarginConfig:
     m2: float = 0.0
     m3: float = 0.3
     interclass_filtering_threshold: float = 0.0
-    straight_through: bool = False
+    straight_through_margin: bool = False
 
     def __post_init__(self):
-        for name in ("scale", "m1", "m2", "m3", "interclass_filtering_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise TypeError(f"MarginConfig.{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))  # plain floats (numpy scalars, ints accepted)
-        if not self.scale > 0:
-            raise ValueError(f"MarginConfig.scale must be > 0, got {self.scale}")
-        if not self.m1 >= 1:
-            raise ValueError(f"MarginConfig.m1 (multiplicative angular margin) must be >= 1, got {self.m1}")
-        if not 0 <= self.interclass_filtering_threshold < 1:
-            raise ValueError("MarginConfig.interclass_filtering_threshold must be in [0, 1) (0 = off), "
-                             f"got {self.interclass_filtering_threshold}")
-        if not isinstance(self.straight_through, bool):
-            raise TypeError(f"MarginConfig.straight_through must be a bool, got {self.straight_through!r}")
+        # Plain floats (numpy scalars, ints, one-element tensors accepted), each checked once here:
+        # the functional form builds a MarginConfig too, so both paths refuse the same values.
+        ranges = {"scale": ("", dict(low=0.0, low_open=True)),
+                  "m1": (" (multiplicative angular margin)", dict(low=1.0)),
+                  "m2": (" (additive angular margin)", {}), "m3": (" (additive cosine margin)", {}),
+                  "interclass_filtering_threshold": (" (0 = off)", dict(low=0.0, high=1.0, high_open=True))}
+        for name, (meaning, bounds) in ranges.items():
+            value = check_number(f"MarginConfig.{name}{meaning}", getattr(self, name), **bounds)
+            object.__setattr__(self, name, value)
+        if not isinstance(self.straight_through_margin, bool):
+            raise TypeError(f"MarginConfig.straight_through_margin must be a bool, got {self.straight_through_margin!r}")
 
     def kwargs(self) -> dict:
-        """Keyword arguments of dcq_cross_entropy."""
+        """The margin as keyword arguments of ``dcq_cross_entropy``."""
         return dict(
             scale=self.scale, m1=self.m1, m2=self.m2, m3=self.m3,
             interclass_filtering_threshold=self.interclass_filtering_threshold,
-            straight_through_margin=self.straight_through,
+            straight_through_margin=self.straight_through_margin,
         )
 
 
@@ -151,14 +165,14 @@ def _combined(margin_loss) -> MarginConfig:
         if not 0.0 < threshold < 1.0:
             threshold = 0.0
     if m1 == 1.0 and m3 == 0.0:
-        return MarginConfig(s, 1.0, m2, 0.0, threshold, straight_through=True)
+        return MarginConfig(s, 1.0, m2, 0.0, threshold, straight_through_margin=True)
     if m3 > 0.0 and (m1 != 1.0 or m2 != 0.0):
         raise ValueError(
             f"margin_loss has m1={m1}, m2={m2}, m3={m3}: arcface_torch's CombinedMarginLoss applies only the "
             "CosFace margin m3 when m3 > 0 and silently ignores m1 and m2. DCQLoss does not guess: set m1=1, m2=0 "
             "to keep arcface_torch's behaviour, or pass dcq_ops.MarginConfig(scale, m1, m2, m3) for the combined "
             "margin cos(m1*theta + m2) - m3")
-    return MarginConfig(s, m1, m2, m3, threshold, straight_through=False)
+    return MarginConfig(s, m1, m2, m3, threshold, straight_through_margin=False)
 
 
 def margin_from(margin_loss) -> MarginConfig:
@@ -172,6 +186,16 @@ def margin_from(margin_loss) -> MarginConfig:
     - ``CosFace(s, m)``: CosFace. An old arcface_torch ``ArcFace(s, m)`` also stored
       ``(s, m)``; it is recognised by its class name and backpropagated through the
       margin, so it gets the exact gradient.
+
+    Parameters
+    ----------
+    margin_loss : object or None
+        None (the paper's CosFace, s=50, m=0.3), a MarginConfig, or an arcface_torch
+        margin object (see above).
+
+    Returns
+    -------
+    MarginConfig
     """
     if margin_loss is None:
         return PAPER_MARGIN
@@ -182,7 +206,7 @@ def margin_from(margin_loss) -> MarginConfig:
         return _combined(margin_loss)
     if has("margin") and (has("s") or has("scale")):  # ArcFace(s, margin)
         scale = _number(margin_loss, "s" if has("s") else "scale")
-        return MarginConfig(scale, 1.0, _number(margin_loss, "margin"), 0.0, 0.0, straight_through=True)
+        return MarginConfig(scale, 1.0, _number(margin_loss, "margin"), 0.0, 0.0, straight_through_margin=True)
     if has("s") and has("m"):
         if "arcface" in type(margin_loss).__name__.lower():  # arcface_torch's first ArcFace(s, m)
             return MarginConfig(_number(margin_loss, "s"), 1.0, _number(margin_loss, "m"), 0.0, 0.0, False)

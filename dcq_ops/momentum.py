@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from dcq_ops.validation import check_number
+
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
@@ -31,15 +33,21 @@ class MomentumEncoder(nn.Module):
 
     The source module is remembered but not registered as a submodule, so
     ``state_dict`` holds the generator's own weights only.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The feature extractor f (DDP, DataParallel and torch.compile wrappers are
+        looked through); the generator starts as a deep copy of it.
+    momentum : float
+        In [0, 1]: the share of g kept at each update (the paper: 0.999).
     """
 
     def __init__(self, module: nn.Module, momentum: float = 0.999):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = check_number("momentum", momentum, low=0.0, high=1.0)
         self.module = copy.deepcopy(unwrap(module))
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -47,6 +55,8 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, module: nn.Module | None = None, *, copy_buffers: bool = True) -> None:
+        """One EMA step of the generator's parameters toward ``module`` (default: the module
+        it was made from); with ``copy_buffers`` its buffers are copied as well."""
         source = unwrap(module if module is not None else self._source[0])
         mine = list(self.module.parameters())
         theirs = list(source.parameters())
@@ -62,5 +72,6 @@ class MomentumEncoder(nn.Module):
             torch._foreach_copy_(my_buffers, their_buffers)
 
     def forward(self, *args, **kwargs):
+        """The generator's output for these inputs, under ``torch.no_grad()``."""
         with torch.no_grad():
             return self.module(*args, **kwargs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcq_ops.ops.queue import queue_enqueue_
+from dcq_ops.backends import enqueue_function
+from dcq_ops.validation import check_float_tensor, check_label_tensor, check_positive_int, check_same_device
 
 _QUEUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,69 +56,86 @@ def check_queue_state(weights: torch.Tensor, labels: torch.Tensor, ptr: torch.Te
 class ClassQueue(nn.Module):
     """K slots of unit-norm class weights [K, D] and their labels [K] (-1 = empty).
 
-    ``enqueue(keys, labels)`` L2-normalises the keys (inside the kernel) and writes
-    them first-in-first-out, overwriting the oldest slots and wrapping around.
-    The write position ``ptr`` lives on the queue's device: enqueueing never
-    synchronises with the host. All three are buffers, so ``state_dict``
-    round-trips (``persistent=False`` leaves them out of it).
+    ``enqueue(class_weights, labels)`` L2-normalises the class weights (inside the
+    kernel) and writes them first-in-first-out, overwriting the oldest slots and
+    wrapping around. The write position ``ptr`` lives on the queue's device:
+    enqueueing never synchronises with the host. All three are buffers, so
+    ``state_dict`` round-trips (``persistent=False`` leaves them out of it), and a
+    state is checked before it is loaded (``check_queue_state``).
+
+    Parameters
+    ----------
+    queue_size : int
+        K, the number of slots.
+    dim : int
+        D, the width of a class weight.
+    dtype : torch.dtype
+        float32, bfloat16 or float16: the queue's (and the loss's GEMM operands') dtype.
+    device : torch.device or str, optional
+    persistent : bool
+        Whether the queue is part of ``state_dict``.
     """
 
-    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None,
+    def __init__(self, queue_size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None,
                  persistent: bool = True):
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        check_positive_int("queue_size", queue_size)
+        check_positive_int("dim", dim)
         if dtype not in _QUEUE_DTYPES:
             raise TypeError(f"dtype must be one of {_QUEUE_DTYPES}, got {dtype}")
-        self.register_buffer("weights", torch.zeros(size, dim, dtype=dtype, device=device), persistent=persistent)
-        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long, device=device), persistent=persistent)
+        slots = self._local_slots(queue_size)
+        self.register_buffer("weights", torch.zeros(slots, dim, dtype=dtype, device=device), persistent=persistent)
+        self.register_buffer("labels", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=persistent)
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long, device=device), persistent=persistent)
 
+    _size_words = "the queue size"  # for messages
+
+    def _local_slots(self, queue_size: int) -> int:
+        """How many of the queue's slots this module holds (all of them; a shard holds a block)."""
+        return queue_size
+
     @property
-    def size(self) -> int:
+    def queue_size(self) -> int:
+        """K, the number of slots of the queue (the write pointer counts modulo K)."""
         return self.weights.shape[0]
 
     @property
     def dim(self) -> int:
+        """D, the width of a class weight."""
         return self.weights.shape[1]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.weights.dtype}"
+        return f"queue_size={self.queue_size}, dim={self.dim}, dtype={self.weights.dtype}"
 
     @torch.no_grad()
     def reset(self) -> None:
+        """Empty every slot (label -1, zero weights) and rewind the pointer."""
         self.weights.zero_()
         self.labels.fill_(-1)
         self.ptr.zero_()
 
-    def batch_limit(self) -> tuple[int, str]:
-        """The largest batch one enqueue takes, and what it is (for the error message)."""
-        return self.size, "the queue size"
+    def check_enqueue(self, class_weights: torch.Tensor, labels: torch.Tensor) -> None:
+        """Shape, dtype and device checks of a batch to enqueue (no host sync); they raise
+        before anything is written.
 
-    def check_enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
-        """Shape, dtype and device checks (no host sync); raise before anything is written."""
-        if not isinstance(keys, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise TypeError(f"keys and labels must be tensors, got {type(keys).__name__} and {type(labels).__name__}")
-        if keys.dim() != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"keys must be [B, {self.dim}], got shape {tuple(keys.shape)}")
-        if not keys.is_floating_point():
-            raise TypeError(f"keys must be a floating-point tensor, got {keys.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != keys.shape[0]:
-            raise ValueError(f"labels must be [{keys.shape[0]}] (one per key), got shape {tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        limit, what = self.batch_limit()
-        if not 1 <= keys.shape[0] <= limit:
-            raise ValueError(f"batch size must be between 1 and {what} {limit}, got {keys.shape[0]}")
-        for name, t in (("keys", keys), ("labels", labels)):
-            if t.device != self.weights.device:
-                raise ValueError(f"{name} must be on the queue's device ({self.weights.device}), got {t.device}")
-
-    def ptr_limit(self) -> int:
-        """The number of values the write pointer takes (it counts slots modulo this)."""
-        return self.size
+        Parameters
+        ----------
+        class_weights : torch.Tensor
+            [B, D] floating point, 1 <= B <= queue_size.
+        labels : torch.Tensor
+            [B] integer.
+        """
+        check_float_tensor("class_weights", class_weights, dim=2)
+        if class_weights.shape[1] != self.dim:
+            raise ValueError(f"class_weights must be [B, {self.dim}], got shape {tuple(class_weights.shape)}")
+        check_label_tensor("labels", labels)
+        if labels.shape[0] != class_weights.shape[0]:
+            raise ValueError(f"labels must be [{class_weights.shape[0]}] (one per class weight), "
+                             f"got shape {tuple(labels.shape)}")
+        if not 1 <= class_weights.shape[0] <= self.queue_size:
+            raise ValueError(f"batch size must be between 1 and {self._size_words} {self.queue_size}, "
+                             f"got {class_weights.shape[0]}")
+        check_same_device("the queue", self.weights, class_weights=class_weights, labels=labels)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -129,14 +147,26 @@ class ClassQueue(nn.Module):
             weights, labels, ptr = (state_dict[n] for n in names)
             if (tuple(weights.shape) == tuple(self.weights.shape) and tuple(labels.shape) == tuple(self.labels.shape)
                     and weights.is_floating_point()):  # otherwise the shape error below says what is wrong
-                check_queue_state(weights, labels, ptr, ptr_limit=self.ptr_limit(),
+                check_queue_state(weights, labels, ptr, ptr_limit=self.queue_size,
                                   what=f"loading {type(self).__name__} ({prefix or 'state_dict'})")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None) -> None:
-        """Write the batch; with ``guard`` (int64 [1] on the queue's device), only if it is 0
-        (decided on the device: a batch found bad there never enters the queue)."""
-        self.check_enqueue(keys, labels)
-        queue_enqueue_(self.weights, self.labels, self.ptr, keys.detach(), labels.long(), guard)
+    def enqueue(self, class_weights: torch.Tensor, labels: torch.Tensor,
+                bad_reasons: torch.Tensor | None = None) -> None:
+        """Write a batch into the oldest slots.
+
+        Parameters
+        ----------
+        class_weights : torch.Tensor
+            [B, D]; normalised on the way in.
+        labels : torch.Tensor
+            [B] integer.
+        bad_reasons : torch.Tensor, optional
+            int64 [1] on the queue's device: the batch is written only if it is 0
+            (decided on the device: a batch found bad there never enters the queue).
+        """
+        self.check_enqueue(class_weights, labels)
+        enqueue_function(self.weights.device)(self.weights, self.labels, self.ptr, class_weights.detach(),
+                                              labels.long(), bad_reasons)

@@ -45,9 +45,9 @@ def cosine_rounding(embeddings, queue_weights, gemm_dtype):
     return ((rounded - exact) @ queue_weights.double().t()).abs().amax(dim=1)
 
 
-def positive_slope(embeddings, class_weights, m1, m2, scale, straight_through=False):
+def positive_slope(embeddings, class_weights, m1, m2, scale, straight_through_margin=False):
     """|dz_pos/dc| of each row, as the backends compute it."""
-    if straight_through:
+    if straight_through_margin:
         return torch.full((embeddings.shape[0],), scale, dtype=torch.float64, device=embeddings.device)
     cos = (F.normalize(embeddings.double(), dim=1) * F.normalize(class_weights.double(), dim=1)).sum(1)
     return (scale * margin_math.margin_derivative(cos, m1, m2)).abs()

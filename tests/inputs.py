@@ -28,7 +28,7 @@ def make_inputs(rows=37, dim=45, slots=203, num_classes=60, empty=17, dtype=torc
             queue_weights.to(queue_dtype).to(device), queue_labels.to(device))
 
 
-# Margin settings every backend is tested on: (scale, m1, m2, m3, threshold, straight_through).
+# Margin settings every backend is tested on: (scale, m1, m2, m3, threshold, straight_through_margin).
 MARGINS = {
     "cosface": dict(scale=50.0, m1=1.0, m2=0.0, m3=0.3),
     "arcface": dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0),

@@ -176,10 +176,10 @@ def test_filtering_and_straight_through_are_exercised():
     filtered, _ = reference_loss_and_grad(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.25), weight, embeddings, labels)
     unfiltered, _ = reference_loss_and_grad(CombinedMarginLoss(64, 1.0, 0.5, 0.0), weight, embeddings, labels)
     assert abs(filtered - unfiltered) > 1e-2
-    _, straight_through = dcq_with_full_queue(CombinedMarginLoss(64, 1.0, 0.5, 0.0), weight, embeddings, labels,
+    _, straight_through_margin = dcq_with_full_queue(CombinedMarginLoss(64, 1.0, 0.5, 0.0), weight, embeddings, labels,
                                               CPU_BACKENDS[0])
     _, exact = dcq_with_full_queue(MarginConfig(64, 1.0, 0.5, 0.0), weight, embeddings, labels, CPU_BACKENDS[0])
-    assert (straight_through - exact).abs().max() > 1e-3
+    assert (straight_through_margin - exact).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------
@@ -188,11 +188,11 @@ def test_filtering_and_straight_through_are_exercised():
 
 def test_margin_objects_read_by_attribute():
     arc = margin_from(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.3))
-    assert arc == MarginConfig(64.0, 1.0, 0.5, 0.0, 0.3, straight_through=True)
+    assert arc == MarginConfig(64.0, 1.0, 0.5, 0.0, 0.3, straight_through_margin=True)
     cos = margin_from(CombinedMarginLoss(64, 1.0, 0.0, 0.4))
-    assert cos == MarginConfig(64.0, 1.0, 0.0, 0.4, 0.0, straight_through=False)
-    assert margin_from(ArcFace(32, 0.4)) == MarginConfig(32.0, 1.0, 0.4, 0.0, 0.0, straight_through=True)
-    assert margin_from(CosFace(30, 0.25)) == MarginConfig(30.0, 1.0, 0.0, 0.25, 0.0, straight_through=False)
+    assert cos == MarginConfig(64.0, 1.0, 0.0, 0.4, 0.0, straight_through_margin=False)
+    assert margin_from(ArcFace(32, 0.4)) == MarginConfig(32.0, 1.0, 0.4, 0.0, 0.0, straight_through_margin=True)
+    assert margin_from(CosFace(30, 0.25)) == MarginConfig(30.0, 1.0, 0.0, 0.25, 0.0, straight_through_margin=False)
     # Tensor-valued attributes and "off" thresholds as arcface_torch treats them (<= 0 or >= 1).
     assert margin_from(CombinedMarginLoss(torch.tensor(64.0), 1, 0.5, 0, -1)).interclass_filtering_threshold == 0
     assert margin_from(CombinedMarginLoss(64, 1, 0.5, 0, 1.0)).interclass_filtering_threshold == 0
@@ -206,7 +206,7 @@ def test_legacy_arcface_with_s_and_m_is_not_mistaken_for_cosface():
             super().__init__()
             self.s, self.m = s, m
 
-    assert margin_from(ArcFace(64, 0.5)) == MarginConfig(64.0, 1.0, 0.5, 0.0, 0.0, straight_through=False)
+    assert margin_from(ArcFace(64, 0.5)) == MarginConfig(64.0, 1.0, 0.5, 0.0, 0.0, straight_through_margin=False)
 
 
 def test_ambiguous_combined_margin_is_refused():
@@ -234,9 +234,9 @@ def test_unknown_margin_object_error_lists_what_is_accepted():
 def test_positional_arguments_like_partial_fc_v2():
     margin_loss = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
     module = DCQLoss(margin_loss, 24, 1000, 0.1, True)  # PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, fp16)
-    assert module.queue.size == 100 and module.queue.dim == 24
+    assert module.queue.queue_size == 100 and module.queue.dim == 24
     assert module.queue.weights.dtype == torch.float16
-    assert module.margin == MarginConfig(64.0, 1.0, 0.5, 0.0, 0.0, straight_through=True)
+    assert module.margin == MarginConfig(64.0, 1.0, 0.5, 0.0, 0.0, straight_through_margin=True)
     assert list(module.parameters()) == []
     # train_v2.py puts the module's (empty) parameters in their own group; the optimizer accepts it.
     backbone = nn.Linear(8, 24)
@@ -507,7 +507,7 @@ def test_torch_compile_fullgraph_training_step_matches_eager():
             p.grad = q.grad = None
         for name, tensor in eager_module.state_dict().items():  # the queue was updated inside the graph
             assert torch.equal(module.state_dict()[name], tensor), name
-    assert module.queue.labels.ge(0).all() and int(module.queue.ptr) == (4 * 7) % module.queue.size
+    assert module.queue.labels.ge(0).all() and int(module.queue.ptr) == (4 * 7) % module.queue.queue_size
 
 
 @pytest.mark.parametrize("validate", ["async", "eager"])

@@ -211,7 +211,7 @@ BAD_STATES = {  # case: (tensor, change, words of the error)
     "inf weights": ("queue.weights", lambda w: w[0, 3].fill_(float("inf")), "weights must be finite.*slot 0"),
     "row not unit": ("queue.weights", _scale_slot, "unit-norm row.*norm 1.5.*slot 1"),
     "zero filled row": ("queue.weights", lambda w: w[4].zero_(), "unit-norm row.*norm 0.*slot 4"),
-    "label >= num_classes": ("queue.labels", lambda y: y[0].fill_(40), "labels must be < num_classes = 40"),
+    "label > num_classes": ("queue.labels", lambda y: y[0].fill_(41), "labels must be < num_classes = 40"),
     "label < -1": ("queue.labels", lambda y: y[0].fill_(-3), "labels must be >= -1"),
     "ptr past the end": ("queue.ptr", lambda p: p.fill_(99), r"ptr must be in \[0, 10\), got 99"),
     "negative ptr": ("queue.ptr", lambda p: p.fill_(-1), r"ptr must be in \[0, 10\), got -1"),
@@ -240,6 +240,26 @@ def test_load_state_dict_accepts_what_training_produced_in_every_queue_dtype():
         assert torch.equal(target.queue.weights, source.queue.weights)
 
 
+def test_prefill_and_its_label_of_no_class_load_back():
+    """Random warm-up vectors belong to no class: label num_classes, a negative for every
+    row. A checkpoint holding them loads; a label beyond it does not."""
+    loss_fn = dcq_ops.DCQLoss(None, 6, num_classes=40, queue_size=10)
+    loss_fn.prefill(torch.randn(10, 6, generator=torch.Generator().manual_seed(5)))
+    assert loss_fn.queue.labels.tolist() == [40] * 10 and int(loss_fn.queue.ptr) == 0
+    norms = loss_fn.queue.weights.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms))
+    fresh = dcq_ops.DCQLoss(None, 6, num_classes=40, queue_size=10)
+    fresh.load_state_dict(loss_fn.state_dict())
+    assert torch.equal(fresh.queue.labels, loss_fn.queue.labels)
+    x, y, k = good_batch()
+    assert torch.isfinite(fresh(x, y, k))  # every slot a negative
+    with pytest.raises(ValueError, match="labels must be < num_classes = 40"):
+        loss_fn.prefill(torch.randn(2, 6), torch.tensor([3, 40]))
+    with pytest.raises(ValueError, match="class_weights must be finite"):
+        loss_fn.prefill(torch.full((2, 6), float("nan")))
+    assert loss_fn.queue_size == 10
+
+
 def test_class_queue_checks_its_state_without_num_classes():
     queue = dcq_ops.ClassQueue(4, 3)
     queue.enqueue(torch.randn(2, 3), torch.tensor([7, 1000]))
@@ -266,11 +286,10 @@ def test_sharded_queue_checks_the_global_state():
 
 def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
     import importlib
-    from dcq_ops import functional
     backends = importlib.import_module("dcq_ops.backends")  # the module (dcq_ops.backends is also a function)
     monkeypatch.setattr(backends, "extension_loaded", lambda: False)  # as a plain `pip install .` leaves it
     monkeypatch.setattr(backends, "EXTENSION_ERROR", "dcq_ops._C is not built (test)")
-    monkeypatch.setattr(functional, "_WARNED_FALLBACK", set())
+    monkeypatch.setattr(backends, "_WARNED_FALLBACK", set())
     x, k, y, W, Y = make_inputs(rows=4, dim=5, slots=6)
     with pytest.warns(RuntimeWarning, match="runs the plain PyTorch 'reference' backend.*N x K logits"):
         loss = dcq_ops.dcq_cross_entropy(x, k, y, W, Y)
@@ -282,10 +301,12 @@ def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
 
 
 def test_the_interpreter_refuses_a_bf16_queue(monkeypatch):
-    from dcq_ops import functional
-    # What dispatch does for CPU tensors under TRITON_INTERPRET=1 (tests/test_triton.py runs the
-    # interpreter itself); the refusal comes before any kernel is imported.
-    monkeypatch.setattr(functional, "select_backend", lambda device, backend: "triton")
+    import importlib
+    pytest.importorskip("triton", reason="Triton is not installed")
+    backends = importlib.import_module("dcq_ops.backends")
+    # CPU tensors under TRITON_INTERPRET=1 (tests/test_triton.py runs the interpreter
+    # itself); the refusal comes from the backend table, before any kernel is imported.
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: True)
     x, k, y, W, Y = make_inputs(rows=4, dim=5, slots=6)
     with pytest.raises(TypeError, match="Triton interpreter.*bfloat16"):
         dcq_ops.dcq_cross_entropy(x, k, y, W.bfloat16(), Y, backend="triton")

@@ -499,7 +499,7 @@ def test_sharded_equals_unsharded_loss_gradient_and_queue(world_results, config)
 
 BAD_INPUT_CASES = {  # case: (exception on the bad rank, words in its message)
     "bad_labels": ("ValueError", "labels must be >= 0"),
-    "bad_shape": ("ValueError", "(embedding size 9)"),
+    "bad_shape": ("ValueError", "embeddings must be [N, 8] (DCQLoss's embedding_size), got shape (3, 9)"),
     "bad_type": ("TypeError", "labels must be a tensor"),
     "label_too_large": ("ValueError", f"labels must be < num_classes = {NUM_CLASSES}"),
     "nan_embeddings": ("ValueError", "embeddings must be finite"),

@@ -45,8 +45,8 @@ def test_eval_mode_does_not_enqueue():
 
 
 def test_queue_size_from_sample_rate_or_explicit():
-    assert dcq_ops.DCQLoss(None, 8, num_classes=1001, sample_rate=0.1).queue.size == math.ceil(100.1)
-    assert dcq_ops.DCQLoss(None, 8, num_classes=1001, queue_size=64).queue.size == 64
+    assert dcq_ops.DCQLoss(None, 8, num_classes=1001, sample_rate=0.1).queue_size == math.ceil(100.1)
+    assert dcq_ops.DCQLoss(None, 8, num_classes=1001, queue_size=64).queue_size == 64
     assert dcq_ops.DCQLoss(None, 8, 10, 0.1, True).queue.weights.dtype == torch.float16
     with pytest.raises(ValueError, match="queue_size"):
         dcq_ops.DCQLoss(None, 8)
@@ -55,9 +55,9 @@ def test_queue_size_from_sample_rate_or_explicit():
 def test_margin_objects_are_read_by_attribute():
     combined = SimpleNamespace(s=64.0, m1=1.0, m2=0.5, m3=0.0, interclass_filtering_threshold=0.2)
     m = dcq_ops.DCQLoss(combined, 8, 100).margin
-    assert (m.scale, m.m2, m.interclass_filtering_threshold, m.straight_through) == (64.0, 0.5, 0.2, True)
+    assert (m.scale, m.m2, m.interclass_filtering_threshold, m.straight_through_margin) == (64.0, 0.5, 0.2, True)
     m = dcq_ops.DCQLoss(SimpleNamespace(s=30.0, m=0.35), 8, 100).margin
-    assert (m.scale, m.m2, m.m3, m.straight_through) == (30.0, 0.0, 0.35, False)
+    assert (m.scale, m.m2, m.m3, m.straight_through_margin) == (30.0, 0.0, 0.35, False)
     m = dcq_ops.DCQLoss(None, 8, 100).margin
     assert (m.scale, m.m1, m.m2, m.m3) == (50.0, 1.0, 0.0, 0.3)
     with pytest.raises(TypeError, match="margin_loss"):

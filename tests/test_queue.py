@@ -61,13 +61,13 @@ def test_guarded_enqueue_writes_nothing_unless_the_guard_is_zero(kernel):
     keys, labels = torch.randn(4, 3), torch.arange(4) + 10
     for bad in (1, 6, -1):
         if kernel == "compiled":
-            queue.enqueue(keys, labels, guard=torch.tensor([bad]))
+            queue.enqueue(keys, labels, bad_reasons=torch.tensor([bad]))
         else:
             enqueue_fallback(queue.weights, queue.labels, queue.ptr, keys, labels, torch.tensor([bad]))
         for k, v in queue.state_dict().items():
             assert torch.equal(v, before[k]), (bad, k)
     if kernel == "compiled":
-        queue.enqueue(keys, labels, guard=torch.tensor([0]))
+        queue.enqueue(keys, labels, bad_reasons=torch.tensor([0]))
     else:
         enqueue_fallback(queue.weights, queue.labels, queue.ptr, keys, labels, torch.tensor([0]))
     assert queue.labels.tolist() == [12, 13, 2, 3, 4, 10, 11] and int(queue.ptr) == 2  # wrapped around
@@ -100,20 +100,20 @@ def test_non_persistent_queue_stays_out_of_state_dict():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(keys=torch.randn(11, 4), labels=torch.arange(11)),          # batch larger than the queue
-    dict(keys=torch.randn(0, 4), labels=torch.arange(0)),            # empty batch
-    dict(keys=torch.randn(3, 5), labels=torch.arange(3)),            # wrong dim
-    dict(keys=torch.randn(3, 4), labels=torch.arange(2)),            # label count
-    dict(keys=torch.randn(3, 4), labels=torch.ones(3)),              # float labels
-    dict(keys=torch.randint(0, 3, (3, 4)), labels=torch.arange(3)),  # integer keys
-    dict(keys=torch.randn(3, 4, device="meta"), labels=torch.arange(3)),  # other device
+    dict(class_weights=torch.randn(11, 4), labels=torch.arange(11)),          # batch larger than the queue
+    dict(class_weights=torch.randn(0, 4), labels=torch.arange(0)),            # empty batch
+    dict(class_weights=torch.randn(3, 5), labels=torch.arange(3)),            # wrong dim
+    dict(class_weights=torch.randn(3, 4), labels=torch.arange(2)),            # label count
+    dict(class_weights=torch.randn(3, 4), labels=torch.ones(3)),              # float labels
+    dict(class_weights=torch.randint(0, 3, (3, 4)), labels=torch.arange(3)),  # integer keys
+    dict(class_weights=torch.randn(3, 4, device="meta"), labels=torch.arange(3)),  # other device
 ])
 def test_bad_enqueue_raises_and_leaves_the_queue_unchanged(bad):
     queue = dcq_ops.ClassQueue(10, 4)
     queue.enqueue(torch.randn(6, 4), torch.arange(6))
     before = {k: v.clone() for k, v in queue.state_dict().items()}
     with pytest.raises((ValueError, TypeError)):
-        queue.enqueue(bad["keys"], bad["labels"])
+        queue.enqueue(bad["class_weights"], bad["labels"])
     for k, v in queue.state_dict().items():
         assert torch.equal(v, before[k])
 

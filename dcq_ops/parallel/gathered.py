@@ -11,20 +11,16 @@ same per-row losses and per-row gradients (see QueueStrategy.reduce for the
 from __future__ import annotations
 
 from dcq_ops.parallel.collectives import gather_rows
-from dcq_ops.parallel.strategy import Batch, QueueStrategy, exchange_header
+from dcq_ops.parallel.strategy import Batch, HeaderExchangeQueue
 
 
-class GatheredQueue(QueueStrategy):
+class GatheredQueue(HeaderExchangeQueue):
     mode = "gathered"
 
-    def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
-        return exchange_header(prepare, embeddings, queue=self.queue, global_size=self.queue.size, mode=self.mode,
-                               training=training, group=self.group)
-
-    def loss_rows(self, batch: Batch, row_loss):
-        return row_loss(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
+    def loss_rows(self, batch: Batch, kernels):
+        return kernels(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
 
     def enqueue(self, batch: Batch) -> None:
-        keys = gather_rows(batch.class_weights, batch.sizes, self.group)
-        key_labels = gather_rows(batch.labels, batch.sizes, self.group, fill=-1)
-        self.queue.enqueue(keys, key_labels)
+        class_weights = gather_rows(batch.class_weights, batch.sizes, self.group)
+        labels = gather_rows(batch.labels, batch.sizes, self.group, fill=-1)
+        self.queue.enqueue(class_weights, labels)

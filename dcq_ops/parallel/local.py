@@ -14,8 +14,8 @@ class LocalQueue(QueueStrategy):
         labels, class_weights = prepare()
         return Batch(embeddings, labels, class_weights, sizes=[embeddings.shape[0]])
 
-    def loss_rows(self, batch: Batch, row_loss):
-        return row_loss(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
+    def loss_rows(self, batch: Batch, kernels):
+        return kernels(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)
 
     def enqueue(self, batch: Batch) -> None:
-        self.queue.enqueue(batch.class_weights, batch.labels, batch.guard)
+        self.queue.enqueue(batch.class_weights, batch.labels, batch.bad_reasons)

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from dcq_ops.ops.fused_autograd import rows_with_gradient
-from dcq_ops.ops.queue import queue_enqueue_
+from dcq_ops.backends import enqueue_function
 from dcq_ops.parallel.collectives import (gather_padded, gather_rows, initialized, reduce_scatter_single, trim,
                                           world_size_and_rank)
-from dcq_ops.parallel.strategy import Batch, QueueStrategy, exchange_header
+from dcq_ops.parallel.strategy import Batch, HeaderExchangeQueue
 from dcq_ops.queue import ClassQueue, check_queue_state
 
 
@@ -50,54 +50,76 @@ def shard_range(queue_size: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 class ShardedClassQueue(ClassQueue):
-    """This rank's block of a global FIFO queue of ``global_size`` slots.
+    """This rank's block of a global FIFO queue of ``queue_size`` slots.
 
     ``weights``/``labels`` hold global slots ``[start, stop)`` (``shard_range``);
     ``ptr`` is the *global* write pointer, the same on every rank. ``enqueue`` takes
-    the global (all-gathered, identical on every rank) batch and writes the keys
-    whose slots fall in this block. ``state_dict`` holds this rank's block: save and
-    load it per rank (or use ``gather_queue`` / ``load_global_``).
+    the global (all-gathered, identical on every rank) batch and writes the class
+    weights whose slots fall in this block. ``state_dict`` holds this rank's block:
+    save and load it per rank (or use ``gather_queue`` / ``load_global_``).
+
+    Parameters
+    ----------
+    queue_size : int
+        K, the number of slots of the global queue.
+    dim : int
+        D, the width of a class weight.
+    world_size, rank : int
+        The ranks the queue is split over, and this one.
+    dtype, device, persistent
+        As ClassQueue.
     """
 
-    def __init__(self, global_size: int, dim: int, *, world_size: int, rank: int,
+    def __init__(self, queue_size: int, dim: int, *, world_size: int, rank: int,
                  dtype: torch.dtype = torch.float32, device=None, persistent: bool = True):
-        start, stop = shard_range(global_size, world_size, rank)
-        super().__init__(stop - start, dim, dtype=dtype, device=device, persistent=persistent)
-        self.global_size = global_size
+        self.start, self.stop = shard_range(queue_size, world_size, rank)
+        self.global_queue_size = queue_size
+        super().__init__(queue_size, dim, dtype=dtype, device=device, persistent=persistent)
         self.world_size = world_size
         self.rank = rank
-        self.start = start
-        self.stop = stop
+
+    _size_words = "the global queue size"  # an enqueue takes the global (gathered) batch
+
+    def _local_slots(self, queue_size: int) -> int:
+        return self.stop - self.start
+
+    @property
+    def queue_size(self) -> int:
+        """K, the number of slots of the global queue (the pointer counts modulo K)."""
+        return self.global_queue_size
+
+    @property
+    def shard_size(self) -> int:
+        """The number of slots this rank holds (``stop - start``)."""
+        return self.weights.shape[0]
 
     def extra_repr(self) -> str:
-        return (f"global_size={self.global_size}, slots=[{self.start}, {self.stop}) of rank {self.rank}/"
+        return (f"queue_size={self.queue_size}, block=[{self.start}, {self.stop}) of rank {self.rank}/"
                 f"{self.world_size}, dim={self.dim}, dtype={self.weights.dtype}")
 
-    def batch_limit(self) -> tuple[int, str]:
-        """An enqueue takes the global (gathered) batch: bounded by the global queue size."""
-        return self.global_size, "the global queue size"
-
-    def ptr_limit(self) -> int:
-        """The pointer is global: it counts the slots of every rank."""
-        return self.global_size
-
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, guard: torch.Tensor | None = None, *,
+    def enqueue(self, class_weights: torch.Tensor, labels: torch.Tensor, bad_reasons: torch.Tensor | None = None, *,
                 ptr: int | None = None) -> None:
         """Enqueue the global batch (the same on every rank; no communication here).
 
-        ``ptr``: the global pointer if the caller knows it on the host already;
-        otherwise it is read from the device (one host sync). ``guard``: as
-        ClassQueue.enqueue (nothing is written unless it is 0)."""
-        self.check_enqueue(keys, labels)
-        size, batch = self.global_size, keys.shape[0]
+        Parameters
+        ----------
+        class_weights, labels, bad_reasons
+            As ClassQueue.enqueue, for the global batch.
+        ptr : int, optional
+            The global pointer if the caller knows it on the host already; otherwise it
+            is read from the device (one host sync).
+        """
+        self.check_enqueue(class_weights, labels)
+        size, batch = self.queue_size, class_weights.shape[0]
         head = int(self.ptr.item()) if ptr is None else ptr
-        keys, labels = keys.detach(), labels.long()
+        keys, labels = class_weights.detach(), labels.long()
         # The global slots written are [head, head + batch) modulo size: at most two
         # runs, [head, min(head + batch, size)) and, on wrap-around, [0, head + batch - size).
         runs = [(head, min(head + batch, size), 0)]
         if head + batch > size:
             runs.append((0, head + batch - size, size - head))
+        enqueue = enqueue_function(self.weights.device)
         for first, last, key_offset in runs:
             lo, hi = max(first, self.start), min(last, self.stop)
             if lo >= hi:
@@ -105,21 +127,30 @@ class ShardedClassQueue(ClassQueue):
             scratch_ptr = torch.zeros(1, dtype=torch.long, device=self.weights.device)
             src = key_offset + lo - first
             # The same enqueue op as the unsharded queue, on the block's rows [lo, hi).
-            queue_enqueue_(self.weights.narrow(0, lo - self.start, hi - lo),
-                           self.labels.narrow(0, lo - self.start, hi - lo), scratch_ptr,
-                           keys[src:src + hi - lo], labels[src:src + hi - lo], guard)
-        advance = batch if guard is None else batch * (guard.view(1) == 0)
+            enqueue(self.weights.narrow(0, lo - self.start, hi - lo), self.labels.narrow(0, lo - self.start, hi - lo),
+                    scratch_ptr, keys[src:src + hi - lo], labels[src:src + hi - lo], bad_reasons)
+        advance = batch if bad_reasons is None else batch * (bad_reasons.view(1) == 0)
         self.ptr.add_(advance).remainder_(size)
 
     @torch.no_grad()
     def load_global_(self, weights: torch.Tensor, labels: torch.Tensor, ptr) -> None:
-        """Set this block from a full (unsharded) queue state: weights [K, D], labels [K], ptr."""
-        if tuple(weights.shape) != (self.global_size, self.dim):
-            raise ValueError(f"weights must be [{self.global_size}, {self.dim}] (the global queue), "
+        """Set this block from a full (unsharded) queue state.
+
+        Parameters
+        ----------
+        weights : torch.Tensor
+            [K, D], the global queue's weights.
+        labels : torch.Tensor
+            [K].
+        ptr : int or torch.Tensor
+            The global write pointer.
+        """
+        if tuple(weights.shape) != (self.queue_size, self.dim):
+            raise ValueError(f"weights must be [{self.queue_size}, {self.dim}] (the global queue), "
                              f"got {tuple(weights.shape)}")
-        if tuple(labels.shape) != (self.global_size,):
-            raise ValueError(f"labels must be [{self.global_size}], got {tuple(labels.shape)}")
-        check_queue_state(weights, labels, torch.as_tensor(ptr).reshape(-1), ptr_limit=self.global_size,
+        if tuple(labels.shape) != (self.queue_size,):
+            raise ValueError(f"labels must be [{self.queue_size}], got {tuple(labels.shape)}")
+        check_queue_state(weights, labels, torch.as_tensor(ptr).reshape(-1), ptr_limit=self.queue_size,
                           what="load_global_")
         self.weights.copy_(weights[self.start:self.stop])
         self.labels.copy_(labels[self.start:self.stop])
@@ -143,20 +174,16 @@ def gather_queue(queue: ShardedClassQueue, group=None) -> tuple[torch.Tensor, to
     world, _ = world_size_and_rank(group)
     if world != queue.world_size:
         raise ValueError(f"group has {world} ranks, but the queue was sharded over {queue.world_size}")
-    sizes = [b - a for a, b in (shard_range(queue.global_size, world, r) for r in range(world))]
+    sizes = [b - a for a, b in (shard_range(queue.queue_size, world, r) for r in range(world))]
     weights = trim(gather_padded(queue.weights, max(sizes), group, world), sizes)
     labels = trim(gather_padded(queue.labels, max(sizes), group, world, fill=-1), sizes)
     return weights, labels, queue.ptr.clone()
 
 
-class ShardedQueue(QueueStrategy):
+class ShardedQueue(HeaderExchangeQueue):
     mode = "sharded"
 
-    def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
-        return exchange_header(prepare, embeddings, queue=self.queue, global_size=self.queue.global_size,
-                               mode=self.mode, training=training, group=self.group)
-
-    def loss_rows(self, batch: Batch, row_loss) -> torch.Tensor:
+    def loss_rows(self, batch: Batch, kernels) -> torch.Tensor:
         """The loss rows of the local batch against the union of every rank's shard."""
         group, sizes, rank = self.group, batch.sizes, batch.rank
         rows = max(sizes)
@@ -164,27 +191,27 @@ class ShardedQueue(QueueStrategy):
         all_x = gather_padded(batch.embeddings.detach(), rows, group, len(sizes))
         all_labels = gather_padded(batch.labels, rows, group, len(sizes), fill=-1)
         # 2. Partials of every row over this rank's shard.
-        part = row_loss.partials(all_x, all_labels, self.queue.weights, self.queue.labels,
-                                 with_accumulator=batch.need_grad)
+        part = kernels.partials(all_x, all_labels, self.queue.weights, self.queue.labels,
+                                compute_grad=batch.compute_grad)
         # 3. Merge across ranks: all-reduce the maxima, rescale, reduce-scatter the
         #    sums and accumulators so that each rank receives its own rows only.
         global_max = part.row_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         rescaled = part.rescaled_to(global_max)
         stacked = rescaled.row_sum.unsqueeze(1)
-        if batch.need_grad:
+        if batch.compute_grad:
             stacked = torch.cat([stacked, rescaled.accumulator], dim=1)
         mine = stacked.new_empty((rows, stacked.shape[1]))
         reduce_scatter_single(mine, stacked.contiguous(), op=dist.ReduceOp.SUM, group=group)
         n = sizes[rank]
         own = type(part)(global_max[rank * rows:rank * rows + n], mine[:n, 0],
-                         mine[:n, 1:] if batch.need_grad else None)
+                         mine[:n, 1:] if batch.compute_grad else None)
         # 4. Finalise the local rows; the gradient comes with them.
         compute_grad = batch.embeddings.requires_grad and torch.is_grad_enabled()
-        loss, grad = row_loss.finalize(batch.embeddings, batch.class_weights, own, compute_grad=compute_grad)
+        loss, grad = kernels.finalize(batch.embeddings, batch.class_weights, own, compute_grad=compute_grad)
         return rows_with_gradient(batch.embeddings, loss, grad) if compute_grad else loss
 
     def enqueue(self, batch: Batch) -> None:
-        keys = gather_rows(batch.class_weights, batch.sizes, self.group)
-        key_labels = gather_rows(batch.labels, batch.sizes, self.group, fill=-1)
-        self.queue.enqueue(keys, key_labels, ptr=batch.ptr)
+        class_weights = gather_rows(batch.class_weights, batch.sizes, self.group)
+        labels = gather_rows(batch.labels, batch.sizes, self.group, fill=-1)
+        self.queue.enqueue(class_weights, labels, ptr=batch.ptr)

@@ -23,6 +23,22 @@ def shuffled_forward(module, images: torch.Tensor, *, group=None, generator: tor
     outputs of its own images back, in order. No gradient flows (it is for the
     weight generator). Without a process group of more than one rank it is
     ``module(images)``. Every rank of ``group`` must call it.
+
+    Parameters
+    ----------
+    module : callable
+        The weight generator (e.g. a MomentumEncoder).
+    images : torch.Tensor
+        This rank's batch [N, ...].
+    group : ProcessGroup, optional
+        Default: the default group.
+    generator : torch.Generator, optional
+        The random stream of rank 0's permutation (default: torch's global one).
+
+    Returns
+    -------
+    torch.Tensor
+        ``module``'s outputs of this rank's images, in their order.
     """
     world, rank = world_size_and_rank(group)
     if world == 1:

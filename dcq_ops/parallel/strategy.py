@@ -5,15 +5,17 @@ A strategy owns how the queue is shared between ranks. DCQLoss calls every
 strategy the same way, once per step:
 
     batch = strategy.exchange(embeddings, prepare, training=...)  # check, and agree
-    rows  = strategy.loss_rows(batch, row_loss)        # loss of this rank's rows
+    rows  = strategy.loss_rows(batch, kernels)         # loss of this rank's rows
     loss  = strategy.reduce(rows, batch, reduction)
     strategy.enqueue(batch)                            # training only
 
 ``prepare`` is DCQLoss's local check of the step's input: it returns the labels
 (int64 [n]) and the detached class weights, or raises. A multi-rank strategy
 runs it inside the header exchange, so that a bad input on one rank makes every
-rank raise instead of hang. ``row_loss`` (dcq_ops.algebra.RowLoss) computes the
-loss against a queue or a slice of one.
+rank raise instead of hang. ``kernels`` (dcq_ops.loss_kernels.LossKernels) computes
+the loss against a queue or a slice of one. ``validates_on_device`` says whether the
+strategy leaves a batch's value checks to the device (DCQLoss's validate="async") or
+checks them on the host in its exchange.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dcq_ops.algebra import reduce_rows
 from dcq_ops.parallel.collectives import (DTYPE_NAMES, dtype_code, gather_padded, initialized,
                                           raise_collectively, world_size_and_rank)
 
@@ -39,8 +42,8 @@ class Batch:
     sizes: list[int] = field(default_factory=list)  # rows of every rank, in rank order
     rank: int = 0
     ptr: int | None = None        # the global queue pointer, when the exchange read it
-    need_grad: bool = False       # some rank's embeddings require a gradient
-    guard: torch.Tensor | None = None  # device-side bit mask of what is wrong (0: enqueue), or None
+    compute_grad: bool = False    # some rank's embeddings require a gradient
+    bad_reasons: torch.Tensor | None = None  # device-side bit mask of what is wrong (0: enqueue it), or None
 
     @property
     def world(self) -> int:
@@ -59,6 +62,9 @@ class QueueStrategy:
     """How a DCQLoss's queue is shared between ranks (see the module docstring)."""
 
     mode = "none"
+    # Whether the batch's values may be checked on the device (no host sync): a
+    # multi-rank exchange reads a header on the host anyway, and checks them there.
+    validates_on_device = True
 
     def __init__(self, queue, group=None):
         self.queue = queue
@@ -67,19 +73,14 @@ class QueueStrategy:
     def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
         raise NotImplementedError
 
-    def loss_rows(self, batch: Batch, row_loss) -> torch.Tensor:
+    def loss_rows(self, batch: Batch, kernels) -> torch.Tensor:
         raise NotImplementedError
 
     def reduce(self, rows: torch.Tensor, batch: Batch, reduction: str) -> torch.Tensor:
         """As one process on the concatenated batch, given that DDP averages gradients over
         ranks: "mean" -> sum of local rows * W / N_total (the local mean for equal batch sizes)."""
-        if reduction == "none":
-            return rows
-        if reduction == "sum":
-            return rows.sum()
-        if batch.world <= 1 or batch.even:
-            return rows.mean()
-        return rows.sum() * (batch.world / batch.total)
+        uneven = batch.world > 1 and not batch.even
+        return reduce_rows(rows, reduction, mean_factor=batch.world / batch.total if uneven else None)
 
     def enqueue(self, batch: Batch) -> None:
         raise NotImplementedError
@@ -112,11 +113,11 @@ def resolve_mode(mode: str, group=None) -> str:
     return "gathered" if mode == "auto" else mode
 
 
-_FIELDS = ("status", "mode", "training", "rows", "dim", "queue_size", "ptr", "need_grad",
+_FIELDS = ("status", "mode", "training", "rows", "dim", "queue_size", "ptr", "compute_grad",
            "embeddings_dtype", "class_weights_dtype", "queue_dtype")
 
 
-def exchange_header(prepare, embeddings, *, queue, global_size: int, mode: str, training: bool, group) -> Batch:
+def exchange_header(prepare, embeddings, *, queue, queue_size: int, mode: str, training: bool, group) -> Batch:
     """Check locally, exchange one small header with every rank, and agree (one host sync).
 
     Returns the Batch, or raises on every rank: the bad rank its own error, the
@@ -135,7 +136,7 @@ def exchange_header(prepare, embeddings, *, queue, global_size: int, mode: str, 
         int(training),
         embeddings.shape[0] if ok else 0,
         embeddings.shape[1] if ok else 0,
-        global_size,
+        queue_size,
         0,  # ptr, copied from the device below (no extra sync: the header is read once)
         int(ok and embeddings.requires_grad and torch.is_grad_enabled()),
         dtype_code(embeddings),
@@ -167,8 +168,19 @@ def exchange_header(prepare, embeddings, *, queue, global_size: int, mode: str, 
     if mode == "sharded":
         agree("embeddings_dtype", "embeddings dtype (they are all-gathered)", DTYPE_NAMES.get)
     sizes = columns["rows"]
-    if training and sum(sizes) > global_size:
+    if training and sum(sizes) > queue_size:
         raise ValueError(f"{what}: the gathered batch (batch sizes {sizes} on ranks 0..{world - 1}, "
-                         f"{sum(sizes)} in all) must fit the queue of {global_size} slots")
+                         f"{sum(sizes)} in all) must fit the queue of {queue_size} slots")
     return Batch(embeddings, labels, class_weights, sizes=sizes, rank=rank, ptr=columns["ptr"][0],
-                 need_grad=any(columns["need_grad"]))
+                 compute_grad=any(columns["compute_grad"]))
+
+
+class HeaderExchangeQueue(QueueStrategy):
+    """A multi-rank strategy whose step starts with the header exchange (exchange_header):
+    every rank checks its input, and the ranks agree, before anything runs."""
+
+    validates_on_device = False  # the header exchange reads the host every step: values are checked there
+
+    def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
+        return exchange_header(prepare, embeddings, queue=self.queue, queue_size=self.queue.queue_size,
+                               mode=self.mode, training=training, group=self.group)
