@@ -51,7 +51,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dcq_ops.training.backbones import build_backbone  # noqa: E402
-from dcq_ops.training.loop import TrainConfig, _synthetic, train  # noqa: E402
+from dcq_ops.training import TrainConfig, train  # noqa: E402
+from dcq_ops.training.synthetic import load_synthetic  # noqa: E402
 from dcq_ops.training.verification import embed, verification_report  # noqa: E402
 from accuracy_report import (LABELS, METRICS, SETS, plot, summarise, table, time_table,  # noqa: E402,F401
                              verdicts)
@@ -168,7 +169,7 @@ def run_one(spec: dict) -> dict:
            "samples_per_s": result["steps"] * config.batch_size / history[-1]["elapsed_s"],
            "final_loss": history[-1]["loss"], "evals": evals, "loss_curve": curve}
     if config.head == "dcq":
-        run["queue_size"] = trainer.head.loss.queue.size
+        run["queue_size"] = trainer.head.loss.queue_size
         run["levers"] = {k: getattr(config, k) for k in ("momentum", "momentum_schedule", "momentum_end",
                                                          "queue_warmup")}
     elif config.head == "partial_fc":
@@ -232,8 +233,8 @@ def references(data_fields: dict) -> dict:
 
 
 def load_data(fields: dict):
-    return _synthetic(fields["synthetic_identities"], fields["synthetic_eval_identities"], fields["image_size"],
-                      fields["synthetic_seed"], fields["synthetic_median_images"], fields["synthetic_max_images"])
+    return load_synthetic(fields["synthetic_identities"], fields["synthetic_eval_identities"], fields["image_size"],
+                          fields["synthetic_seed"], fields["synthetic_median_images"], fields["synthetic_max_images"])
 
 
 # --------------------------------------------------------------------------- modes

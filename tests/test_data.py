@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcq_ops.training.data import (FlipShift, ImageFolder, TensorImages, TwoViewBatchSampler, TwoViewDataset,
-                          batch_loader, counter_uniform)
+from dcq_ops.training.data import FlipShift, TwoViewBatchSampler, TwoViewDataset, batch_loader, counter_uniform
+from dcq_ops.training.sources import ImageFolder, TensorImages
 from dcq_ops.training.synthetic import SyntheticConfig, image_counts, make_synthetic
 
 # Identity sizes 3, 1, 2, 1, 5, 2: two singletons (identities 1 and 3).
@@ -233,7 +233,7 @@ def test_synthetic_config_rejects_bad_values():
 
 
 def test_check_data_path_names_the_path_and_what_is_expected(tmp_path):
-    from dcq_ops.training.data import check_data_path
+    from dcq_ops.training.sources import check_data_path
     Image = pytest.importorskip("PIL.Image")
     from dcq_ops.training.recordio import pack_folder
     faces = tmp_path / "faces"
@@ -286,7 +286,7 @@ def test_importing_the_package_does_not_import_recordio():
     """`python -m dcq_ops.training.recordio` warns when the package imported the module first."""
     import subprocess
     import sys
-    code = ("import sys, dcq_ops.training, dcq_ops.training.data, dcq_ops.training.loop; "
+    code = ("import sys, dcq_ops.training, dcq_ops.training.data, dcq_ops.training.trainer, dcq_ops.training.cli; "
             "print('dcq_ops.training.recordio' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

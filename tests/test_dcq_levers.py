@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dcq_ops.training.cli import main
-from dcq_ops.training.loop import TrainConfig, Trainer, generator_momentum, train
+from dcq_ops.training import TrainConfig, Trainer, train
+from dcq_ops.training.schedules import generator_momentum
 
 from test_training import TINY as TRAINING_TINY
 
@@ -63,7 +64,7 @@ def test_queue_warmup(warmup):
         assert (queue.labels == -1).all()
     elif warmup == "random":
         assert (queue.labels == trainer.num_classes).all(), "a label that no class has: every slot a negative"
-        torch.testing.assert_close(queue.weights.norm(dim=1), torch.ones(queue.size))
+        torch.testing.assert_close(queue.weights.norm(dim=1), torch.ones(trainer.head.loss.queue_size))
     else:
         assert ((queue.labels >= 0) & (queue.labels < trainer.num_classes)).all()
         assert queue.labels.unique().numel() > 1

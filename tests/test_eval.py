@@ -344,14 +344,15 @@ def test_eval_command_errors_exit_2_with_a_reason(tmp_path, capsys):
 
 
 def test_load_model_reads_train_checkpoints_and_arcface_torch_wrappers(tmp_path, capsys):
-    """A dcq_ops.train checkpoint (read as loop.load_backbone reads it; it holds
+    """A dcq_ops.train checkpoint (read as load_backbone reads it; it holds
     numpy RNG states, which the safe unpickler refuses), arcface_torch's
     checkpoint_gpu_0.pt (state_dict_backbone) and a DDP-prefixed state dict."""
     pytest.importorskip("PIL")
     import dataclasses
     from dcq_ops.training.backbones import build_backbone
     from dcq_ops.training.evaluate import evaluate, load_model
-    from dcq_ops.training.loop import CHECKPOINT_FORMAT, TrainConfig, load_backbone
+    from dcq_ops.training import TrainConfig, load_backbone
+    from dcq_ops.training.checkpoint import CHECKPOINT_FORMAT
     torch.manual_seed(2)
     config = TrainConfig(backbone="small_cnn", width=4, embedding_size=8, image_size=16)
     small = build_backbone("small_cnn", embedding_size=8, image_size=16, width=4).eval()

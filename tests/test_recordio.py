@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dcq_ops.training import cli
-from dcq_ops.training.data import ImageFolder, TwoViewBatchSampler, TwoViewDataset, batch_loader
+from dcq_ops.training.data import TwoViewBatchSampler, TwoViewDataset, batch_loader
+from dcq_ops.training.sources import ImageFolder
 from dcq_ops.training.recordio import (MAGIC, RecordIOImages, RecordIOWriter, is_recordio, main, pack_folder,
                                        pack_payload, unpack_header)
 
@@ -109,7 +110,8 @@ def test_workers_open_their_own_file_and_match_in_process(packed):
 
 def test_dcq_train_runs_on_a_rec(packed, tmp_path):
     _, data, _ = packed
-    result = cli.main(["--data", str(data / "train.rec"), "--backbone", "small_cnn", "--width", "4",
+    # cli.run: dcq-train in-process, returning the result (cli.main returns the exit status).
+    result = cli.run(["--data", str(data / "train.rec"), "--backbone", "small_cnn", "--width", "4",
                        "--embedding-size", "8", "--image-size", "12", "--batch-size", "4", "--queue-size", "8",
                        "--steps", "3", "--threads", "1", "--progress", "none", "--output", str(tmp_path / "run")])
     assert result["steps"] == 3
@@ -231,3 +233,96 @@ def test_command_line_packs_and_describes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pack", str(tmp_path / "missing"), str(tmp_path / "x")])
     assert "not a directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 18: errors and the command line
+
+
+def _image_span(raw, offset):
+    """(start, end) in the .rec of the image bytes of the unsplit record at ``offset``."""
+    word = struct.unpack_from("<I", raw, offset + 4)[0]
+    assert word >> 29 == 0, "the test expects a record in one part"
+    length = word & ((1 << 29) - 1)
+    return offset + 8 + 24, offset + 8 + length  # after the frame and the IRHeader (flag 0: no label array)
+
+
+@pytest.mark.parametrize("damage", ["zeros", "truncated_jpeg"])
+def test_a_corrupt_image_names_the_file_the_key_and_the_offset(packed, tmp_path, damage):
+    from dcq_ops.training.images import ImageDecodeError
+    _, data, _ = packed
+    raw = bytearray((data / "train.rec").read_bytes())
+    offsets = dict(index_lines(data / "train.idx"))
+    start, end = _image_span(raw, offsets[5])  # key 5: image 4 (cy's first)
+    if damage == "zeros":
+        raw[start:end] = bytes(end - start)  # no image format at all
+    else:
+        raw[start + 200:end] = bytes(end - start - 200)  # a JPEG header, then no scan data
+    (tmp_path / "bad.rec").write_bytes(bytes(raw))
+    (tmp_path / "bad.idx").write_bytes((data / "train.idx").read_bytes())
+    source = RecordIOImages(tmp_path / "bad.rec", decoder="pil")
+    with pytest.raises(ImageDecodeError) as caught:
+        source.load([3, 4])
+    message = str(caught.value)
+    assert f"bad.rec: record 5 at offset {offsets[5]}" in message
+    assert "image 4" in message and "cannot decode the image" in message
+    assert isinstance(caught.value, ValueError)  # callers catching the data layer's ValueErrors catch it
+    assert isinstance(caught.value.__cause__, Exception) and caught.value.__cause__ is not caught.value
+    if damage == "zeros":
+        assert "starting 00 00 00 00" in message
+        assert isinstance(caught.value.__cause__, Image.UnidentifiedImageError)
+    assert source.load([3, 5]).shape[0] == 2  # the other records still read
+
+
+def test_packing_an_unreadable_file_names_it(tmp_path):
+    (tmp_path / "faces" / "a").mkdir(parents=True)
+    (tmp_path / "faces" / "a" / "0.bmp").write_bytes(b"BM not really a bitmap")
+    from dcq_ops.training.images import ImageDecodeError
+    with pytest.raises(ImageDecodeError, match=r"faces/a/0\.bmp: cannot decode the image"):
+        pack_folder(tmp_path / "faces", tmp_path / "out")
+
+
+def test_index_command_rebuilds_a_missing_idx(packed, tmp_path, capsys):
+    _, data, _ = packed
+    original = (data / "train.idx").read_text()
+    os.remove(data / "train.idx")
+    with pytest.raises(ValueError, match=r"found .*train\.rec but not .*train\.idx beside it.*"
+                                         r"python -m dcq_ops\.training\.recordio index"):
+        RecordIOImages(data)
+    result = main(["index", str(data / "train.rec")])
+    assert result["records"] == 15 and "15 records" in capsys.readouterr().out
+    assert (data / "train.idx").read_text() == original  # the writer writes keys in order: the same index
+    assert RecordIOImages(data).labels.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 3, 3]
+    # Split records (payloads holding the magic number) are one record of the index.
+    magic = struct.pack("<I", MAGIC)
+    with RecordIOWriter(tmp_path / "m") as writer:
+        for key, image in enumerate([b"abcd" + magic + b"xyz" + magic, b"plain", magic + magic]):
+            writer.write(key, pack_payload(key, image))
+    written = (tmp_path / "m.idx").read_text()
+    main(["index", str(tmp_path / "m.rec"), "--idx", str(tmp_path / "again.idx")])
+    assert (tmp_path / "again.idx").read_text() == written
+    (tmp_path / "junk.rec").write_bytes(b"JUNK" * 4)
+    with pytest.raises(SystemExit) as caught:
+        main(["index", str(tmp_path / "junk.rec")])
+    assert caught.value.code == 2 and "bad magic number at byte 0" in capsys.readouterr().err
+
+
+def _run_module(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "dcq_ops.training.recordio", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_module_command_runs_without_a_runpy_warning(tmp_path):
+    faces = make_faces(tmp_path / "faces", (("a", 2), ("b", 1)), size=8)
+    packed = _run_module("pack", str(faces), str(tmp_path / "out" / "train"))
+    assert packed.returncode == 0, packed.stderr
+    assert "RuntimeWarning" not in packed.stderr and "found in sys.modules" not in packed.stderr
+    assert "wrote 3 images of 2 identities" in packed.stdout
+    info = _run_module("info", str(tmp_path / "out"))
+    assert info.returncode == 0, info.stderr
+    assert info.stderr == "" and "identities: 2" in info.stdout
+    for bad in ([], ["frobnicate"], ["info"], ["info", str(tmp_path / "nowhere.rec")]):
+        failed = _run_module(*bad)
+        assert failed.returncode == 2, (bad, failed.stderr)
+        assert "RuntimeWarning" not in failed.stderr and "usage:" in failed.stderr

@@ -1,6 +1,7 @@
 """The weight generator's EMA, backbones, the schedule, and the training loop:
 it learns, and a resumed run equals an uninterrupted one."""
 
+import csv
 import dataclasses
 import json
 import math
@@ -13,7 +14,8 @@ from torch import nn
 from dcq_ops import MomentumEncoder
 from dcq_ops.training.backbones import IResNet, SmallCNN, build_backbone
 from dcq_ops.training.cli import main
-from dcq_ops.training.loop import TrainConfig, Trainer, load_backbone, lr_factor, train
+from dcq_ops.training import TrainConfig, Trainer, TrainingError, load_backbone, train
+from dcq_ops.training.schedules import lr_factor
 
 # --------------------------------------------------------------------------- EMA
 
@@ -116,6 +118,21 @@ def test_config_rejects_bad_values():
         TrainConfig(momentum=1.5)
     with pytest.raises(ValueError, match="must hold one global batch"):
         Trainer(TrainConfig(**{**TINY, "queue_size": 16, "batch_size": 32}))
+    # NaN and inf are no numbers a setting takes (NaN passes no comparison, so a bare
+    # "< 0" check lets it through).
+    for name, value in (("warmup_epochs", math.nan), ("clip_grad", math.nan), ("lr", math.inf), ("epochs", math.inf),
+                        ("sample_rate", math.nan), ("scale", 0.0), ("decay_at", [math.nan])):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: value})
+    for name, value in (("stop_after", -1), ("queue_size", 0), ("max_bad_steps", -1), ("seed", -1)):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match="--batch-size.*BatchNorm"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="--image-size.*multiple of 4"):
+        TrainConfig(image_size=3)
+    with pytest.raises(ValueError, match="validate must be one of"):
+        TrainConfig(validate="sometimes")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -186,7 +203,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_command_line_writes_log_checkpoint_and_result(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["--threads", "1", "--synthetic-identities", "80", "--synthetic-eval-identities", "20", "--image-size", "16",
+    assert 0 == main(["--threads", "1", "--synthetic-identities", "80", "--synthetic-eval-identities", "20", "--image-size", "16",
           "--width", "4", "--embedding-size", "16", "--batch-size", "16", "--queue-size", "32", "--steps", "4",
           "--log-every", "2", "--eval-pairs", "100", "--optimizer", "adamw", "--lr", "1e-3",
           "--schedule", "step", "--amp", "bf16", "--log-format", "json", "--progress", "lines",
@@ -211,3 +228,85 @@ def test_momentum_encoder_keeps_its_own_buffers_when_asked():
     assert not torch.equal(generator.module[1].running_mean, net[1].running_mean)
     generator.update()
     assert torch.equal(generator.module[1].running_mean, net[1].running_mean)
+
+
+# --------------------------------------------------------------------------- bad steps
+
+
+def _inject_inf_class_weight(monkeypatch, trainer, steps):
+    """An inf in one class weight (one row of the generator's output) at the given steps
+    (1-based, as logged)."""
+    generate = trainer._class_weights
+
+    def class_weights(images):
+        weights = generate(images)
+        if trainer.step + 1 in steps:
+            weights = weights.clone()
+            weights[1] = math.inf
+        return weights
+    monkeypatch.setattr(trainer, "_class_weights", class_weights)
+
+
+def _finite_state(trainer):
+    """Every floating tensor of the backbone, the generator and the optimizer state is finite."""
+    tensors = list(trainer.backbone.state_dict().values()) + list(trainer.generator.state_dict().values())
+    tensors += [v for state in trainer.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+@pytest.mark.parametrize("validate", ["async", "eager"])
+def test_a_nonfinite_class_weight_is_skipped_and_the_run_finishes(tmp_path, monkeypatch, capsys, validate):
+    out = tmp_path / "run"
+    trainer = Trainer(TrainConfig(**{**TINY, "steps": 8, "progress": "lines", "output": str(out),
+                                     "validate": validate}))
+    _inject_inf_class_weight(monkeypatch, trainer, {3})
+    result = trainer.fit()
+    assert result["steps"] == 8 and set(result["final_eval"]) == {"heldout", "tail", "head"}, "the run finished"
+    assert result["skipped_steps"] == [3] and result["bad_steps"] == 1
+    assert [r["skipped"] for r in result["history"]] == [1, 0]  # the rows of steps 5 and 8
+    assert all(math.isfinite(r["loss"]) for r in result["history"])
+    assert _finite_state(trainer), "the bad step reached the weights"
+    queue = trainer.head.loss.queue
+    assert bool(torch.isfinite(queue.weights).all()), "a non-finite class weight entered the queue"
+    assert (queue.labels >= 0).sum() == 64, "the other batches filled the queue"
+    printed = capsys.readouterr().out
+    assert "step 3:" in printed and "update skipped" in printed and "skipped 1" in printed
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["skipped"]) for r in rows if r["kind"] == "skip"] == [("3", "1")]
+    assert [r["skipped"] for r in rows if r["kind"] == "train"] == ["1", "0"]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["bad_steps"] == 1
+
+
+def test_a_nonfinite_batch_leaves_batchnorm_statistics_alone(monkeypatch):
+    """A NaN image makes the forward's BatchNorm statistics NaN: they are undone with the step."""
+    trainer = Trainer(TrainConfig(**{**TINY, "steps": 5}))
+    step = trainer.train_step
+
+    def train_step(batch):
+        if trainer.step + 1 == 3:
+            images_a, images_b, labels = batch
+            images_a = images_a.clone()
+            images_a[0, 0, 0, 0] = math.nan
+            batch = (images_a, images_b, labels)
+        return step(batch)
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    result = trainer.fit()
+    assert result["skipped_steps"] == [3]
+    assert _finite_state(trainer)
+    assert bool(torch.isfinite(trainer.head.loss.queue.weights).all())
+
+
+def test_more_bad_steps_than_allowed_stop_the_run(monkeypatch):
+    trainer = Trainer(TrainConfig(**{**TINY, "steps": 8, "max_bad_steps": 2}))
+    _inject_inf_class_weight(monkeypatch, trainer, {2, 3, 4})
+    with pytest.raises(TrainingError, match="3 bad steps, more than --max-bad-steps 2"):
+        trainer.fit()
+    assert trainer.step == 5, "read at the log line of step 5 (log_every 5): no host sync per step"
+    assert _finite_state(trainer)
+    # 0: the first bad step stops the run.
+    trainer = Trainer(TrainConfig(**{**TINY, "steps": 8, "max_bad_steps": 0, "validate": "eager"}))
+    _inject_inf_class_weight(monkeypatch, trainer, {2})
+    with pytest.raises(TrainingError, match="more than --max-bad-steps 0 .the last at step 2"):
+        trainer.fit()
+    assert trainer.step == 2, "eager validation reads every step"

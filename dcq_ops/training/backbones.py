@@ -14,10 +14,7 @@ import re
 import torch
 from torch import nn
 
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+from dcq_ops.validation import check_positive_int
 
 
 class EmbeddingOutput(nn.Module):
@@ -47,14 +44,28 @@ def _conv_bn_act(cin: int, cout: int, stride: int) -> nn.Sequential:
 class SmallCNN(nn.Module):
     """A small CNN for small images (the CPU default): three stages of
     conv-BN-PReLU at widths w, 2w, 4w, the last two opening with a stride-2 conv,
-    so a 32x32 input ends as an 8x8 map."""
+    so a 32x32 input ends as an 8x8 map.
+
+    Parameters
+    ----------
+    in_channels : int
+        Image channels (1 or 3).
+    embedding_size : int
+        The embedding's size.
+    width : int
+        Channels of the first stage (w).
+    image_size : int
+        The input's side, a multiple of 4.
+    dropout : float
+        Dropout before the FC (0: none).
+    """
 
     def __init__(self, in_channels: int = 3, embedding_size: int = 128, width: int = 32, image_size: int = 32,
                  dropout: float = 0.0):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("embedding_size", embedding_size),
                             ("width", width), ("image_size", image_size)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two stride-2 stages), got {image_size}")
         w = width
@@ -120,6 +131,23 @@ class IResNet(nn.Module):
 
     State dicts of the earlier layout of this class (stem, stages, output) are
     renamed on load.
+
+    Parameters
+    ----------
+    depth : int
+        18, 34, 50, 100 or 200.
+    in_channels : int
+        Image channels.
+    embedding_size : int
+        The embedding's size.
+    image_size : int
+        The input's side, a multiple of 16.
+    dropout : float
+        Dropout before the FC (0: none).
+    widths : tuple of int
+        The four stages' channels.
+    zero_init_residual : bool
+        Start each block's last BatchNorm at zero (every block the identity).
     """
 
     def __init__(self, depth: int = 50, in_channels: int = 3, embedding_size: int = 512, image_size: int = 112,
@@ -130,7 +158,7 @@ class IResNet(nn.Module):
             raise ValueError(f"depth must be one of {sorted(IRESNET_DEPTHS)}, got {depth!r}")
         for name, value in (("in_channels", in_channels), ("embedding_size", embedding_size),
                             ("image_size", image_size)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (four stride-2 stages), got {image_size}")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
@@ -196,7 +224,28 @@ BACKBONES = ("small_cnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "
 
 def build_backbone(name: str, *, in_channels: int = 3, embedding_size: int = 512, image_size: int = 112,
                    width: int = 32, dropout: float = 0.0) -> nn.Module:
-    """A backbone by name: "small_cnn" (``width`` sets its channels) or "iresnet{18,34,50,100,200}"."""
+    """A backbone by name.
+
+    Parameters
+    ----------
+    name : str
+        "small_cnn" or "iresnet{18,34,50,100,200}".
+    in_channels : int
+        Image channels.
+    embedding_size : int
+        The embedding's size.
+    image_size : int
+        The input's side (a multiple of 4 for small_cnn, of 16 for an IResNet).
+    width : int
+        small_cnn's first-stage channels (ignored by an IResNet).
+    dropout : float
+        Dropout before the FC.
+
+    Returns
+    -------
+    torch.nn.Module
+        Images [N, C, S, S] -> embeddings [N, embedding_size].
+    """
     if name == "small_cnn":
         return SmallCNN(in_channels, embedding_size, width, image_size, dropout)
     if name.startswith("iresnet") and name[len("iresnet"):].isdigit() and int(name[len("iresnet"):]) in IRESNET_DEPTHS:

@@ -1,6 +1,7 @@
-"""The command lines of the training application: ``dcq-train`` (``python -m
-dcq_ops.train``) trains; ``python -m dcq_ops.eval`` verifies a checkpoint on
-insightface ``.bin`` sets."""
+"""The training command line, ``dcq-train`` (``python -m dcq_ops.train``): one
+flag per :class:`~dcq_ops.training.config.TrainConfig` field, checked by the same
+bounds and choices as the config; a setting that cannot run is a usage error
+(status 2). (``python -m dcq_ops.eval`` is :mod:`dcq_ops.training.evaluate`.)"""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from typing import Sequence
 
-import torch
 import torch.distributed as dist
 
-from dcq_ops.training import loop
-from dcq_ops.training.backbones import BACKBONES
-from dcq_ops.training.heads import HEADS
-from dcq_ops.training.loop import TrainConfig, load_backbone, train
-from dcq_ops.training.verification import evaluate_bin
+from dcq_ops.training import trainer as trainer_module
+from dcq_ops.training.config import CHOICES, FIELD_BOUNDS, ConfigError, TrainConfig, parse_device
+from dcq_ops.training.step_guard import TrainingError
+from dcq_ops.training.trainer import Trainer
 
 
 def _parse_bool(text: str) -> bool:
@@ -27,6 +27,53 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _argument_type(parse, name: str):
+    """An argparse ``type`` from a function that raises ValueError with the rule: argparse
+    then says "argument --flag: <the rule>" (a bare ValueError would only say "invalid
+    value")."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = name
+    return convert
+
+
+def _data_path(text: str) -> str:
+    """--data: "synthetic", an image folder, or a RecordIO set whose .idx is there."""
+    if text == "synthetic":
+        return text
+    if not os.path.exists(text):
+        raise ValueError(f"no such file or directory: {text!r} (expected 'synthetic', an image folder, a .rec or "
+                         f"a folder holding train.rec and train.idx)")
+    # Imported here: importing the application does not import the RecordIO package.
+    from dcq_ops.training.recordio import is_recordio, resolve_paths
+    if is_recordio(text):
+        resolve_paths(text)  # raises when the .idx is missing, naming it
+    elif not os.path.isdir(text):
+        raise ValueError(f"{text!r} is neither a folder nor a .rec file")
+    return text
+
+
+def _resume_path(text: str) -> str:
+    if text != "auto" and not os.path.isfile(text):
+        raise ValueError(f"must be an existing checkpoint or 'auto', got {text!r} (no such file)")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise ValueError(f"no such file: {text!r}")
+    return text
+
+
+# Built once, shared by every flag with the same rule.
+_TYPES = {name: _argument_type(bound.parse, bound.kind.__name__) for name, bound in FIELD_BOUNDS.items()}
+_TYPES.update(data=_argument_type(_data_path, "path"), resume=_argument_type(_resume_path, "path"),
+              eval_bin=_argument_type(_existing_file, "path"), device=_argument_type(parse_device, "device"))
 
 
 def _field_help() -> dict:
@@ -40,15 +87,13 @@ def _field_help() -> dict:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{4}(\w+):[^#\n]*#(.*)$", source, re.M)}
 
 
-_CHOICES = {"head": tuple(HEADS), "margin": ("cosface", "arcface"), "optimizer": ("sgd", "adamw"),
-            "schedule": ("cosine", "step"), "amp": ("none", "fp16", "bf16"), "log_format": ("csv", "json"),
-            "progress": ("auto", "bar", "lines", "none"), "generator_bn": ("train", "eval"), "backbone": BACKBONES,
-            "backend": ("auto", "triton", "chunked", "reference"), "momentum_schedule": loop.MOMENTUM_SCHEDULES,
-            "queue_warmup": loop.QUEUE_WARMUPS, "eval_model": loop.EVAL_MODELS}
+# The config's choices, and the DCQ loss backends (which DCQLoss checks).
+_CHOICES = {**CHOICES, "backend": ("auto", "triton", "chunked", "reference")}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcq-train", description=loop.__doc__.split("\n\n")[0],
+    """The ``dcq-train`` parser: a flag per TrainConfig field, its default and help from the field."""
+    parser = argparse.ArgumentParser(prog="dcq-train", description=trainer_module.__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = TrainConfig()
     helps = _field_help()
@@ -59,49 +104,56 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, metavar="BOOL", **kwargs)
         elif isinstance(default, list):
-            parser.add_argument(flag, type=float if f.name == "decay_at" else str, nargs="*", **kwargs)
-        elif f.name in ("queue_size", "steps", "stop_after"):
-            parser.add_argument(flag, type=int, **kwargs)
-        elif f.name in ("output", "resume"):
+            parser.add_argument(flag, type=_TYPES.get(f.name, str), nargs="*", **kwargs)
+        elif f.name in _TYPES:
+            parser.add_argument(flag, type=_TYPES[f.name], choices=_CHOICES.get(f.name), **kwargs)
+        elif f.name == "output":
             parser.add_argument(flag, type=str, **kwargs)
         else:
             parser.add_argument(flag, type=type(default), choices=_CHOICES.get(f.name), **kwargs)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def run(argv: Sequence[str] | None = None) -> dict:
+    """``dcq-train`` in-process: parse, train, write OUTPUT/result.json; returns the
+    result of :meth:`Trainer.fit`. A setting that cannot run exits as a usage error
+    (SystemExit 2, the message naming the flag); a run stopped by too many bad steps
+    raises TrainingError."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         config = TrainConfig(**vars(args))
-    except ValueError as exc:
-        build_parser().error(str(exc))
-    result = train(config)
-    trainer = result.pop("trainer")
-    if trainer.rank == 0 and config.output:
-        # final_eval: the feature extractor's verification; final_eval_generator: the
-        # weight generator's (with --eval-model generator or both).
-        summary = {"config": dataclasses.asdict(config), "steps": result["steps"], "eval_model": config.eval_model,
-                   "final_eval": result["final_eval"]}
-        if "final_eval_generator" in result:
-            summary["final_eval_generator"] = result["final_eval_generator"]
-        with open(os.path.join(config.output, "result.json"), "w") as f:
-            json.dump({**summary, "elapsed_s": result["elapsed_s"]}, f, indent=2)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    except ValueError as exc:  # the checks that involve several settings (they name the flags)
+        parser.error(str(exc))
+    try:
+        try:
+            trainer = Trainer(config)
+            result = trainer.fit()
+        except ConfigError as exc:  # settings found wrong once the data, the device or the checkpoint is known
+            parser.error(str(exc))
+        if trainer.rank == 0 and config.output:
+            # final_eval: the feature extractor's verification; final_eval_generator: the
+            # weight generator's (with --eval-model generator or both).
+            summary = {"config": dataclasses.asdict(config), "steps": result["steps"],
+                       "eval_model": config.eval_model, "final_eval": result["final_eval"],
+                       "bad_steps": result["bad_steps"], "skipped_steps": result["skipped_steps"]}
+            if "final_eval_generator" in result:
+                summary["final_eval_generator"] = result["final_eval_generator"]
+            with open(os.path.join(config.output, "result.json"), "w") as f:
+                json.dump({**summary, "elapsed_s": result["elapsed_s"]}, f, indent=2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return result
 
 
-def eval_main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m dcq_ops.eval",
-                                     description="Verification accuracy of a dcq_ops.train checkpoint on insightface .bin sets")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by dcq_ops.train")
-    parser.add_argument("--bin", action="append", required=True, help="an insightface .bin (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    model = load_backbone(args.checkpoint, map_location=args.device).to(args.device)
-    results = {}
-    for path in args.bin:
-        results[os.path.basename(path)] = evaluate_bin(model, path, args.batch_size, device=args.device)
-        print(f"{os.path.basename(path)}: " + json.dumps(results[os.path.basename(path)]))
-    return results
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``dcq-train`` console script: 0 when the run finished, 1 when it stopped
+    (too many bad steps, no readable checkpoint), 2 for a bad argument (argparse)."""
+    try:
+        run(argv)
+    except TrainingError as exc:
+        print(f"dcq-train: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -5,10 +5,10 @@
 (drawn uniformly among the others), else a second, independent augmentation of
 the same image (a singleton identity still gets a useful class weight).
 
-Sources: :class:`TensorImages` (in-memory tensors), :class:`ImageFolder`
-(one folder per identity, the usual layout of extracted face data sets; read
-with Pillow) and :class:`~dcq_ops.training.recordio.RecordIOImages`
-(insightface's ``train.rec`` + ``train.idx``).
+Sources (:mod:`dcq_ops.training.sources`): :class:`TensorImages` (in-memory
+tensors), :class:`ImageFolder` (one folder per identity) and
+:class:`~dcq_ops.training.recordio.RecordIOImages` (insightface's ``train.rec`` +
+``train.idx``); :class:`TwoViewDataset` takes any of them.
 
 Randomness: every random choice of an item (the partner image, the flip and
 the shift of each view) is a pure function of ``(seed, epoch, index)``, computed
@@ -20,18 +20,18 @@ checkpoint at step s sees exactly the batches an uninterrupted run sees.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dcq_ops.training.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_failure, pil_to_tensor, require_pil
+from dcq_ops.training.sources import ImageFolder, TensorImages, labels_tensor
+from dcq_ops.validation import check_int, check_positive_int
 
-# dcq_ops.training.recordio is imported where it is used, not here: the package
-# imports this module, and `python -m dcq_ops.training.recordio` warns when the
-# module it runs was imported before it (runpy's RuntimeWarning).
+# dcq_ops.training.recordio is imported where it is used, not here: importing the
+# application does not import the RecordIO package.
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -57,170 +57,6 @@ def counter_uniform(seed: int, epoch: int, indices, stream: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))  # 53 random bits
 
 
-# --------------------------------------------------------------------------- sources
-
-
-def _labels_tensor(labels) -> torch.Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    labels = labels.long()
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"labels must be >= 0, got a label of {int(labels.min())}")
-    return labels
-
-
-_EXPECTED_DATA = ("an image folder (one sub-folder of images per identity), a .rec file with its .idx beside "
-                  "it, or a folder holding train.rec and train.idx")
-
-
-def check_data_path(path: str | os.PathLike) -> None:
-    """Raise ValueError, naming ``path`` and what is expected there, unless it
-    is a training set that :class:`ImageFolder` or
-    :class:`~dcq_ops.training.recordio.RecordIOImages` opens: a ``.rec`` file
-    with its ``.idx`` beside it (same stem), a folder holding ``train.rec`` and
-    ``train.idx``, or a folder with at least one identity sub-folder holding an
-    image. Cheap (it stops at the first image found, reads no image), so an
-    argument check can call it before anything is built. The keyword
-    "synthetic" (the trainer's default data) is not a path: callers skip it."""
-    shown = os.fspath(path)
-    if not os.path.exists(shown):
-        hint = ""
-        if shown.endswith(".idx") and os.path.exists(shown[:-4] + ".rec"):
-            hint = f"; did you mean {shown[:-4] + '.rec'}?"
-        raise ValueError(f"data path {shown!r} does not exist: expected {_EXPECTED_DATA}{hint}")
-    if os.path.isfile(shown):
-        if not shown.endswith(".rec"):
-            hint = ""
-            if shown.endswith(".idx") and os.path.exists(shown[:-4] + ".rec"):
-                hint = f" (an .idx is read through its .rec: pass {shown[:-4] + '.rec'})"
-            raise ValueError(f"data path {shown!r} is a file but not a .rec{hint}: expected {_EXPECTED_DATA}")
-        _check_index_beside(shown)
-        return
-    if not os.path.isdir(shown):
-        raise ValueError(f"data path {shown!r} is neither a file nor a folder: expected {_EXPECTED_DATA}")
-    rec = os.path.join(shown, "train.rec")
-    if os.path.exists(rec):
-        _check_index_beside(rec)
-        return
-    extensions = tuple(e.lower() for e in IMAGE_EXTENSIONS)
-    folders = 0
-    try:
-        with os.scandir(shown) as entries:
-            for entry in entries:
-                if not entry.is_dir():
-                    continue
-                folders += 1
-                with os.scandir(entry.path) as files:
-                    if any(f.name.lower().endswith(extensions) and f.is_file() for f in files):
-                        return  # one identity folder with an image: ImageFolder reads the rest
-    except OSError as exc:
-        raise ValueError(f"data path {shown!r} cannot be listed ({exc}): expected {_EXPECTED_DATA}") from exc
-    recs = sorted(f for f in os.listdir(shown) if f.endswith(".rec"))
-    if recs:
-        raise ValueError(f"data path {shown!r} holds {', '.join(recs)} but no train.rec: pass the .rec file "
-                         f"itself, or name it train.rec")
-    found = f"{folders} sub-folders, none holding an image" if folders else "no sub-folders"
-    raise ValueError(f"data path {shown!r} is a folder with {found} (extensions {', '.join(extensions)}): "
-                     f"expected {_EXPECTED_DATA}")
-
-
-def _check_index_beside(rec: str) -> None:
-    idx = os.path.splitext(rec)[0] + ".idx"
-    if not os.path.exists(idx):
-        raise ValueError(f"data path {rec!r}: found {rec} but not {idx} beside it (a .rec is read through its "
-                         f"index); create it with `python -m dcq_ops.training.recordio index {rec}`")
-
-
-class TensorImages:
-    """In-memory images [N, C, H, W] and labels [N]. uint8 images are mapped to
-    [-1, 1] as arcface_torch does ((x / 255 - 0.5) / 0.5); float images are used as they are."""
-
-    def __init__(self, images: torch.Tensor, labels):
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
-        if images.dim() != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-        if not (images.is_floating_point() or images.dtype == torch.uint8):
-            raise TypeError(f"images must be floating point or uint8, got {images.dtype}")
-        self.images = images
-        self.labels = _labels_tensor(labels)
-        if self.labels.numel() != images.shape[0]:
-            raise ValueError(f"labels must have one entry per image ({images.shape[0]}), got {self.labels.numel()}")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def load(self, indices: np.ndarray) -> torch.Tensor:
-        batch = self.images[torch.as_tensor(indices, dtype=torch.long)]
-        if batch.dtype == torch.uint8:
-            batch = (batch.float() / 255 - 0.5) / 0.5
-        return batch
-
-
-class ImageFolder:
-    """``root/<identity>/<image>``: one folder per identity (sorted names -> labels 0..C-1).
-
-    ``image_size`` (H, W) resizes images that differ (all images of a batch must
-    have one size). ``transform``, if given, maps a PIL image to a tensor and
-    replaces the default conversion (its randomness is then not counter-based,
-    so resumed runs are no longer exact; give the TwoViewDataset ``augment=None``
-    if the transform already augments).
-    """
-
-    def __init__(self, root: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
-                 transform: Callable | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS):
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            why = "not a directory" if os.path.exists(root) else "not a directory: it does not exist"
-            raise ValueError(f"root must be a directory of identity folders, got {root!r} ({why})")
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        self.root, self.image_size, self.transform = root, image_size, transform
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        extensions = tuple(e.lower() for e in extensions)
-        paths, labels = [], []
-        for label, name in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(extensions))
-            paths.extend(os.path.join(root, name, f) for f in files)
-            labels.extend([label] * len(files))
-        if not paths:
-            raise ValueError(f"root {root!r} holds no images with extensions {extensions} in identity folders")
-        self.paths = paths
-        self.labels = torch.tensor(labels, dtype=torch.long)
-        require_pil()  # fail now, not in the first batch
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, indices: np.ndarray) -> torch.Tensor:
-        Image = require_pil()
-        images = []
-        for i in np.asarray(indices).reshape(-1):
-            path = self.paths[int(i)]
-            image = None
-            try:
-                image = Image.open(path)
-                image.load()  # decode here (Pillow is lazy), so a broken file fails inside this try
-            except (FileNotFoundError, PermissionError, IsADirectoryError):
-                raise  # the file, not its bytes: these already name the path
-            except DECODE_ERRORS as exc:
-                if image is not None:
-                    image.close()
-                # Pillow names the file only when it cannot identify it, not when a
-                # truncated or corrupt one fails to decode: name it always.
-                raise decode_failure(f"{path} (image {int(i)} of {self.root})", exc) from exc
-            with image:
-                images.append(self.transform(image) if self.transform is not None
-                              else pil_to_tensor(image, self.image_size))
-        shapes = {tuple(t.shape) for t in images}
-        if len(shapes) > 1:
-            raise ValueError(f"images of one batch differ in shape {sorted(shapes)}: pass image_size=(H, W)")
-        return torch.stack(images)
-
-
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -232,8 +68,7 @@ class FlipShift:
     def __init__(self, flip: float = 0.5, max_shift: int = 2):
         if not 0 <= flip <= 1:
             raise ValueError(f"flip must be a probability in [0, 1], got {flip!r}")
-        if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
-            raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
+        check_int("max_shift", max_shift, minimum=0)
         self.flip, self.max_shift = flip, max_shift
 
     def __repr__(self) -> str:
@@ -276,6 +111,18 @@ class TwoViewDataset(Dataset):
     need no shared state). :meth:`get_batch` loads a whole batch at once.
     ``augment`` (default :class:`FlipShift`) is applied to both views
     independently; ``None`` turns it off (then a singleton's two views are equal).
+
+    Parameters
+    ----------
+    source : tensor, str, os.PathLike or image source
+        Images [N, C, H, W] (with ``labels``), a folder or ``.rec`` path, or an object
+        with ``labels`` and ``load(indices)``.
+    labels : array-like, optional
+        The labels of an images tensor (only then).
+    seed : int
+        The seed of the partner choice and the augmentation (with the epoch and index).
+    augment : callable, None or "default"
+        The augmentation of each view (default :class:`FlipShift`).
     """
 
     def __init__(self, source, labels=None, *, seed: int = 0, augment: Callable | None | str = "default"):
@@ -293,7 +140,7 @@ class TwoViewDataset(Dataset):
         self.seed = int(seed)
         self.augment = FlipShift() if augment == "default" else augment
         self.epoch = 0
-        labels = _labels_tensor(source.labels).numpy()
+        labels = labels_tensor(source.labels).numpy()
         self.labels = torch.from_numpy(labels)
         self.num_classes = int(labels.max()) + 1 if labels.size else 0
         # Identities as CSR: members of identity c are order[offsets[c]:offsets[c+1]].
@@ -308,6 +155,7 @@ class TwoViewDataset(Dataset):
         return len(self.labels)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch that ``dataset[i]`` (an index without one) uses."""
         self.epoch = int(epoch)
 
     def partner(self, indices, epoch: int | None = None) -> np.ndarray:
@@ -362,13 +210,27 @@ class TwoViewBatchSampler:
     for training) every rank gets the same number of full batches.
 
     ``iter_epoch(epoch, start_batch)`` resumes in the middle of an epoch.
+
+    Parameters
+    ----------
+    num_samples : int
+        The items to draw from.
+    batch_size : int
+        Items per batch (per rank).
+    seed : int
+        The seed of the permutations.
+    shuffle : bool
+        Permute each epoch (False: in order).
+    drop_last : bool
+        Drop the last partial batch (and the items that do not share evenly across ranks).
+    rank, world_size : int
+        This rank and the number of ranks.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1):
         for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if drop_last and num_samples < batch_size * world_size:
@@ -379,6 +241,7 @@ class TwoViewBatchSampler:
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch that iterating the sampler yields."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -397,6 +260,7 @@ class TwoViewBatchSampler:
         return order[self.rank::self.world_size]
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list]:
+        """This rank's batches of ``epoch`` from batch ``start_batch`` on, each a list of (epoch, index)."""
         mine = self.indices(epoch)
         for b in range(start_batch, len(self)):
             yield [(epoch, int(i)) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from dcq_ops.training.backbones import IRESNET_DEPTHS, IResNet, build_backbone, infer_iresnet
+from dcq_ops.training.checkpoint import CHECKPOINT_FORMAT
+from dcq_ops.training.config import TrainConfig
 
 # arcface_torch's names of its IResNets (``get_model("r50")``).
 NETWORKS = {f"r{depth}": depth for depth in sorted(IRESNET_DEPTHS)}
@@ -49,7 +51,7 @@ def _read(path: str):
     except pickle.UnpicklingError:
         # The safe unpickler refuses what dcq_ops.train checkpoints hold besides
         # tensors (RNG states with numpy arrays); read them as
-        # loop.load_backbone does. A checkpoint is trusted input either way.
+        # checkpoint.load_backbone does. A checkpoint is trusted input either way.
         pass
     except Exception as exc:  # a zip that is not torch's, a truncated file, ...
         raise CheckpointError(f"{path}: cannot be read by torch.load: {type(exc).__name__}: {exc}") from exc
@@ -94,7 +96,6 @@ def _mismatch(model: nn.Module, state: dict) -> str:
 
 
 def _from_train_checkpoint(path: str, state: dict, network: str | None, embedding_size: int | None):
-    from dcq_ops.training.loop import TrainConfig
     # The fields the backbone needs, with TrainConfig's defaults for those an
     # older checkpoint lacks. Not TrainConfig(**config): that checks the whole
     # run's settings (data paths, ...), which need not exist where one evaluates.
@@ -159,7 +160,6 @@ def load_model(path: str | os.PathLike, network: str | None = None,
     (see the module's docs). ``network``: "r18" .. "r200", needed only when the
     keys do not tell. Raises :class:`CheckpointError` (a ValueError) naming the
     file and what is wrong."""
-    from dcq_ops.training.loop import CHECKPOINT_FORMAT
     path = os.fspath(path)
     if network is not None and network not in NETWORKS:
         raise CheckpointError(f"network must be one of {sorted(NETWORKS, key=NETWORKS.get)}, got {network!r}")

@@ -29,7 +29,7 @@ def margin_softmax_loss(cosine: torch.Tensor, labels: torch.Tensor, margin: Marg
     the others, as arcface_torch's CombinedMarginLoss."""
     rows = torch.arange(cosine.shape[0], device=cosine.device)
     target_cos = cosine[rows, labels]
-    target_logit = margin_logit(target_cos, margin.scale, margin.m1, margin.m2, margin.m3, margin.straight_through)
+    target_logit = margin_logit(target_cos, margin.scale, margin.m1, margin.m2, margin.m3, margin.straight_through_margin)
     if margin.interclass_filtering_threshold > 0:
         dirty = cosine.detach() > margin.interclass_filtering_threshold
         dirty[rows, labels] = False
@@ -40,7 +40,17 @@ def margin_softmax_loss(cosine: torch.Tensor, labels: torch.Tensor, margin: Marg
 
 
 class FullSoftmaxHead(nn.Module):
-    """Normalised FC over all classes: weights [C, D] (and their optimizer state) in memory."""
+    """Normalised FC over all classes: weights [C, D] (and their optimizer state) in memory.
+
+    Parameters
+    ----------
+    num_classes : int
+        C, the number of classes.
+    embedding_size : int
+        D, the embedding's size.
+    margin_loss : MarginConfig or arcface_torch margin, optional
+        The margin, as ``dcq_ops.margin.margin_from`` reads it (None: the paper's CosFace).
+    """
 
     needs_class_weights = False
 
@@ -56,7 +66,15 @@ class FullSoftmaxHead(nn.Module):
 
 class PartialFCHead(nn.Module):
     """Partial FC: each step the batch's classes (always kept) plus a random
-    sample of the others, ceil(sample_rate * C) classes in all."""
+    sample of the others, ceil(sample_rate * C) classes in all.
+
+    Parameters
+    ----------
+    num_classes, embedding_size, margin_loss
+        As :class:`FullSoftmaxHead`'s.
+    sample_rate : float
+        The share of the classes in each step's softmax, in (0, 1].
+    """
 
     needs_class_weights = False
 
@@ -89,15 +107,52 @@ class PartialFCHead(nn.Module):
 
 
 class DCQHead(nn.Module):
-    """The Dynamic Class Queue head: no per-class parameter at all."""
+    """The Dynamic Class Queue head: no per-class parameter at all.
+
+    ``validate`` is DCQLoss's ("async", "eager", "off"; True / False as there): with
+    "async" a batch with a bad label or a non-finite value never enters the queue,
+    and DCQLoss raises ValueError naming it at its next call; a training loop that
+    would rather log it than stop asks :meth:`pending_report` before each call.
+
+    Parameters
+    ----------
+    num_classes : int
+        The number of classes (labels are in [0, num_classes)).
+    embedding_size : int
+        The embedding's size.
+    margin_loss : MarginConfig or arcface_torch margin, optional
+        The margin, as ``dcq_ops.margin.margin_from`` reads it (None: the paper's CosFace).
+    sample_rate : float
+        The queue holds ceil(sample_rate * num_classes) class weights...
+    queue_size : int, optional
+        ...unless this gives its size.
+    backend : str
+        DCQLoss's backend ("auto", "triton", "chunked", "reference").
+    fp16 : bool
+        Keep the queue in fp16.
+    validate : str or bool
+        DCQLoss's validation mode.
+    """
 
     needs_class_weights = True
 
     def __init__(self, num_classes: int, embedding_size: int, margin_loss=None, sample_rate: float = 0.1,
-                 queue_size: int | None = None, backend: str = "auto", fp16: bool = False, validate: bool = False):
+                 queue_size: int | None = None, backend: str = "auto", fp16: bool = False, validate="async"):
         super().__init__()
         self.loss = DCQLoss(margin_loss, embedding_size, num_classes, sample_rate, fp16,
                             queue_size=queue_size, backend=backend, validate=validate)
+
+    def pending_report(self) -> str | None:
+        """DCQLoss's report of a batch it kept out of the queue under validate="async"
+        and has not reported yet (the text of the ValueError it would raise at its next
+        call), or None; asked, it is not raised again. On a GPU it waits only for the
+        last step's status copy, as the loss's own check at its next call would.
+
+        Returns
+        -------
+        str or None
+        """
+        return self.loss.pending_report()
 
     def forward(self, embeddings, labels, class_weights):
         if class_weights is None:
@@ -110,7 +165,28 @@ HEADS = {"dcq": DCQHead, "softmax": FullSoftmaxHead, "partial_fc": PartialFCHead
 
 def build_head(name: str, num_classes: int, embedding_size: int, margin_loss=None, sample_rate: float = 0.1,
                **kwargs) -> nn.Module:
-    """A head by name: "dcq", "softmax" (full) or "partial_fc"."""
+    """A head by name.
+
+    Parameters
+    ----------
+    name : str
+        "dcq", "softmax" (full) or "partial_fc".
+    num_classes : int
+        The number of classes.
+    embedding_size : int
+        The embedding's size.
+    margin_loss : MarginConfig or arcface_torch margin, optional
+        The margin, as ``dcq_ops.margin.margin_from`` reads it (None: the paper's CosFace).
+    sample_rate : float
+        DCQ's queue share of the classes, or Partial FC's sample rate (unused by "softmax").
+    **kwargs
+        DCQHead's other arguments (queue_size, backend, fp16, validate).
+
+    Returns
+    -------
+    torch.nn.Module
+        Called as ``head(embeddings, labels, class_weights)``, returning the mean loss.
+    """
     if name not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {name!r}")
     if name == "softmax":

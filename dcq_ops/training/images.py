@@ -1,6 +1,6 @@
 """Image files for the training application: the extensions it reads, and
 decoding with Pillow into arcface_torch's normalisation ([3, H, W] in [-1, 1]).
-Shared by the image-folder and RecordIO sources (data.py, recordio.py)."""
+Shared by the image-folder and RecordIO sources (data.py, recordio/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,25 @@ import struct
 import numpy as np
 import torch
 
+from dcq_ops.validation import check_positive_int
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_size_pair(image_size) -> tuple[int, int] | None:
+    """``image_size`` (an int N, or (H, W), or None: the images' own size) as (H, W) or
+    None; ValueError "image_size must be a positive int or (H, W), got X" otherwise."""
+    if image_size is None:
+        return None
+    pair = (image_size, image_size) if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
+    try:
+        if len(pair) != 2:
+            raise ValueError
+        for side in pair:
+            check_positive_int("image_size", side)  # an int (a bool is none), > 0
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}") from None
+    return tuple(pair)
 
 
 class ImageDecodeError(ValueError):

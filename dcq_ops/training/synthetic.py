@@ -28,11 +28,14 @@ not change the others.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from dcq_ops.validation import check_int, check_positive_int
 
 # Independent random streams of one seed, one per part of the data set.
 _STREAMS = {"basis": 1, "train_latents": 2, "counts": 3, "train_images": 4,
@@ -46,7 +49,26 @@ def _generator(seed: int, stream: str) -> torch.Generator:
 
 @dataclass
 class SyntheticConfig:
-    """Settings of :func:`make_synthetic` (all sizes are per data set, not per batch)."""
+    """Settings of :func:`make_synthetic` (all sizes are per data set, not per batch).
+
+    Attributes
+    ----------
+    num_identities, num_eval_identities : int
+        Training identities (the classes), and disjoint held-out identities.
+    eval_images_per_identity, probe_identities, probe_images_per_identity : int
+        The verification sets: held-out images per identity, and the training identities
+        re-rendered for the tail and head probes.
+    median_images, tail_spread, min_images, max_images : float or int
+        The long tail of training images per identity (log-normal, clipped).
+    tail_max_images, head_min_images : int
+        Which identities count as "tail" and "head".
+    channels, image_size, latent_dim, basis_resolution : int
+        The images' shape and the identity latent.
+    identity_strength, expression, rotation_deg, scale_jitter, shift, squeeze, gain, tint, ramp, bias, noise : float
+        The rendering: identity contrast, per-image jitter, pose, lighting and noise.
+    seed : int
+        Everything is a function of it.
+    """
 
     num_identities: int = 2000           # training identities (classes)
     num_eval_identities: int = 400       # disjoint held-out identities
@@ -80,12 +102,10 @@ class SyntheticConfig:
         for name in ("num_identities", "num_eval_identities", "channels", "image_size", "latent_dim",
                      "basis_resolution", "min_images", "max_images"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SyntheticConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"SyntheticConfig.{name}", value)
         for name in ("eval_images_per_identity", "probe_images_per_identity"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ValueError(f"SyntheticConfig.{name} must be an int >= 2 (verification needs pairs), got {value!r}")
+            check_int(f"SyntheticConfig.{name}", value, minimum=2, expected="an int >= 2 (verification needs pairs)")
         if self.probe_identities < 0:
             raise ValueError(f"SyntheticConfig.probe_identities must be >= 0, got {self.probe_identities!r}")
         if self.min_images > self.max_images:
@@ -218,7 +238,20 @@ def render(latents: torch.Tensor, config: SyntheticConfig, generator: torch.Gene
 
 
 def make_synthetic(config: SyntheticConfig | None = None, **overrides) -> SyntheticFaces:
-    """Render the synthetic long-tailed identity set (deterministic from ``config.seed``)."""
+    """Render the synthetic long-tailed identity set (deterministic from ``config.seed``).
+
+    Parameters
+    ----------
+    config : SyntheticConfig, optional
+        The settings (default: SyntheticConfig()).
+    **overrides
+        Fields of SyntheticConfig that replace those of ``config``.
+
+    Returns
+    -------
+    SyntheticFaces
+        The training images and labels, the held-out and probe verification sets.
+    """
     if config is None:
         config = SyntheticConfig(**overrides)
     elif overrides:
@@ -250,3 +283,33 @@ def make_synthetic(config: SyntheticConfig | None = None, **overrides) -> Synthe
             probe_labels = ids.repeat_interleave(config.probe_images_per_identity)
             probes[name] = (render(latents[probe_labels], config, g_images), probe_labels)
     return SyntheticFaces(config, train_images, labels, counts, is_tail, eval_images, eval_labels, probes)
+
+
+@functools.lru_cache(maxsize=2)
+def load_synthetic(identities: int, eval_identities: int, image_size: int, seed: int, median_images: float = 4.0,
+                   max_images: int = 80) -> SyntheticFaces:
+    """The synthetic set of dcq-train's ``--synthetic-*`` settings, rendered once per
+    process (cached: benchmarks train several heads on the same set in one process).
+
+    Parameters
+    ----------
+    identities, eval_identities : int
+        Training identities, and held-out identities for verification (also the number
+        of head and tail probe identities).
+    image_size : int
+        The side of the square images.
+    seed : int
+        Everything is a function of it.
+    median_images : float
+        The median number of training images of an identity (the long tail).
+    max_images : int
+        The most training images of one identity.
+
+    Returns
+    -------
+    SyntheticFaces
+        Shared between calls with the same arguments: do not modify it in place.
+    """
+    return make_synthetic(SyntheticConfig(num_identities=identities, num_eval_identities=eval_identities,
+                                          probe_identities=eval_identities, image_size=image_size, seed=seed,
+                                          median_images=median_images, max_images=max_images))

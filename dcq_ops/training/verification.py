@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcq_ops.validation import check_int, check_positive_int
+
 DEFAULT_FARS = (1e-3, 1e-4)
 
 
@@ -44,8 +46,7 @@ def _as_numpy_pairs(scores, issame) -> tuple[np.ndarray, np.ndarray]:
 def kfold_splits(n: int, n_folds: int) -> list[np.ndarray]:
     """Contiguous, unshuffled folds, the first ``n % n_folds`` one longer
     (sklearn's KFold(shuffle=False), which insightface uses): test indices per fold."""
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
-        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+    check_int("n_folds", n_folds, minimum=2)
     if n < n_folds:
         raise ValueError(f"need at least n_folds = {n_folds} pairs, got {n}")
     sizes = np.full(n_folds, n // n_folds)
@@ -72,7 +73,26 @@ def kfold_accuracy(scores, issame, n_folds: int = 10, thresholds=None, greater_i
     of the training folds (plus one below and one above them): the exact best
     threshold on the training folds.
     With ``greater_is_same=False`` scores are distances and a pair is "same"
-    iff distance < threshold (insightface's rule)."""
+    iff distance < threshold (insightface's rule).
+
+    Parameters
+    ----------
+    scores : array-like
+        [N] finite pair scores (or distances).
+    issame : array-like
+        [N] bool: whether pair i is of one identity.
+    n_folds : int
+        The number of folds (>= 2).
+    thresholds : array-like, optional
+        The candidate thresholds (default: see above).
+    greater_is_same : bool
+        Whether a higher score means "same" (False: scores are distances).
+
+    Returns
+    -------
+    dict
+        {"accuracy", "std", "fold_accuracies", "thresholds"}.
+    """
     scores, issame = _as_numpy_pairs(scores, issame)
     sign = 1.0 if greater_is_same else -1.0
     if thresholds is not None:
@@ -104,7 +124,22 @@ def tar_at_far(scores, issame, fars: Sequence[float] = DEFAULT_FARS) -> dict:
 
     Returns {f: {"tar", "threshold", "far" (achieved), "resolved"}}, where
     ``resolved`` is False when there are fewer than 1/f impostor pairs (the
-    threshold is then the highest impostor score, FAR 0: a stricter test)."""
+    threshold is then the highest impostor score, FAR 0: a stricter test).
+
+    Parameters
+    ----------
+    scores : array-like
+        [N] finite pair scores (higher: more alike).
+    issame : array-like
+        [N] bool: whether pair i is of one identity.
+    fars : sequence of float
+        The false accept rates, each in (0, 1).
+
+    Returns
+    -------
+    dict
+        {far: {"tar", "threshold", "far", "resolved"}}.
+    """
     scores, issame = _as_numpy_pairs(scores, issame)
     genuine, impostor = scores[issame], np.sort(scores[~issame])[::-1]
     if genuine.size == 0 or impostor.size == 0:
@@ -130,8 +165,7 @@ def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, f
     ``model`` in eval mode (restored afterwards). uint8 images are mapped to
     [-1, 1] first as arcface_torch does. ``flip=True`` adds the embedding of the
     horizontally flipped image (flip test-time augmentation)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -222,7 +256,20 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
     (RGB), as arcface_torch's ``load_bin`` builds them: decoded, resized so the
     short side is ``image_size[0]`` when the width differs, and flipped along
     the width. (arcface_torch keeps them as float 0..255; uint8 holds the same
-    values in a quarter of the memory, and :func:`embed` normalises them.)"""
+    values in a quarter of the memory, and :func:`embed` normalises them.)
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.bin`` file.
+    image_size : (int, int)
+        (H, W) of the images returned.
+
+    Returns
+    -------
+    tuple
+        ([images, flipped images], issame list).
+    """
     from dcq_ops.training.images import DECODE_ERRORS, decode_failure, require_pil
     Image = require_pil()
     with open(path, "rb") as f:
@@ -269,7 +316,26 @@ def evaluate_bin(model: torch.nn.Module, data, batch_size: int = 256, n_folds: i
     """Verification on an insightface ``.bin`` (a path, or what :func:`load_bin`
     returns) with flip TTA, as arcface_torch reports it: "accuracy" (the
     embeddings of the image and its flip summed), "accuracy_noflip", "xnorm"
-    (the mean norm of the un-normalised embeddings of both copies)."""
+    (the mean norm of the un-normalised embeddings of both copies).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Images -> embeddings (run in eval mode, restored afterwards).
+    data : str, os.PathLike or tuple
+        A ``.bin`` path or :func:`load_bin`'s result.
+    batch_size : int
+        Images per forward pass.
+    n_folds : int
+        Folds of the accuracy protocol.
+    device : torch.device or str, optional
+        Where the model runs (default: its parameters' device).
+
+    Returns
+    -------
+    dict
+        {"accuracy", "accuracy_std", "accuracy_noflip", "xnorm", "pairs"}.
+    """
     if isinstance(data, (str, os.PathLike)):
         data = load_bin(data)
     (images, flipped), issame = data

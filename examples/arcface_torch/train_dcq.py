@@ -268,7 +268,7 @@ def main(args):
     for key, value in sorted(vars(cfg).items()):
         num_space = 25 - len(key)
         logging.info(": " + key + " " * num_space + str(value))
-    logging.info(f"queue: {module_partial_fc.queue.size} slots for {cfg.num_classes} classes; "
+    logging.info(f"queue: {module_partial_fc.queue_size} slots for {cfg.num_classes} classes; "
                  f"backend {module_partial_fc.resolved_backend}")
     logging.info(f"verification accuracy before training: {verification_accuracy(backbone, cfg):.3f}")
 

@@ -1,0 +1,243 @@
+"""The bad-step guard: a step with NaN or inf in its loss, its gradients or the
+head's inputs never reaches the weights. Whether a step is kept is decided on the
+device, with no host sync: :class:`StepUndo` copies what a step changes (the
+trainable parameters, the optimizer state, BatchNorm statistics) before it and puts
+it back where the device-side flag says the step was bad; :class:`StepGuard` makes
+that flag, holds the flags until the loop reads them where it syncs anyway, counts
+the bad steps, logs each one and stops the run (:class:`TrainingError`) past
+``--max-bad-steps``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dcq_ops.batch_guard import check_values_now
+
+
+class TrainingError(RuntimeError):
+    """The run stopped: too many bad steps, or no readable checkpoint to resume.
+
+    Parameters
+    ----------
+    message : str
+        Why, and what to do about it.
+    """
+
+
+class _Flat:
+    """Tensors of one device and dtype, read and written as one flat vector: a step's
+    copy and its undo are a few kernels for the whole model, not a few per tensor."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+        self.numels = [t.numel() for t in tensors]
+        # Flat views of the contiguous ones (written through); the others take a reshaped copy.
+        self.views = [t.detach().view(-1) if t.is_contiguous() else None for t in tensors]
+        self.contiguous = all(v is not None for v in self.views)
+
+    def gather(self) -> torch.Tensor:
+        return torch.cat([v if v is not None else t.reshape(-1) for v, t in zip(self.views, self.tensors)])
+
+    def scatter(self, values: torch.Tensor) -> None:
+        chunks = values.split(self.numels)
+        if self.contiguous:
+            torch._foreach_copy_(self.views, list(chunks))
+        else:
+            torch._foreach_copy_([t.detach() for t in self.tensors], [c.view(t.shape) for c, t in zip(chunks, self.tensors)])
+
+    def select_(self, keep: torch.Tensor, saved: torch.Tensor | None) -> None:
+        """Each tensor <- itself where ``keep``, else its ``saved`` value (None: zero).
+        torch.where selects and computes nothing: exact, and a NaN in the discarded
+        values stays out (a blend keep * new + (1 - keep) * old would let it through)."""
+        now = self.gather()
+        self.scatter(torch.where(keep, now, saved if saved is not None else now.new_zeros(())))
+
+
+def _by_device_and_dtype(tensors) -> dict:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return {key: _Flat(ts) for key, ts in groups.items()}
+
+
+class StepUndo:
+    """What a step changes (the trainable parameters, the optimizer state, BatchNorm
+    statistics), copied before the step and put back after it where a device-side flag
+    says the step was bad: the update becomes conditional with no host sync.
+
+    ``tensors()`` returns {key: tensor}. A key present after the step but not before
+    (an optimizer creates its state at its first step) goes back to zeros, the state a
+    fresh SGD (momentum) or Adam (moments) starts from. Tensors on another device than
+    the flag (Adam's step counter, a host scalar unless capturable) stay as the step
+    left them: putting them back would need the flag on the host."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self._ids: tuple = ()
+        self._keys: list = []
+        self._groups: dict = {}
+        self._saved: dict = {}
+
+    @torch.no_grad()
+    def save(self) -> None:
+        current = self.tensors()
+        ids = tuple(id(t) for t in current.values())
+        if ids != self._ids:  # the same objects step after step: the flat views are built once
+            self._ids, self._keys = ids, list(current)
+            self._groups = _by_device_and_dtype(current.values())
+        self._saved = {key: group.gather() for key, group in self._groups.items()}
+
+    @torch.no_grad()
+    def restore(self, keep: torch.Tensor) -> None:
+        """Keep the step where ``keep`` (a bool on the device) is true, else undo it."""
+        current = self.tensors()
+        if tuple(id(t) for t in current.values()) == self._ids:
+            for key, group in self._groups.items():
+                if key[0] == keep.device:
+                    group.select_(keep, self._saved[key])
+        else:  # the step created (or replaced) tensors: match them by key
+            saved_keys = set(self._keys)
+            for key, group in _by_device_and_dtype(current[k] for k in self._keys).items():
+                if key[0] == keep.device:
+                    group.select_(keep, self._saved[key])
+            new = [t for k, t in current.items() if k not in saved_keys and t.device == keep.device]
+            for group in _by_device_and_dtype(new).values():
+                group.select_(keep, None)
+        self._saved = {}
+
+
+def step_tensors(params: list, optimizer: torch.optim.Optimizer, buffers: dict) -> dict:
+    """What a bad step must not change: the trainable parameters, the optimizer's
+    state, and ``buffers`` (the BatchNorm statistics of the backbone and the weight
+    generator: a forward in train mode moves them, and one non-finite batch makes them
+    NaN). Not the DCQ queue: DCQLoss keeps a bad batch out of it itself, on the device."""
+    tensors = {("param", i): p for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        for name, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[("state", i, name)] = value
+    tensors.update(buffers)
+    return tensors
+
+
+class StepGuard:
+    """The bad steps of a run: the flags of the steps since the last read, the count of
+    the whole run (``bad_steps``; a resumed run starts from its checkpoint's) and the
+    steps this process skipped (``skipped_steps``).
+
+    ``tensors`` returns what a step changes ({key: tensor}, see :class:`StepUndo`);
+    ``validate`` "off" checks nothing (a bad step reaches the weights); ``grads_checked``
+    False leaves the gradients to the fp16 GradScaler, which skips a step whose scaled
+    gradients overflowed itself (that tunes its scale, it is no bad step)."""
+
+    def __init__(self, tensors, *, validate: str, max_bad_steps: int, grads_checked: bool, device: torch.device,
+                 world_size: int):
+        self.undo = StepUndo(tensors) if validate != "off" else None
+        self.max_bad_steps = max_bad_steps
+        self.grads_checked = grads_checked
+        self.device = device
+        self.world_size = world_size
+        self.bad_steps = 0                  # bad (skipped) steps of the whole run, resumed ones included
+        self.skipped_steps: list[int] = []  # the steps this process skipped
+        self._pending: list = []            # (step, device bool "kept" or None, host reason or None)
+        self._reports: list[str] = []       # DCQLoss's reports of batches it kept out of the queue
+
+    @property
+    def enabled(self) -> bool:
+        """Whether steps are checked (validate is not "off")."""
+        return self.undo is not None
+
+    def collect_report(self, head, first_step: int) -> None:
+        """Ask the DCQ head for the report of a batch it kept out of its queue (DCQLoss
+        would raise it at its next call; asked here, it is a log line at the next read,
+        not the end of the run)."""
+        report = head.pending_report()
+        if report:
+            if first_step:  # DCQLoss counts the calls of this process, from 1
+                report += (f" (DCQLoss counts the steps of this process: its step k is step "
+                           f"{first_step} + k of the run, resumed at step {first_step})")
+            self._reports.append(report)
+
+    def kept(self, loss: torch.Tensor, embeddings: torch.Tensor, class_weights: torch.Tensor | None,
+             params) -> torch.Tensor:
+        """Whether the step is kept, as a device bool: a finite loss, finite head inputs
+        (a loss can stay finite with a non-finite class weight: only its gradient is NaN)
+        and, unless the GradScaler checks them, finite gradients. Under several ranks
+        every rank keeps or undoes the same steps, so that the weights stay equal."""
+        kept = torch.isfinite(loss.detach()) & torch.isfinite(embeddings).all()
+        if class_weights is not None:
+            kept = kept & torch.isfinite(class_weights).all()
+        if self.grads_checked:
+            kept = kept & self._grads_finite(params)
+        if self.world_size > 1:
+            flag = kept.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            kept = flag.bool()
+        return kept
+
+    def _grads_finite(self, params) -> torch.Tensor:
+        """Whether every gradient is finite, as a device bool: GradScaler's own check
+        (one multi-tensor pass; the "unscale" by 1 leaves every value as it is)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        found = torch.zeros(1, device=self.device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=self.device))
+        return found[0] == 0
+
+    def check_batch_now(self, embeddings, labels, class_weights, num_classes: int) -> str | None:
+        """DCQLoss's host-side value checks (eager validation, several ranks), run first:
+        why the batch is bad, or None. Under several ranks every rank skips when any
+        rank's batch is bad: the collectives of the step must match."""
+        try:
+            check_values_now(embeddings, labels.view(-1), class_weights, num_classes)
+            problem = None
+        except ValueError as exc:
+            problem = f"DCQLoss would reject the batch ({exc})"
+        if self.world_size > 1:
+            flag = torch.tensor([problem is not None], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and problem is None:
+                problem = "another process's batch of this step was bad"
+        return problem
+
+    def record(self, step: int, kept: torch.Tensor | None, reason: str | None = None) -> None:
+        """Keep step ``step``'s flag (None: skipped on the host, for ``reason``) for the next read."""
+        self._pending.append((step, kept, reason))
+
+    def read(self, progress, log, step: int, steps_per_epoch: int) -> int:
+        """Read the flags of the steps since the last read (one transfer; called where
+        the loop syncs anyway: log lines, checkpoints, every step under eager
+        validation), log each skipped step, and stop past max_bad_steps. Returns the
+        number of skipped steps found."""
+        for text in self._reports:
+            progress.message(text)
+            log.write({"kind": "warning", "step": step, "epoch": step / steps_per_epoch, "message": text})
+        self._reports = []
+        if not self._pending:
+            return 0
+        flags = [kept for _, kept, _ in self._pending if kept is not None]
+        values = iter(torch.stack(flags).tolist() if flags else [])
+        what = ("NaN or infinite values in the loss, the gradients or the head's inputs (embeddings, class weights)"
+                if self.grads_checked else
+                "NaN or infinite values in the loss or the head's inputs (embeddings, class weights)")
+        bad = []
+        for at, kept, reason in self._pending:
+            if kept is None or not next(values):
+                bad.append((at, reason or what))
+        self._pending = []
+        limit = self.max_bad_steps
+        for at, reason in bad:
+            self.bad_steps += 1
+            self.skipped_steps.append(at)
+            log.write({"kind": "skip", "step": at, "epoch": at / steps_per_epoch, "skipped": 1, "message": reason})
+            progress.message(f"step {at}: {reason}: update skipped (bad step {self.bad_steps}; "
+                             f"--max-bad-steps {limit})")
+        if self.bad_steps > limit:
+            last_step, last_reason = bad[-1]
+            raise TrainingError(
+                f"stopped at step {step}: {self.bad_steps} bad steps, more than --max-bad-steps {limit} (the "
+                f"last at step {last_step}: {last_reason}). Their updates were skipped, so the weights are those of "
+                f"the last good step; the newest checkpoint in --output resumes before them. Look for NaN/inf in "
+                f"the data, or lower --lr / raise --clip-grad")
+        return len(bad)
