@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 
 import dcq_ops
-import dcq_ops._extension
 from dcq_ops import reference
 from dcq_ops.backends import why_unavailable
 
@@ -222,7 +221,7 @@ def main(argv=None) -> list[dict]:
     name = device_name(device)
     found = harness_versions()
     versions = dict(torch=found["torch"], threads=torch.get_num_threads(),
-                    cpu_epilogue=dcq_ops._extension.cpu_capability(), triton=found["triton"])
+                    cpu_epilogue=dcq_ops.cpu_capability(), triton=found["triton"])
     print(f"# device: {name} | torch {versions['torch']} | triton {versions['triton']} | "
           f"{versions['threads']} torch threads | CPU epilogue {versions['cpu_epilogue']} | "
           f"dtype {dtype_name} | D={dim} | margin {MARGIN}", flush=True)

@@ -89,8 +89,8 @@ w = torch.nn.functional.normalize(torch.randn(1 << 16, 512, device="cuda"), dim=
 y = torch.randint(0, 1000, (512,), device="cuda")
 yq = torch.randint(0, 1000, (1 << 16,), device="cuda")
 ops.triton_dcq_cross_entropy(x, x, y, w, yq, 64.0, 1.0, 0.5, 0.0, 0.0, True, True)
-for key, kernel in launch._AUTOTUNED.items():
-    print(f"  autotuner's pick for BLOCK_M={key[0]}, N=512, K=65536, bf16:", kernel.best_config)
+for key, best in launch.autotuner_picks().items():
+    print(f"  autotuner's pick for BLOCK_M={key[0]}, N=512, K=65536, bf16:", best)
 EOF
 cat "$OUT/configuration.txt" | tee -a "$SUMMARY"
 

@@ -157,6 +157,12 @@ def _autotuned_kernel(block_m: int, configs: tuple[TileConfig, ...]):
     return _AUTOTUNED[key]
 
 
+def autotuner_picks() -> dict:
+    """The configuration the autotuner chose for each autotuned kernel so far (keyed as the
+    cache of autotuned kernels: BLOCK_M first), for reports such as scripts/gpu_check.sh."""
+    return {key: kernel.best_config for key, kernel in _AUTOTUNED.items()}
+
+
 def _autotune_enabled() -> bool:
     # DCQ_TRITON_AUTOTUNE=0 uses the first configuration (fast start, e.g. tests).
     return os.environ.get("DCQ_TRITON_AUTOTUNE", "1") != "0"
