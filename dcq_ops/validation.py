@@ -26,10 +26,8 @@ def check_int(name: str, value, *, minimum: int | None = None, allow_none: bool 
 
     Parameters
     ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
+    name, value
+        The argument's name (for the message) and what was given.
     minimum : int, optional
         The smallest accepted value.
     allow_none : bool
@@ -55,10 +53,8 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> int | N
 
     Parameters
     ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
+    name, value
+        The argument's name (for the message) and what was given.
     allow_none : bool
         Whether None is accepted (and returned).
 
@@ -77,10 +73,8 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
 
     Parameters
     ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
+    name, value
+        The argument's name (for the message) and what was given.
     low, high : float, optional
         The accepted range's ends (None: unbounded).
     low_open, high_open : bool
@@ -115,10 +109,8 @@ def check_choice(name: str, value, choices):
 
     Parameters
     ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
+    name, value
+        The argument's name (for the message) and what was given.
     choices : tuple
         The accepted values.
 
@@ -151,10 +143,8 @@ def check_tensor(name: str, value, *, dim: int | None = None) -> torch.Tensor:
 
     Parameters
     ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
+    name, value
+        The argument's name (for the message) and what was given.
     dim : int, optional
         The number of dimensions it must have.
 
@@ -170,21 +160,8 @@ def check_tensor(name: str, value, *, dim: int | None = None) -> torch.Tensor:
 
 
 def check_float_tensor(name: str, value, *, dim: int | None = None) -> torch.Tensor:
-    """``value`` if it is a float32, float16, bfloat16 or float64 tensor with ``dim`` dimensions.
-
-    Parameters
-    ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
-    dim : int, optional
-        The number of dimensions it must have.
-
-    Returns
-    -------
-    torch.Tensor
-    """
+    """``value`` if it is a float32, float16, bfloat16 or float64 tensor; the arguments
+    are those of ``check_tensor``."""
     check_tensor(name, value, dim=dim)
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
@@ -196,10 +173,8 @@ def check_label_tensor(name: str, value, *, allow_column: bool = False) -> torch
 
     Parameters
     ----------
-    name : str
-        The argument's name, for the message.
-    value : object
-        What was given.
+    name, value
+        The argument's name (for the message) and what was given.
     allow_column : bool
         Whether a column [N, 1] (what arcface_torch passes) is accepted and flattened.
 
