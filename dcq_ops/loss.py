@@ -11,10 +11,11 @@ from dcq_ops.backends import select_backend
 from dcq_ops.batch_guard import BatchGuard, check_values_now
 from dcq_ops.loss_kernels import LossKernels
 from dcq_ops.margin import margin_from
-from dcq_ops.parallel import STRATEGIES, check_mode, make_sharded_queue, resolve_mode
+from dcq_ops.parallel import STRATEGIES, check_mode, make_sharded_queue, resolve_mode, world_size_and_rank
+from dcq_ops.parallel.queue_state import gather_queue_state
 from dcq_ops.queue import ClassQueue
-from dcq_ops.validation import (check_float_tensor, check_label_tensor, check_loss_arguments, check_number,
-                                check_positive_int, check_reduction)
+from dcq_ops.validation import (check_float_tensor, check_int, check_label_tensor, check_loss_arguments,
+                                check_number, check_positive_int, check_reduction)
 
 QUEUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALIDATE_MODES = ("async", "eager", "off")
@@ -63,8 +64,10 @@ class DCQLoss(nn.Module):
     validate : str or bool
         "async" (default, ``True``): every training batch is checked on the device with
         no host sync; a batch with a bad label or a non-finite or zero value is never
-        enqueued, and ``ValueError`` naming the step and the reason is raised at the next
-        call (or by ``check()``). "eager": raised at once (one host sync per step).
+        enqueued, and ``ValueError`` naming the step and the reason is raised at a later
+        call: in one process the first call after the verdict has reached the host (it
+        never waits for it), under several ranks the next call on every rank (or by
+        ``check()``). "eager": raised at once (one host sync per step).
         "off" (``False``): nothing is checked. docs/validation.md says what each protects.
     reduction : str
         "mean", "sum" or "none".
@@ -223,6 +226,54 @@ class DCQLoss(nn.Module):
             check_values_now(class_weights[:0], labels, class_weights, self.num_classes)
         self.queue.enqueue(class_weights.detach(), labels)
 
+    def global_state_dict(self, *, device="cpu", dst: int | None = None):
+        """``state_dict()`` with the queue in its topology-free *global form*: the keys of an
+        unsharded queue (``queue.weights`` [K, D], ``queue.labels`` [K], ``queue.ptr``),
+        in global slot order, naming no mode, rank or world size. ``load_state_dict``
+        takes it in "none", "gathered" and "sharded" at any world size (a sharded rank
+        keeps its block), so a checkpoint of it resumes on any number of GPUs
+        (docs/distributed.md, "Checkpoints").
+
+        In "sharded" mode this is a collective: every rank must call it (the blocks are
+        gathered one rank at a time onto ``device``, see
+        ``dcq_ops.parallel.queue_state.gather_queue_state``). In "gathered" mode every
+        rank already holds the whole queue and nothing is communicated; in "none" it is
+        ``state_dict()`` with the queue copied to ``device``.
+
+        Parameters
+        ----------
+        device : torch.device or str
+            Where the queue's tensors are put (default: the CPU, ready for ``torch.save``).
+        dst : int, optional
+            Under several ranks ("gathered", "sharded"), the rank that gets the state (the
+            others take part and get None), e.g. 0 when rank 0 writes the checkpoint;
+            default: every rank.
+
+        Returns
+        -------
+        dict or None
+        """
+        state = self.state_dict()
+        sharded = self.distributed == "sharded"
+        # "none": every process on its own; otherwise the ranks of the group (1 without one).
+        world, rank = world_size_and_rank(self.process_group) if self.distributed != "none" else (1, 0)
+        if dst is not None:
+            check_int("dst", dst, minimum=0)
+            if dst >= world:
+                raise ValueError(f"dst must be a rank of the group, in [0, {world}), got {dst}")
+        names = {"queue." + n for n in ("weights", "labels", "ptr", "shard")}
+        if "queue.weights" not in state:  # save_queue=False: nothing of the queue to gather
+            return state if dst is None or rank == dst else None
+        gathered = gather_queue_state(self.queue, self.process_group, device=device, dst=dst if sharded else None)
+        if dst is not None and rank != dst:
+            return None
+        out = type(state)((k, v) for k, v in state.items() if k not in names)
+        out.update({"queue.weights": gathered[0], "queue.labels": gathered[1], "queue.ptr": gathered[2]})
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            out._metadata = metadata
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if prefix + "weight" in state_dict and prefix + "queue.weights" not in state_dict:
@@ -242,6 +293,45 @@ class DCQLoss(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def prepare(self, batch_shapes, *, dtype: torch.dtype = torch.float32, evaluation: bool = False) -> list:
+        """Compile, autotune and check (first contact: dcq_ops.first_contact) the loss's
+        kernels now for these batch shapes, on synthetic inputs against a synthetic queue of
+        this module's size, dtype and device, so that no training step compiles, autotunes,
+        checks or waits for the GPU because of the loss: call it before capturing CUDA
+        graphs, or before ``torch.cuda.set_sync_debug_mode("error")``. Nothing is enqueued.
+
+        Parameters
+        ----------
+        batch_shapes : iterable of int or tuple
+            The rows N the loss will see, as ints or shapes ``(N, embedding_size)`` (e.g. the
+            batch, and a smaller last batch). In the sharded mode give the gathered rows
+            (world size x the local batch): this compiles and autotunes the queue pass the
+            partials run (the sharded path itself is not checked).
+        dtype : torch.dtype
+            The embeddings' dtype (e.g. torch.bfloat16 under autocast).
+        evaluation : bool
+            Also prepare the calls without a gradient (``eval()`` / ``no_grad``).
+
+        Returns
+        -------
+        list of dcq_ops.first_contact.Outcome
+            What the check found for each shape class ("passed", "demoted", "skipped").
+        """
+        from dcq_ops.warmup import warmup
+
+        rows = []
+        for i, shape in enumerate(batch_shapes):
+            if isinstance(shape, (tuple, list, torch.Size)):
+                if len(shape) != 2 or shape[1] != self.embedding_size:
+                    raise ValueError(f"batch_shapes[{i}] must be N or (N, {self.embedding_size}) (DCQLoss's "
+                                     f"embedding_size), got {tuple(shape)!r}")
+                shape = shape[0]
+            rows.append(check_positive_int(f"batch_shapes[{i}]", shape))
+        weights = self.queue.weights
+        return warmup(rows, self.embedding_size, weights.shape[0], margin=self.margin, dtype=dtype,
+                      queue_dtype=weights.dtype, device=weights.device, backend=self.backend, training=True,
+                      evaluation=evaluation)
+
     # ----------------------------------------------------------------- the step
 
     def strategy(self):
@@ -259,15 +349,17 @@ class DCQLoss(nn.Module):
         """The report of a bad batch that validate="async" kept out of the queue and has not
         reported yet (the text of the ValueError the next call would raise), or None; once
         returned it is not raised. For a training loop that logs bad batches instead of
-        stopping. On a GPU it waits only for the last step's status copy, as the next call
-        would.
+        stopping. On a GPU it waits for the last recorded step's status copy (an event
+        recorded at the end of that step's loss, never the whole stream), so that it
+        sees every step recorded so far; a plain forward call waits for nothing and
+        reports a bad step once its copy has arrived.
 
         Returns
         -------
         str or None
         """
         try:
-            self.guard.check()
+            self.guard.check(wait=True)
         except ValueError as exc:
             return str(exc)
         return None
@@ -293,20 +385,40 @@ class DCQLoss(nn.Module):
             The loss, reduced as ``reduction`` says (fp32).
         """
         strategy = self.strategy()
-        on_device = self.validate == "async" and strategy.validates_on_device
-        if on_device:
-            self.guard.check()  # a bad batch of an earlier step surfaces here
-        batch = strategy.exchange(embeddings, lambda: self._prepare(embeddings, labels, class_weights,
-                                                                     eager=self.validate == "eager" or not on_device),
-                                  training=self.training)
-        if on_device and self.training:
-            batch.bad_reasons = self.guard.reasons(batch.embeddings, batch.labels, batch.class_weights)
+        multi_rank = strategy.mode != "none"
+        eager = self.validate == "eager"
+        # The device guard: value checks (validate="async") and, under several ranks, the
+        # ranks' agreement, which is checked on the device whatever validate says.
+        guarded = strategy.validates_on_device and not eager and (self.validate == "async" or multi_rank)
+        if guarded:
+            # A bad batch of an earlier step surfaces here. Several ranks must raise at the
+            # same call (none may be left in a collective): they read the previous step's
+            # status, waiting for it if the device has not reached it (BatchGuard.check).
+            self.guard.check(wait=multi_rank)
+        value_checks = guarded and self.validate == "async" and self.training
+        batch = strategy.exchange(embeddings, lambda: self._prepare(embeddings, labels, class_weights, eager=eager),
+                                  training=self.training, reasons=self.guard.reasons if value_checks else None,
+                                  eager=eager)
+        training = batch.training  # what the ranks agreed: a rank whose input was refused follows it
+        if guarded and training:
             degenerate = BatchGuard.degenerate(batch.labels, self.queue.labels)
-        loss = strategy.reduce(strategy.loss_rows(batch, self.kernels), batch, self.reduction)
-        if self.training:
+        rows = strategy.loss_rows(batch, self.kernels)
+        loss = None if batch.placeholder else strategy.reduce(rows, batch, self.reduction)
+        if training:
             strategy.enqueue(batch)
-            if on_device:
-                self.guard.record(batch.bad_reasons, degenerate)
+            if guarded:
+                note = f"{type(batch.error).__name__}: {batch.error}" if batch.placeholder else None
+                self.guard.record(batch.rank_reasons, degenerate, note=note)
+        if batch.placeholder:
+            # This rank's input was refused, and it took part in every collective of the step
+            # with placeholder rows, so no rank is left waiting. In a guarded training step
+            # every rank raises at the next call (together, as DDP needs); until then it
+            # returns a zero loss with a zero gradient. Otherwise it raises now.
+            if not (guarded and training) or not (isinstance(embeddings, torch.Tensor)
+                                                  and embeddings.is_floating_point()):
+                raise batch.error
+            zero = embeddings.nan_to_num().float().sum(dim=-1) * 0.0  # finite * 0: a zero gradient
+            return zero if self.reduction == "none" else zero.sum()
         return loss
 
     def _prepare(self, embeddings, labels, class_weights, *, eager: bool):

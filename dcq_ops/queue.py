@@ -9,6 +9,9 @@ from dcq_ops.backends import enqueue_function
 from dcq_ops.validation import check_float_tensor, check_label_tensor, check_positive_int, check_same_device
 
 _QUEUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The key of a sharded queue's state that says which block it holds: int64
+# [queue_size, start, stop, world_size, rank] (dcq_ops/parallel/queue_state.py).
+SHARD_KEY = "shard"
 
 
 def unit_norm_tolerance(dtype: torch.dtype) -> float:
@@ -142,6 +145,25 @@ class ClassQueue(nn.Module):
         # A checkpoint is read before it is loaded: a queue state that training could
         # never produce (NaN rows, rows that are not unit length, a pointer past the
         # end) would otherwise poison every later loss without a word.
+        what = f"loading {type(self).__name__} ({prefix or 'state_dict'})"
+        meta = state_dict.get(prefix + SHARD_KEY)
+        if meta is not None:  # a sharded queue's block form (ShardedClassQueue takes it itself)
+            size, start, stop, world, rank = (int(v) for v in torch.as_tensor(meta).reshape(-1).tolist()[:5])
+            if (start, stop) != (0, size):
+                raise ValueError(
+                    f"{what}: the state holds rank {rank}'s block, global slots [{start}, {stop}) of a queue of "
+                    f"{size} slots sharded over {world} ranks, not the whole queue: save the global form with "
+                    "DCQLoss.global_state_dict() (a collective of the sharded run), or make it from every rank's "
+                    "state dict with dcq_ops.parallel.assemble_queue_state")
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + SHARD_KEY}
+        weights = state_dict.get(prefix + "weights")
+        if (isinstance(weights, torch.Tensor) and weights.dim() == 2 and weights.shape[1] == self.dim
+                and weights.shape[0] != self.weights.shape[0]):
+            raise ValueError(
+                f"{what}: weights must be [{self.weights.shape[0]}, {self.dim}] ({self._size_words} "
+                f"{self.queue_size}), got {tuple(weights.shape)}: a queue of another size, or one rank's block "
+                "of a sharded queue (an older per-rank checkpoint: make the global queue from every rank's "
+                "state dict with dcq_ops.parallel.assemble_queue_state)")
         names = [prefix + n for n in ("weights", "labels", "ptr")]
         if all(n in state_dict for n in names):
             weights, labels, ptr = (state_dict[n] for n in names)

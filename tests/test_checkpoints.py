@@ -1,4 +1,4 @@
-"""dcq-train's checkpoints never lose or overwrite one another, a damaged latest
+"""dcq-train's checkpoints never lose or overwrite one another (and older ones still resume), a damaged latest
 checkpoint resumes from the newest readable step checkpoint, and the log holds one
 row per step after a resume."""
 
@@ -100,3 +100,21 @@ def test_the_log_has_one_row_per_step_after_a_resume(tmp_path, fmt):
     assert steps == list(range(1, 9)), steps
     evals = [(int(r["step"]), r["set"]) for r in records if r["kind"] == "eval"]
     assert sorted(evals) == [(8, "head"), (8, "heldout"), (8, "tail")], "the final evaluation once"
+
+
+def test_a_checkpoint_from_before_topology_free_checkpoints_still_resumes(tmp_path):
+    """Checkpoints written before the world size, the queue mode, the run's total and the
+    per-rank generator buffers were saved (and before --queue-mode existed) resume as
+    they did: their queue was already the global one (dcq-train had no sharded mode)."""
+    config = TrainConfig(**TINY, output=str(tmp_path))
+    full = train(dataclasses.replace(config, output=str(tmp_path / "full")))
+    train(dataclasses.replace(config, stop_after=5))
+    state = torch.load(tmp_path / "checkpoint_0000005.pt", weights_only=False)
+    assert state["queue_mode"] == "none" and state["total_steps"] == 8 and state["world_size"] == 1
+    assert state["head"]["loss.queue.weights"].device.type == "cpu", "the global queue, ready for any device"
+    for key in ("queue_mode", "total_steps", "generator_buffers"):
+        del state[key]
+    del state["config"]["queue_mode"]
+    torch.save(state, tmp_path / "old.pt")
+    resumed = train(dataclasses.replace(config, resume=str(tmp_path / "old.pt")))
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in full["history"] if r["step"] > 5]

@@ -26,7 +26,7 @@ import dcq_ops
 from bounds import assert_grad_close, assert_loss_close, cosine_rounding, positive_slope
 from dcq_ops import reference
 from error_model import assert_within, compute_dtype, loss_and_grad, reference_pair
-from dcq_ops.parallel import DistributedInputError, ShardedClassQueue, resolve_mode, shard_range
+from dcq_ops.parallel import DistributedInputError, ShardedClassQueue, reserve_batch_capacity, resolve_mode, shard_range
 from dcq_ops.margin import MarginConfig
 from dcq_ops.queue import ClassQueue
 
@@ -42,6 +42,9 @@ SIZES = {
     3: [[3, 3, 3], [2, 5, 4], [4, 1, 3], [5, 5, 5], [6, 2, 1]],
 }
 WORLDS = (2, 3)
+# The largest local batch of any step: the ranks' agreed capacity (a batch that outgrows it
+# on one rank only is refused: dcq_ops.parallel.strategy; scenario_async_errors tests that).
+CAPACITY = {world: max(max(sizes) for sizes in steps) for world, steps in SIZES.items()}
 PG_TIMEOUT_S = 45
 WORLD_DEADLINE_S = 150
 
@@ -118,6 +121,7 @@ def scenario_gathered(rank, world):
     out = {}
     for name, (dtype, backend) in GATHERED_CONFIGS.items():
         module = dcq_ops.DCQLoss(COSFACE, D, queue_size=K, backend=backend, distributed="gathered")
+        reserve_batch_capacity(module, CAPACITY[world])
         steps = []
         for step, sizes in enumerate(SIZES[world]):
             x, y, k = global_batch(world, step, seed=1, dtype=dtype)
@@ -136,6 +140,7 @@ def scenario_ddp(rank, world):
     backbone, generator = make_nets()
     model = DistributedDataParallel(backbone)
     module = dcq_ops.DCQLoss(None, D, queue_size=K, backend="reference")  # distributed="auto": gathered
+    reserve_batch_capacity(module, CAPACITY[world])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     steps = []
     for step, sizes in enumerate(SIZES[world]):
@@ -156,6 +161,7 @@ def scenario_sharded(rank, world):
     out = {}
     for name, (dtype, margin, reduction, fp16) in SHARDED_CONFIGS.items():
         module = dcq_ops.DCQLoss(margin, D, fp16=fp16, queue_size=K, reduction=reduction, distributed="sharded")
+        reserve_batch_capacity(module, CAPACITY[world])
         steps = []
         for step, sizes in enumerate(SIZES[world]):
             x, y, k = global_batch(world, step, seed=3, dtype=dtype)
@@ -186,13 +192,14 @@ def _outcome(fn):
 
 
 def scenario_errors(rank, world):
+    """validate="eager": every bad input raises at once, on every rank (a host read per step)."""
     from dcq_ops.parallel import shuffled_forward
 
     bad = world - 1
     out = {}
     for mode in ("gathered", "sharded"):
         module = dcq_ops.DCQLoss(None, D, num_classes=NUM_CLASSES, queue_size=K, backend="reference",
-                                 distributed=mode)
+                                 distributed=mode, validate="eager")
         g = torch.Generator().manual_seed(rank)
         n = 3
         x = torch.randn(n, D, generator=g, requires_grad=True)
@@ -257,6 +264,87 @@ def scenario_errors(rank, world):
     return out
 
 
+def scenario_async_errors(rank, world):
+    """validate="async" (the default): a bad step on one rank raises nothing at once and enters
+    no rank's queue; every rank raises at its next call, naming the rank, the step and the reason."""
+    bad = world - 1
+    out = {}
+    for mode in ("gathered", "sharded"):
+        module = dcq_ops.DCQLoss(None, D, num_classes=NUM_CLASSES, queue_size=K, backend="reference",
+                                 distributed=mode)
+        g = torch.Generator().manual_seed(rank)
+        n = 3
+        x = torch.randn(n, D, generator=g, requires_grad=True)
+        k = torch.randn(n, D, generator=g)
+        y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+        def step(xs, ys, ks):
+            module(xs, ys, ks).sum().backward()
+
+        def good():
+            step(x, y, k)
+
+        def bad_labels():
+            yb = y.clone()
+            yb[1] = -1
+            step(x, yb if rank == bad else y, k)
+
+        def nan_embeddings():
+            xb = x.detach().clone()
+            xb[0, 0] = float("nan")
+            step(xb.requires_grad_(True) if rank == bad else x, y, k)
+
+        def bad_shape():
+            if rank == bad:
+                step(torch.randn(n, D + 1, requires_grad=True), y, torch.randn(n, D + 1))
+            else:
+                good()
+
+        def grows_alone():  # beyond the capacity agreed at step 1 (3 rows), on one rank only
+            m = n + 2 if rank == bad else n
+            step(torch.randn(m, D, requires_grad=True), torch.randint(0, NUM_CLASSES, (m,)), torch.randn(m, D))
+
+        def train_eval_mismatch():
+            module.train(rank != 0)
+            try:
+                good()
+            finally:
+                module.train()
+
+        def out_of_sync():
+            good()
+
+        def move_rank_0():
+            if rank == 0:
+                module.queue.enqueue(k[:1], y[:1])  # the (global) pointer moves on rank 0 only
+
+        out_of_sync.setup = move_rank_0
+        good()  # step 1: the ranks agree (the one host read)
+        cases = {}
+        for case in (bad_labels, nan_embeddings, bad_shape, grows_alone, train_eval_mismatch, out_of_sync):
+            getattr(case, "setup", lambda: None)()
+            number = int(module.guard.calls) + 1
+            before = _queue_state(module.queue)
+            outcome = _outcome(case)
+            after = _queue_state(module.queue)
+            report = _outcome(good)  # the next call: every rank raises, and does nothing else
+            after_report = _queue_state(module.queue)
+            if case is out_of_sync:
+                module.queue.reset()  # the pointers stay apart until the queues are made equal again
+            cases[case.__name__] = dict(step=number, outcome=outcome, report=report, before=before, after=after,
+                                        after_report=after_report, again=_outcome(good))
+        ptr = int(module.queue.ptr)
+        cases["all_grow"] = dict(  # every rank's batch grows at once: they agree on a new capacity
+            outcome=_outcome(lambda: step(torch.randn(5, D, requires_grad=True), torch.randint(0, NUM_CLASSES, (5,)),
+                                          torch.randn(5, D))), moved=(int(module.queue.ptr) - ptr) % K)
+        m = K // world + 2
+        cases["batch_too_large"] = dict(outcome=_outcome(
+            lambda: step(torch.randn(m, D), torch.zeros(m, dtype=torch.long), torch.randn(m, D))))
+        cases["valid"] = dict(outcome=_outcome(good))
+        out[mode] = cases
+    return out
+
+
 def scenario_shuffle(rank, world):
     from dcq_ops.parallel import shuffled_forward
 
@@ -271,7 +359,8 @@ def scenario_shuffle(rank, world):
                 per_sample_expected=linear(mine).detach())
 
 
-SCENARIOS = (scenario_gathered, scenario_ddp, scenario_sharded, scenario_errors, scenario_shuffle)
+SCENARIOS = (scenario_gathered, scenario_ddp, scenario_sharded, scenario_errors, scenario_async_errors,
+             scenario_shuffle)
 
 
 def worker_main(out_dir: str) -> None:
@@ -539,6 +628,51 @@ def test_bad_input_on_one_rank_raises_on_every_rank_and_leaves_queues_alone(worl
         filled = [slot for slot in range(start, stop) if slot < 3 * world]
         assert (queue["labels"] >= 0).nonzero().view(-1).add(start).tolist() == filled, rank
     assert issubclass(DistributedInputError, ValueError)
+
+
+ASYNC_CASES = {  # case: (the bad rank (None: world - 1), words every report has, words of the bad rank's own report)
+    "bad_labels": (None, "a label < 0", None),
+    "nan_embeddings": (None, "NaN or infinite values in embeddings", None),
+    "bad_shape": (None, "an input that rank refused", "embeddings must be [N, 8] (DCQLoss's embedding_size)"),
+    "grows_alone": (None, "no longer matched what the ranks had agreed",
+                    "its batch of 5 rows exceeds the capacity of 3 rows per rank"),
+    "train_eval_mismatch": (0, "no longer matched what the ranks had agreed",
+                            "its training is eval where the ranks agreed on train"),
+    "out_of_sync": (1, "queue pointer different from rank 0's", None),
+}
+
+
+@pytest.mark.parametrize("mode", ["gathered", "sharded"])
+def test_async_bad_step_enters_no_queue_and_every_rank_raises_at_the_next_call(world_results, mode):
+    world, per_rank = scenario_results(world_results, "scenario_async_errors")
+    for case, (bad, words, own_words) in ASYNC_CASES.items():
+        bad = world - 1 if bad is None else bad
+        steps = {result[mode][case]["step"] for result in per_rank}
+        assert len(steps) == 1, (case, steps)  # the ranks count the same steps
+        number = steps.pop()
+        for rank, result in enumerate(per_rank):
+            got = result[mode][case]
+            assert got["outcome"] == ("ok", ""), (case, rank, got["outcome"])  # nothing raised at once
+            kind, message = got["report"]
+            assert kind == "ValueError", (case, rank, kind, message)
+            assert f"step {number} on rank {bad}" in message and words in message, (case, rank, message)
+            assert "not enqueued into any rank's queue" in message, (case, rank, message)
+            if own_words is not None:
+                assert (own_words in message) == (rank == bad), (case, rank, message)
+            for name in ("after", "after_report"):  # neither the bad step nor the report changed a queue
+                assert_same_state(got[name], got["before"], f"{case}, rank {rank}, {name}")
+            assert got["again"] == ("ok", ""), (case, rank, got["again"])  # reported once; in step again
+    for rank, result in enumerate(per_rank):
+        assert result[mode]["all_grow"] == dict(outcome=("ok", ""), moved=5 * world), rank
+        kind, message = result[mode]["batch_too_large"]["outcome"]
+        assert kind == "ValueError" and "must fit the queue of 23 slots" in message, (rank, message)
+        assert result[mode]["valid"]["outcome"] == ("ok", ""), rank
+
+
+def assert_same_state(got, expected, where):
+    assert got["ptr"] == expected["ptr"], where
+    assert torch.equal(got["labels"], expected["labels"]), where
+    assert torch.equal(got["weights"], expected["weights"]), where
 
 
 def test_shuffled_forward_bad_input_raises_on_every_rank(world_results):

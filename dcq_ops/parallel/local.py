@@ -10,9 +10,12 @@ class LocalQueue(QueueStrategy):
 
     mode = "none"
 
-    def exchange(self, embeddings, prepare, *, training: bool) -> Batch:
+    def exchange(self, embeddings, prepare, *, training: bool, reasons=None, eager: bool = False) -> Batch:
         labels, class_weights = prepare()
-        return Batch(embeddings, labels, class_weights, sizes=[embeddings.shape[0]])
+        batch = Batch(embeddings, labels, class_weights, sizes=[embeddings.shape[0]], training=training)
+        if reasons is not None:
+            batch.bad_reasons = batch.rank_reasons = reasons(embeddings, labels, class_weights)
+        return batch
 
     def loss_rows(self, batch: Batch, kernels):
         return kernels(batch.embeddings, batch.class_weights, batch.labels, self.queue.weights, self.queue.labels)

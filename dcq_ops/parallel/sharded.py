@@ -24,10 +24,11 @@ import torch.distributed as dist
 
 from dcq_ops.ops.fused_autograd import rows_with_gradient
 from dcq_ops.backends import enqueue_function
-from dcq_ops.parallel.collectives import (gather_padded, gather_rows, initialized, reduce_scatter_single, trim,
+from dcq_ops.parallel.collectives import (all_reduce, gather_padded, initialized, reduce_scatter_single, trim,
                                           world_size_and_rank)
+from dcq_ops.parallel.padded import enqueue_padded
 from dcq_ops.parallel.strategy import Batch, HeaderExchangeQueue
-from dcq_ops.queue import ClassQueue, check_queue_state
+from dcq_ops.queue import SHARD_KEY, ClassQueue, check_queue_state
 
 
 def shard_range(queue_size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -55,8 +56,16 @@ class ShardedClassQueue(ClassQueue):
     ``weights``/``labels`` hold global slots ``[start, stop)`` (``shard_range``);
     ``ptr`` is the *global* write pointer, the same on every rank. ``enqueue`` takes
     the global (all-gathered, identical on every rank) batch and writes the class
-    weights whose slots fall in this block. ``state_dict`` holds this rank's block:
-    save and load it per rank (or use ``gather_queue`` / ``load_global_``).
+    weights whose slots fall in this block.
+
+    ``state_dict`` holds this rank's block (its *block form*: ``weights``, ``labels``,
+    the global ``ptr`` and ``shard`` = [queue_size, start, stop, world_size, rank]).
+    ``load_state_dict`` takes the block form of the same block, the *global form*
+    (weights [queue_size, D], labels [queue_size], ptr: what an unsharded queue holds;
+    it keeps its block of it, at any world size), or a block without ``shard`` (older
+    per-rank checkpoints) of this block's size, as before. dcq_ops.parallel.queue_state
+    turns the blocks into the global form (``gather_queue_state``, a collective, or
+    ``assemble_queue_state`` of every rank's state dict).
 
     Parameters
     ----------
@@ -107,12 +116,20 @@ class ShardedClassQueue(ClassQueue):
         class_weights, labels, bad_reasons
             As ClassQueue.enqueue, for the global batch.
         ptr : int, optional
-            The global pointer if the caller knows it on the host already; otherwise it
-            is read from the device (one host sync).
+            The global pointer if the caller knows it on the host already (the block's
+            rows are then written by the enqueue op directly); otherwise the slots are
+            found from the device pointer on the device (dcq_ops.parallel.padded), with
+            no host sync.
         """
         self.check_enqueue(class_weights, labels)
         size, batch = self.queue_size, class_weights.shape[0]
-        head = int(self.ptr.item()) if ptr is None else ptr
+        if ptr is None:
+            counts = torch.full((1,), batch, dtype=torch.long, device=self.weights.device)
+            enqueue_padded(self.weights, self.labels, self.ptr, start=self.start, queue_size=size,
+                           class_weights=class_weights.detach(), class_labels=labels, counts=counts,
+                           capacity=batch, bad_reasons=bad_reasons)
+            return
+        head = ptr
         keys, labels = class_weights.detach(), labels.long()
         # The global slots written are [head, head + batch) modulo size: at most two
         # runs, [head, min(head + batch, size)) and, on wrap-around, [0, head + batch - size).
@@ -131,6 +148,61 @@ class ShardedClassQueue(ClassQueue):
                     scratch_ptr, keys[src:src + hi - lo], labels[src:src + hi - lo], bad_reasons)
         advance = batch if bad_reasons is None else batch * (bad_reasons.view(1) == 0)
         self.ptr.add_(advance).remainder_(size)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "weights" in destination:  # persistent: say which block it is
+            destination[prefix + SHARD_KEY] = torch.tensor(
+                [self.queue_size, self.start, self.stop, self.world_size, self.rank], dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The global form is cut to this rank's block, a block is checked to be this
+        # one; ClassQueue's loader then checks the values and copies them.
+        what = f"loading {type(self).__name__} ({prefix or 'state_dict'}) of rank {self.rank}/{self.world_size}"
+        state = {k: v for k, v in state_dict.items() if k != prefix + SHARD_KEY}
+        weights, labels = state.get(prefix + "weights"), state.get(prefix + "labels")
+        meta = state_dict.get(prefix + SHARD_KEY)
+        if isinstance(weights, torch.Tensor) and isinstance(labels, torch.Tensor) and weights.dim() == 2:
+            rows = weights.shape[0]
+            if meta is not None:
+                values = torch.as_tensor(meta).reshape(-1).tolist()
+                if len(values) != 5:
+                    raise ValueError(f"{what}: {prefix}{SHARD_KEY} must hold [queue_size, start, stop, world_size, "
+                                     f"rank], got {values}")
+                size, start, stop, world, rank = (int(v) for v in values)
+                if size != self.queue_size:
+                    raise ValueError(f"{what}: the state is a block of a queue of {size} slots, this queue has "
+                                     f"{self.queue_size}")
+                whole = (start, stop) == (0, size)
+                if (start, stop) != (self.start, self.stop) and not whole:
+                    raise ValueError(
+                        f"{what}: the state holds rank {rank}'s block, global slots [{start}, {stop}) of a queue "
+                        f"sharded over {world} ranks, and this rank holds [{self.start}, {self.stop}): load the "
+                        "global form instead - DCQLoss.global_state_dict() (a collective) saves it, and "
+                        "dcq_ops.parallel.assemble_queue_state([the state dict of every rank]) makes it from "
+                        "per-rank files")
+                cut = whole and (self.start, self.stop) != (0, size)
+            else:
+                # No block named: the global form (cut here), or an older per-rank block of this size.
+                cut = rows == self.queue_size and rows != self.shard_size
+                if rows not in (self.queue_size, self.shard_size):
+                    raise ValueError(
+                        f"{what}: weights must be [{self.queue_size}, {self.dim}] (the global queue) or "
+                        f"[{self.shard_size}, {self.dim}] (this rank's block), got {tuple(weights.shape)}: an older "
+                        "per-rank checkpoint of another world size? Assemble the global queue from every rank's "
+                        "file with dcq_ops.parallel.assemble_queue_state")
+            if cut:
+                ptr = state.get(prefix + "ptr")
+                if tuple(labels.shape) != (rows,) or not isinstance(ptr, torch.Tensor):
+                    raise ValueError(f"{what}: labels must be [{rows}] and ptr a tensor, got labels "
+                                     f"{tuple(labels.shape)}")
+                if weights.is_floating_point() and weights.shape[1] == self.dim:
+                    check_queue_state(weights, labels, ptr, ptr_limit=self.queue_size, what=what)
+                state[prefix + "weights"] = weights[self.start:self.stop]
+                state[prefix + "labels"] = labels[self.start:self.stop]
+        super()._load_from_state_dict(state, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def load_global_(self, weights: torch.Tensor, labels: torch.Tensor, ptr) -> None:
@@ -170,7 +242,10 @@ def make_sharded_queue(group, size: int, dim: int, *, dtype, device, persistent:
 
 @torch.no_grad()
 def gather_queue(queue: ShardedClassQueue, group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The full queue (weights [K, D], labels [K], ptr [1]) on every rank (a collective)."""
+    """The full queue (weights [K, D], labels [K], ptr [1]) on every rank's device (a
+    collective: every rank holds the whole queue on its device for a moment; to save a
+    checkpoint, ``DCQLoss.global_state_dict`` / ``queue_state.gather_queue_state`` gather
+    it into host memory a block at a time)."""
     world, _ = world_size_and_rank(group)
     if world != queue.world_size:
         raise ValueError(f"group has {world} ranks, but the queue was sharded over {queue.world_size}")
@@ -184,26 +259,32 @@ class ShardedQueue(HeaderExchangeQueue):
     mode = "sharded"
 
     def loss_rows(self, batch: Batch, kernels) -> torch.Tensor:
-        """The loss rows of the local batch against the union of every rank's shard."""
-        group, sizes, rank = self.group, batch.sizes, batch.rank
-        rows = max(sizes)
-        # 1. Every rank's rows (padded to the largest batch; padding rows are 0 and harmless).
-        all_x = gather_padded(batch.embeddings.detach(), rows, group, len(sizes))
-        all_labels = gather_padded(batch.labels, rows, group, len(sizes), fill=-1)
+        """The loss rows of the local batch against the union of every rank's shard.
+
+        Every rank's rows are gathered padded to the agreed capacity C (padding rows: zero
+        embeddings, label -1; their partials are computed and never used), so the shapes
+        of every collective are known on the host of every rank without a host read."""
+        group, rank, world, rows = self.group, batch.rank, batch.world, batch.capacity
+        # 1. Every rank's rows, padded to the capacity.
+        all_x = gather_padded(batch.embeddings.detach(), rows, group, world)
+        all_labels = gather_padded(batch.labels, rows, group, world, fill=-1)
+        batch.gathered_labels = all_labels  # the enqueue needs them too
         # 2. Partials of every row over this rank's shard.
         part = kernels.partials(all_x, all_labels, self.queue.weights, self.queue.labels,
                                 compute_grad=batch.compute_grad)
         # 3. Merge across ranks: all-reduce the maxima, rescale, reduce-scatter the
         #    sums and accumulators so that each rank receives its own rows only.
         global_max = part.row_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         rescaled = part.rescaled_to(global_max)
         stacked = rescaled.row_sum.unsqueeze(1)
         if batch.compute_grad:
             stacked = torch.cat([stacked, rescaled.accumulator], dim=1)
         mine = stacked.new_empty((rows, stacked.shape[1]))
         reduce_scatter_single(mine, stacked.contiguous(), op=dist.ReduceOp.SUM, group=group)
-        n = sizes[rank]
+        if batch.placeholder:  # no rows of its own to finalise
+            return mine.new_zeros((0,))
+        n = batch.rows
         own = type(part)(global_max[rank * rows:rank * rows + n], mine[:n, 0],
                          mine[:n, 1:] if batch.compute_grad else None)
         # 4. Finalise the local rows; the gradient comes with them.
@@ -212,6 +293,13 @@ class ShardedQueue(HeaderExchangeQueue):
         return rows_with_gradient(batch.embeddings, loss, grad) if compute_grad else loss
 
     def enqueue(self, batch: Batch) -> None:
-        class_weights = gather_rows(batch.class_weights, batch.sizes, self.group)
-        labels = gather_rows(batch.labels, batch.sizes, self.group, fill=-1)
-        self.queue.enqueue(class_weights, labels, ptr=batch.ptr)
+        """Every rank's class weights (padded; the labels came with the loss), and the valid
+        rows written into this rank's block, from the device pointer (no host read)."""
+        queue, capacity = self.queue, batch.capacity
+        class_weights = gather_padded(batch.class_weights, capacity, self.group, batch.world)
+        labels = batch.gathered_labels
+        if labels is None:
+            labels = gather_padded(batch.labels, capacity, self.group, batch.world, fill=-1)
+        enqueue_padded(queue.weights, queue.labels, queue.ptr, start=queue.start, queue_size=queue.queue_size,
+                       class_weights=class_weights, class_labels=labels, counts=batch.counts, capacity=capacity,
+                       bad_reasons=batch.bad_reasons)

@@ -47,7 +47,9 @@ def build_models(config: TrainConfig, num_classes: int, channels: int, world_siz
                               image_size=config.image_size, width=config.width, dropout=config.dropout).to(device)
     head_kwargs = {}
     if config.head == "dcq":
-        head_kwargs = dict(queue_size=config.queue_size, backend=config.backend, validate=config.validate)
+        # One process: no process group, the queue is its own whatever --queue-mode says.
+        head_kwargs = dict(queue_size=config.queue_size, backend=config.backend, validate=config.validate,
+                           distributed="none" if world_size == 1 else config.queue_mode)
     head = build_head(config.head, num_classes, config.embedding_size, config.margin_config(), config.sample_rate,
                       **head_kwargs).to(device)
     if config.head == "dcq":

@@ -2,7 +2,16 @@
 states), written atomically (a kill leaves the old file or the new one, never half
 of one), found again on resume (``--resume auto`` falls back to the newest readable
 step checkpoint) and checked against the run that resumes them. :func:`load_backbone` reads the feature extractor
-back out of one."""
+back out of one.
+
+A checkpoint does not depend on the topology: rank 0 writes one file, whose DCQ
+queue is the global FIFO (``DCQLoss.global_state_dict``: a sharded run gathers it
+at the save), and which resumes in either ``--queue-mode`` on any number of
+processes. On the same number of processes the continuation is bit-exact (every
+rank gets back its own RNG states and weight-generator BatchNorm statistics; the
+data order and shuffle-BN's permutation are functions of (seed, step)); on another
+number the queue, its pointer, the models and the optimizer are those saved, and
+the data order is the new world's (docs/distributed.md, "Checkpoints")."""
 
 from __future__ import annotations
 
@@ -142,9 +151,10 @@ def find_checkpoint(path: str, output: str | None, map_location) -> tuple[dict |
 
 
 def check_resumable(state: dict, config: TrainConfig, world_size: int) -> None:
-    """ConfigError unless ``state`` resumes the run of ``config`` on ``world_size``
-    processes: the same format, the same settings where they change what the run
-    computes, and the same number of processes (the data order and RNG streams)."""
+    """ConfigError unless ``state`` resumes the run of ``config``: the same format and
+    the same settings where they change what the run computes. The number of processes
+    (``world_size``) and ``queue_mode`` may differ: the checkpoint's queue is the
+    global one (see :func:`load_trainer_state` for what differs then)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"checkpoint format must be {CHECKPOINT_FORMAT}, got {state.get('format')!r}")
     # A field the checkpoint's version did not have yet ran at its default.
@@ -155,29 +165,76 @@ def check_resumable(state: dict, config: TrainConfig, world_size: int) -> None:
         details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
         raise ConfigError(f"the checkpoint was written with different settings, which would not resume the "
                           f"same run: {details}")
-    if state["world_size"] != world_size:
-        raise ConfigError(f"the checkpoint was written by {state['world_size']} processes, this run has "
-                          f"{world_size}: the data order and the RNG streams differ")
+    if not isinstance(state.get("world_size"), int) or state["world_size"] < 1:
+        raise ConfigError(f"the checkpoint's world_size must be a positive int, got {state.get('world_size')!r}")
+
+
+def head_state(head: nn.Module, dst: int | None = 0) -> dict | None:
+    """``head.state_dict()`` with the queue of every DCQLoss in it in the global form
+    (``DCQLoss.global_state_dict``, on the CPU): the same in every queue mode and at
+    every world size. A collective under a sharded queue: every rank calls it.
+
+    Parameters
+    ----------
+    head : torch.nn.Module
+        The run's head (not wrapped in DistributedDataParallel).
+    dst : int, optional
+        The rank that gets the state (the others get None); None: every rank.
+
+    Returns
+    -------
+    dict or None
+    """
+    from dcq_ops.loss import DCQLoss  # the loss module is the library's: imported where it is needed
+
+    state = head.state_dict()
+    for name, module in head.named_modules():
+        if not isinstance(module, DCQLoss):
+            continue
+        prefix = f"{name}." if name else ""
+        queue = module.global_state_dict(dst=dst)
+        if queue is None:
+            continue
+        state = type(state)((k, v) for k, v in state.items() if not k.startswith(prefix + "queue."))
+        state.update((prefix + k, v) for k, v in queue.items())
+    if dst is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != dst:
+        return None
+    return state
+
+
+def _generator_buffers(generator) -> dict:
+    """The weight generator's persistent buffers (its BatchNorm statistics), on the CPU:
+    with generator_bn=train every rank's are its own (its own forward passes)."""
+    names = {name for name, _ in generator.named_buffers()}
+    return {k: v.detach().cpu().clone() for k, v in generator.state_dict().items() if k in names}
 
 
 def trainer_state(trainer) -> dict:
     """What a checkpoint of ``trainer`` (a :class:`~dcq_ops.training.trainer.Trainer`)
-    holds: the config, the step, the models, the optimizer, the schedule, the grad
-    scaler, every rank's RNG states and the bad-step count. A collective under several
-    ranks: every rank calls it."""
+    holds: the config, the step (and the run's total), the world size and queue mode
+    that wrote it, the models (the DCQ queue in its global form, see
+    :func:`head_state`), the optimizer, the schedule, the grad scaler, every rank's
+    RNG states and weight-generator buffers, and the bad-step count. A collective
+    under several ranks: every rank calls it; the head's queue is gathered to rank 0
+    only (on the other ranks ``head`` is None: their state is not for saving)."""
     rng = rng_state()
-    if trainer.world_size > 1:  # every rank's generators, so each rank resumes its own stream
+    buffers = None if trainer.generator is None else _generator_buffers(trainer.generator)
+    if trainer.world_size > 1:  # every rank's, so each rank resumes its own stream
         states = [None] * trainer.world_size
-        dist.all_gather_object(states, rng)
-        rng = states
+        dist.all_gather_object(states, {"rng": rng, "generator_buffers": buffers})
+        rng = [s["rng"] for s in states]
+        buffers = [s["generator_buffers"] for s in states]
     return {
         "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(trainer.config),
         "step": trainer.step,
+        "total_steps": trainer.total_steps,
         "world_size": trainer.world_size,
+        "queue_mode": trainer.queue_mode,
         "backbone": trainer.backbone.state_dict(),
-        "head": trainer.head.state_dict(),
+        "head": head_state(trainer.head, dst=0),
         "generator": None if trainer.generator is None else trainer.generator.state_dict(),
+        "generator_buffers": buffers if trainer.world_size > 1 else None,
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
@@ -186,21 +243,107 @@ def trainer_state(trainer) -> dict:
     }
 
 
-def load_trainer_state(trainer, state: dict) -> None:
+def resumed_step(step: int, saved_total: int, total: int) -> int:
+    """The step at which a run resumes a checkpoint of ``step`` of ``saved_total`` steps
+    when it has ``total`` steps (another world size changes the steps of an epoch):
+    the same share of the run, so that the epoch, the learning-rate and momentum
+    schedules and the end of the run stay where they were.
+
+    Parameters
+    ----------
+    step, saved_total : int
+        The checkpoint's step and its run's number of steps.
+    total : int
+        This run's number of steps.
+
+    Returns
+    -------
+    int
+    """
+    if saved_total == total:
+        return step
+    return min(total, round(step * total / saved_total))
+
+
+def _fresh_rng(seed: int, step: int, rank: int) -> None:
+    """Seed this process's generators from (seed, step, rank): the streams of a resume on
+    another world size, which the checkpoint's cannot be (there is no rank to take them from)."""
+    mixed = (seed * 1_000_003 + step * 7919 + rank * 104_729 + 0x5EED) % (2**32)
+    torch.manual_seed(mixed)
+    np.random.seed(mixed)
+    random.seed(mixed)
+
+
+def load_trainer_state(trainer, state: dict) -> list[str]:
     """Put ``state`` (:func:`trainer_state`'s) back into ``trainer`` after
-    :func:`check_resumable`."""
+    :func:`check_resumable`.
+
+    On the world size that wrote it, everything is put back as it was, every rank its
+    own RNG states and weight-generator buffers: the run continues bit for bit. On
+    another world size (or the other queue mode) the models, the queue (each rank takes
+    its block when sharded), its pointer, the optimizer and the scaler are those saved;
+    the weight generator's buffers are rank 0's on every rank; the step becomes the
+    same share of the run (:func:`resumed_step`: another world size has other steps
+    per epoch), and the RNG streams are seeded from (seed, step, rank). The data order
+    is the new world's: each epoch's permutation is the same, split across the new
+    number of ranks into batches of the new global size.
+
+    Parameters
+    ----------
+    trainer : Trainer
+        The run to resume.
+    state : dict
+        A checkpoint's contents.
+
+    Returns
+    -------
+    list of str
+        What changed with the world size or the queue mode (for the progress output
+        and the log); empty on the same topology.
+    """
     check_resumable(state, trainer.config, trainer.world_size)
+    if state["head"] is None:
+        raise ConfigError("the checkpoint holds no head state (a state of a rank other than 0, which is not "
+                          "for saving)")
+    saved_world = state["world_size"]
+    same_world = saved_world == trainer.world_size
     trainer.backbone.load_state_dict(state["backbone"])
     trainer.head.load_state_dict(state["head"])
     if trainer.generator is not None:
         trainer.generator.load_state_dict(state["generator"])
+        buffers = state.get("generator_buffers")
+        if same_world and isinstance(buffers, list):
+            # strict=False: a subset of the keys, the buffers; each rank's own.
+            result = trainer.generator.load_state_dict(buffers[trainer.rank], strict=False)
+            if result.unexpected_keys:
+                raise ConfigError(f"the checkpoint's weight-generator buffers do not fit: {result.unexpected_keys}")
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    set_rng_state(rng[trainer.rank] if isinstance(rng, list) else rng)
-    trainer.step = int(state["step"])
+    step = int(state["step"])
     trainer.guard.bad_steps = int(state.get("bad_steps", 0))  # checkpoints before bad-step counting had none
+    messages = []
+    saved_mode = state.get("queue_mode", "gathered" if saved_world > 1 else "none")
+    if saved_mode != trainer.queue_mode and trainer.config.head == "dcq":
+        messages.append(f"resume: the DCQ queue was saved in {saved_mode!r} mode and loads in "
+                        f"{trainer.queue_mode!r} mode (the same global queue)")
+    if same_world:
+        rng = state["rng"]
+        set_rng_state(rng[trainer.rank] if isinstance(rng, list) else rng)
+        trainer.step = step
+        return messages
+    saved_total = int(state.get("total_steps") or trainer.total_steps_for(saved_world))
+    trainer.step = resumed_step(step, saved_total, trainer.total_steps)
+    if trainer.step != step:
+        # The schedule's position follows the step (its function is this run's: the new totals).
+        trainer.scheduler.last_epoch = trainer.step - 1
+        trainer.scheduler.step()
+    _fresh_rng(trainer.config.seed, trainer.step, trainer.rank)
+    messages.append(f"resume: the checkpoint was written by {saved_world} process(es), this run has "
+                    f"{trainer.world_size}: step {step} of {saved_total} resumes as step {trainer.step} of "
+                    f"{trainer.total_steps} (the same share of the run); the queue, its pointer, the models and "
+                    f"the optimizer are those saved; the data order and the random streams are this world's")
+    return messages
 
 
 def load_backbone(path: str, map_location="cpu") -> nn.Module:

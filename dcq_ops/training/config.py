@@ -20,6 +20,7 @@ MOMENTUM_SCHEDULES = ("constant", "cosine")
 QUEUE_WARMUPS = ("empty", "random", "prefill")
 EVAL_MODELS = ("backbone", "generator", "both")
 VALIDATE_MODES = ("async", "eager", "off")
+QUEUE_MODES = ("auto", "gathered", "sharded")
 
 
 class ConfigError(ValueError):
@@ -130,7 +131,7 @@ CHOICES = {"head": tuple(HEADS), "margin": ("cosface", "arcface"), "optimizer": 
            "schedule": ("cosine", "step"), "amp": ("none", "fp16", "bf16"), "log_format": ("csv", "json"),
            "progress": ("auto", "bar", "lines", "none"), "generator_bn": ("train", "eval"), "backbone": BACKBONES,
            "momentum_schedule": MOMENTUM_SCHEDULES, "queue_warmup": QUEUE_WARMUPS, "eval_model": EVAL_MODELS,
-           "validate": VALIDATE_MODES}
+           "validate": VALIDATE_MODES, "queue_mode": QUEUE_MODES}
 # The smallest image each backbone takes whole: its stride-2 stages must divide it.
 _IMAGE_MULTIPLE = {"small_cnn": 4}
 
@@ -172,7 +173,7 @@ class TrainConfig:
         "dcq", "softmax" or "partial_fc"; its settings: ``sample_rate``, ``queue_size``,
         DCQ's levers (``momentum``, ``momentum_schedule``, ``momentum_end``,
         ``generator_bn``, ``queue_warmup``), ``margin``, ``scale``, ``margin_value``,
-        ``backend``.
+        ``backend``, ``queue_mode``.
     backbone : str
         "small_cnn" or "iresnet18/34/50/100/200"; its settings: ``width``,
         ``embedding_size``, ``dropout``.
@@ -206,6 +207,7 @@ class TrainConfig:
     scale: float = 32.0
     margin_value: float = 0.3            # CosFace m (m3) or ArcFace m (m2)
     backend: str = "auto"                # DCQ loss backend
+    queue_mode: str = "auto"             # DCQ queue under several processes: auto (= gathered) | gathered (every rank holds the whole queue, the paper's) | sharded (one global queue split across the ranks); a checkpoint resumes in either mode and on any number of processes
     # Backbone
     backbone: str = "small_cnn"          # small_cnn | iresnet18/34/50/100/200 (arcface_torch's layout)
     width: int = 16                      # small_cnn channels
@@ -302,6 +304,6 @@ class TrainConfig:
 # Fields that change what a run computes: a resumed run must agree on them.
 RESUME_NEUTRAL = {"output", "log_format", "log_every", "progress", "eval_every", "eval_pairs", "eval_model", "save_every",
                    "keep_checkpoints", "resume", "stop_after", "num_workers", "eval_bin", "threads", "device",
-                   "validate", "max_bad_steps"}
+                   "validate", "max_bad_steps", "queue_mode"}
 
 

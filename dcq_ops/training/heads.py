@@ -132,15 +132,19 @@ class DCQHead(nn.Module):
         Keep the queue in fp16.
     validate : str or bool
         DCQLoss's validation mode.
+    distributed : str
+        DCQLoss's ``distributed``: how ranks share the queue ("auto", "none", "gathered",
+        "sharded").
     """
 
     needs_class_weights = True
 
     def __init__(self, num_classes: int, embedding_size: int, margin_loss=None, sample_rate: float = 0.1,
-                 queue_size: int | None = None, backend: str = "auto", fp16: bool = False, validate="async"):
+                 queue_size: int | None = None, backend: str = "auto", fp16: bool = False, validate="async",
+                 distributed: str = "auto"):
         super().__init__()
         self.loss = DCQLoss(margin_loss, embedding_size, num_classes, sample_rate, fp16,
-                            queue_size=queue_size, backend=backend, validate=validate)
+                            queue_size=queue_size, backend=backend, validate=validate, distributed=distributed)
 
     def pending_report(self) -> str | None:
         """DCQLoss's report of a batch it kept out of the queue under validate="async"
@@ -180,7 +184,7 @@ def build_head(name: str, num_classes: int, embedding_size: int, margin_loss=Non
     sample_rate : float
         DCQ's queue share of the classes, or Partial FC's sample rate (unused by "softmax").
     **kwargs
-        DCQHead's other arguments (queue_size, backend, fp16, validate).
+        DCQHead's other arguments (queue_size, backend, fp16, validate, distributed).
 
     Returns
     -------

@@ -72,7 +72,7 @@ class Trainer:
         self.sampler = TwoViewBatchSampler(len(self.dataset), config.batch_size, seed=config.seed,
                                            rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = len(self.sampler)
-        self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self.total_steps = self.total_steps_for(self.world_size)
         self.warmup_steps = min(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch))
 
         self.backbone, self.head = build_models(config, self.num_classes, channels, self.world_size, self.device)
@@ -94,6 +94,7 @@ class Trainer:
         self._verifier = Verifier(self.verification_sets, config.eval_bin, config.image_size, config.eval_pairs,
                                   config.seed, self.device)
         self._first_step = 0              # the step this process started at (DCQLoss counts from there)
+        self._resumed_from = None         # (step, total steps) of the checkpoint resumed, in its own steps
         self._params = params
         # Buffers are updated in place (BatchNorm, the generator's copy, load_state_dict): listed once.
         self._buffers = {(owner, name): b for owner, module in (("backbone", self.backbone), ("generator", self.generator))
@@ -109,12 +110,41 @@ class Trainer:
         self._host_checks = config.validate != "off" and config.head == "dcq" and (
             config.validate == "eager" or self.world_size > 1)
 
+    def total_steps_for(self, world_size: int) -> int:
+        """The number of steps of this run on ``world_size`` processes (``steps``, or
+        ``epochs`` of the steps per epoch of that world size).
+
+        Parameters
+        ----------
+        world_size : int
+            A number of processes.
+
+        Returns
+        -------
+        int
+        """
+        if self.config.steps:
+            return self.config.steps
+        per_epoch = len(TwoViewBatchSampler(len(self.dataset), self.config.batch_size, seed=self.config.seed,
+                                            rank=0, world_size=world_size))
+        return max(1, math.ceil(self.config.epochs * per_epoch))
+
+    @property
+    def queue_mode(self) -> str:
+        """How the ranks share the DCQ queue in this run: "none" (one process), "gathered"
+        or "sharded" (``--queue-mode``; "auto" is "gathered")."""
+        if self.world_size == 1:
+            return "none"
+        return "gathered" if self.config.queue_mode == "auto" else self.config.queue_mode
+
     def _undoable(self) -> dict:  # read at every step: the optimizer creates its state at its first
         return step_tensors(self._params, self.optimizer, self._buffers)
 
     def _class_weights(self, images: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1 and self.config.generator_bn == "train":
-            return shuffled_forward(self.generator, images)
+            # The permutation is a function of (seed, step): a resumed run shuffles as the
+            # uninterrupted one did, with no random state to restore.
+            return shuffled_forward(self.generator, images, seed=self.config.seed, step=self.step)
         return self.generator(images)
 
     # ----------------------------------------------------------------- checkpoints
@@ -130,9 +160,11 @@ class Trainer:
         return self.guard.skipped_steps
 
     def state_dict(self) -> dict:
-        """Everything a run resumes from: the models, the optimizer, the schedule, the
-        grad scaler, the step, every rank's RNG states and the bad-step count (a
-        collective under several ranks: every rank calls it).
+        """Everything a run resumes from: the models (the DCQ queue as the global FIFO, in
+        every queue mode), the optimizer, the schedule, the grad scaler, the step, every
+        rank's RNG states and weight-generator buffers and the bad-step count (a
+        collective under several ranks: every rank calls it; the queue is gathered to
+        rank 0, the other ranks' states have ``head`` None and are not for saving).
 
         Returns
         -------
@@ -140,17 +172,25 @@ class Trainer:
         """
         return trainer_state(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> list[str]:
         """Resume from ``state`` (:meth:`state_dict`'s); ConfigError when it was written by
-        a run with other settings (those that change what it computes) or another number
-        of processes.
+        a run with other settings (those that change what it computes). It may come from
+        another number of processes or the other queue mode
+        (:func:`~dcq_ops.training.checkpoint.load_trainer_state` says what differs then).
 
         Parameters
         ----------
         state : dict
             A checkpoint's contents.
+
+        Returns
+        -------
+        list of str
+            What changed with the world size or the queue mode (empty when nothing did).
         """
-        load_trainer_state(self, state)
+        messages = load_trainer_state(self, state)
+        self._resumed_from = (int(state["step"]), int(state.get("total_steps") or self.total_steps))
+        return messages
 
     def save(self, final: bool = False) -> str | None:
         """Write OUTPUT/checkpoint_<step>.pt and OUTPUT/checkpoint.pt (the latest), atomically
@@ -187,7 +227,7 @@ class Trainer:
         """
         state, messages = find_checkpoint(path, self.config.output, self.device)
         if state is not None:
-            self.load_state_dict(state)
+            messages = messages + self.load_state_dict(state)
         return messages
 
     # ----------------------------------------------------------------- training
@@ -339,9 +379,13 @@ class Trainer:
         config = self.config
         messages = []
         if config.resume:
+            self._resumed_from = None
             messages = self.resume(config.resume)
-            # The steps after the checkpoint run again: their old records go.
-            self.log.truncate(self.step, self.total_steps)
+            # The steps after the checkpoint run again: their old records go. Another world
+            # size renumbers the steps (step s of T resumes as s' of T'): the records after
+            # min(s, s') go, so that the step column neither repeats nor goes back.
+            saved_step, saved_total = self._resumed_from or (self.step, self.total_steps)
+            self.log.truncate(*min((saved_step, saved_total), (self.step, self.total_steps)))
         self._first_step = self.step
         stop = self.total_steps if config.stop_after is None else min(self.total_steps, config.stop_after)
         progress = Progress(config.progress, self.total_steps, self.step, enabled=self.rank == 0)

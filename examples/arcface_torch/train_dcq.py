@@ -292,7 +292,8 @@ def main(args):
             img, img_b, local_labels = img.to(cfg.device), img_b.to(cfg.device), local_labels.to(cfg.device)
             global_step += 1
             local_embeddings = backbone(img)
-            class_weights = shuffled_forward(weight_generator, img_b)  # DCQ (shuffle-BN across ranks)
+            # DCQ: shuffle-BN across ranks, its permutation a function of (seed, step)
+            class_weights = shuffled_forward(weight_generator, img_b, seed=cfg.seed, step=global_step)
             loss: torch.Tensor = module_partial_fc(local_embeddings, local_labels, class_weights)  # DCQ
 
             if cfg.fp16:
@@ -322,7 +323,8 @@ def main(args):
                 "epoch": epoch + 1,
                 "global_step": global_step,
                 "state_dict_backbone": backbone.state_dict(),
-                "state_dict_softmax_fc": module_partial_fc.state_dict(),  # DCQ: holds the queue
+                # DCQ: the queue as one global FIFO, which loads in any mode on any number of ranks
+                "state_dict_softmax_fc": module_partial_fc.global_state_dict(),
                 "state_dict_weight_generator": weight_generator.state_dict(),  # DCQ
                 "state_optimizer": opt.state_dict(),
                 "state_lr_scheduler": lr_scheduler.state_dict()
