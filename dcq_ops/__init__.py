@@ -1,7 +1,8 @@
 """dcq_ops: fused kernels for face-recognition training with a Dynamic Class Queue.
 
 The library (what a trainer imports): ``dcq_cross_entropy``, ``DCQLoss``,
-``ClassQueue``, ``MomentumEncoder``, margins, backend selection, and the
+``ClassQueue``, ``MomentumEncoder``, margins, backend selection, ``warmup`` (compile,
+autotune and check the fused kernels before training: dcq_ops.first_contact), and the
 multi-rank queue strategies (``dcq_ops.parallel``). The loss is defined in
 docs/loss.md.
 
@@ -16,6 +17,7 @@ import warnings as _warnings
 
 from dcq_ops._extension import EXTENSION_ERROR, cpu_capability, extension_loaded, has_cuda_kernels
 from dcq_ops.backends import backends, select_backend
+from dcq_ops.warmup import warmup
 from dcq_ops.functional import dcq_cross_entropy
 from dcq_ops.loss import DCQLoss
 from dcq_ops.margin import MarginConfig, margin_from
@@ -57,4 +59,5 @@ __all__ = [
     "margin_from",
     "select_backend",
     "shuffled_forward",
+    "warmup",
 ]

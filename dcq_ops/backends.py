@@ -13,10 +13,18 @@ module (and Triton) is imported on first use only:
   (the loss algebra, docs/loss.md);
 - ``finalize(embeddings, class_weights, row_max, row_sum, accumulator, margin,
   compute_grad)`` -> ``(loss rows, gradient rows)``;
+- ``loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_labels, margin)``
+  -> ``(loss rows [N], gradient rows [N, D] or [0, D])``: what ``loss_rows`` computes,
+  with the gradient of each row's loss that the fused backends produce in the same pass
+  (the first-contact check reads it; dcq_ops.first_contact);
 - ``enqueue(weights, labels, ptr, class_weights, class_labels, bad_reasons)``: the FIFO write.
 
 ``backend="auto"`` takes the first backend of ``AUTO_ORDER[device type]`` that can
 run the call; falling back to ``reference`` warns once per device type.
+
+The first call of a fused backend for a shape class is checked against an independent
+backend (dcq_ops.first_contact); a backend that fails it is *demoted* for that shape
+class, which this module records (``record_demotion``) and ``backends()`` reports.
 """
 
 from __future__ import annotations
@@ -112,7 +120,7 @@ class Backend:
         extension, no Triton, ...).
     dtype_problem : callable
         ``dtype_problem(device, input_dtypes, queue_dtype)``: None, or why it refuses them.
-    loss_rows, partials, finalize, enqueue : callable, str or None
+    loss_rows, partials, finalize, enqueue, loss_and_grad : callable, str or None
         Entry points (see the module docstring); "module:function" is imported on first
         use; None where it has none.
     """
@@ -127,6 +135,7 @@ class Backend:
     partials: Callable | str | None
     finalize: Callable | str | None
     enqueue: Callable | str | None
+    loss_and_grad: Callable | str | None = None
 
     def why_unavailable(self, device: torch.device) -> str | None:
         if device.type not in self.device_types:
@@ -134,7 +143,8 @@ class Backend:
         return self.missing(device)
 
     def entry(self, which: str) -> Callable:
-        """The entry point ``which`` ("loss_rows", "partials", "finalize", "enqueue") as a function."""
+        """The entry point ``which`` ("loss_rows", "partials", "finalize", "enqueue", "loss_and_grad")
+        as a function."""
         target = getattr(self, which)
         if target is None:
             raise ValueError(f"backend {self.name!r} has no {which} (the loss algebra runs on 'triton' or 'chunked')")
@@ -150,22 +160,35 @@ class Backend:
 _IMPORTED: dict = {}
 
 
+def _chunked_loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_labels, margin):
+    """chunked's (loss rows, gradient rows): its op, through the module's attribute (so that
+    what replaces ``chunked.dcq_cross_entropy`` replaces both this and ``chunked.loss_rows``)."""
+    compute_grad = embeddings.requires_grad and torch.is_grad_enabled()
+    return chunked.dcq_cross_entropy(
+        embeddings, class_weights, labels, queue_weights, queue_labels, margin.scale, margin.m1, margin.m2,
+        margin.m3, margin.interclass_filtering_threshold, margin.straight_through_margin, compute_grad)
+
+
 BACKENDS = {
     "triton": Backend(
         "triton", "fused Triton kernels: logits in registers, both GEMMs on the tensor cores",
         ("cuda", "cpu"), (_F32, _F16, _BF16), _triton_missing, _triton_dtype_problem,
         loss_rows="dcq_ops.triton.ops:loss_rows", partials="dcq_ops.triton.ops:partials",
-        finalize="dcq_ops.triton.ops:finalize", enqueue=None),  # no kernel of its own: see enqueue_function
+        finalize="dcq_ops.triton.ops:finalize", enqueue=None,  # no kernel of its own: see enqueue_function
+        loss_and_grad="dcq_ops.triton.ops:loss_and_grad"),
     "chunked": Backend(
         "chunked", "the queue in chunks: two GEMMs per chunk through ATen (BLAS / cuBLAS) and a fused epilogue",
         ("cpu", "cuda"), (_F32, _F16, _BF16, _F64), _chunked_missing, _any_dtype,
         loss_rows=chunked.loss_rows, partials=chunked.partials, finalize=chunked.finalize,
-        enqueue=queue_ops.queue_enqueue_),
+        enqueue=queue_ops.queue_enqueue_, loss_and_grad=_chunked_loss_and_grad),
     "reference": Backend(
         "reference", "plain PyTorch: materialises the N x K logits (the tests' oracle)",
         ("cpu", "cuda", "meta", "mps", "xpu"), (_F32, _F16, _BF16, _F64), _always, _any_dtype,
         loss_rows=reference.loss_rows, partials=None, finalize=None, enqueue=queue_ops.enqueue_fallback),
 }
+
+# The fused backends: their first call for a shape class is checked (dcq_ops.first_contact).
+FUSED_BACKENDS = ("triton", "chunked")
 
 # What "auto" tries, in order, per device type (triton on CPU tensors only when asked for).
 AUTO_ORDER = {"cuda": ("triton", "chunked", "reference")}
@@ -288,8 +311,83 @@ def enqueue_function(device: torch.device | str) -> Callable:
     return BACKENDS[name].entry("enqueue")
 
 
+@dataclass(frozen=True)
+class Demotion:
+    """A fused backend that failed its first-contact check for one shape class
+    (dcq_ops.first_contact): calls of that class run ``fallback`` instead.
+
+    Attributes
+    ----------
+    backend, fallback : str
+        The demoted backend and the one that runs instead.
+    device : str
+        The device, e.g. "cuda:0" or "cpu".
+    shape_class : str
+        The shape class in words (dtypes, row and queue buckets, D, gradient, filtering).
+    reason : str
+        What disagreed, with the numbers (e.g. "loss error 5.0e-02 > bound 1.1e-03").
+    message : str
+        The warning's text.
+    """
+
+    backend: str
+    fallback: str
+    device: str
+    shape_class: str
+    reason: str
+    message: str
+
+
+_DEMOTIONS: dict = {}  # shape-class key (dcq_ops.first_contact) -> Demotion
+
+
+def record_demotion(key, demotion: Demotion) -> None:
+    """Record that ``demotion.backend`` runs ``demotion.fallback`` for the shape class ``key``
+    (dcq_ops.first_contact calls this; ``backends()`` reports it)."""
+    _DEMOTIONS[key] = demotion
+
+
+def demotion_of(key) -> Demotion | None:
+    """The demotion recorded for the shape class ``key``, or None."""
+    return _DEMOTIONS.get(key) if _DEMOTIONS else None
+
+
+def any_demotions() -> bool:
+    """Whether any shape class is demoted (one test of an empty dict: cheap, and traceable)."""
+    return bool(_DEMOTIONS)
+
+
+def demotion_keys() -> tuple:
+    """The shape-class keys that are demoted."""
+    return tuple(_DEMOTIONS)
+
+
+def demotions(device: torch.device | str | None = None) -> list[Demotion]:
+    """The demotions recorded so far, of every device, or of ``device``'s type only.
+
+    Parameters
+    ----------
+    device : torch.device or str, optional
+
+    Returns
+    -------
+    list of Demotion
+    """
+    found = list(_DEMOTIONS.values())
+    if device is not None:
+        kind = torch.device(device).type
+        found = [d for d in found if torch.device(d.device).type == kind]
+    return found
+
+
+def clear_demotions() -> None:
+    """Forget every demotion (dcq_ops.first_contact.reset calls this)."""
+    _DEMOTIONS.clear()
+
+
 def backends(device: torch.device | str | None = None) -> dict[str, str]:
-    """For each backend, "available" or the reason it is not, on ``device``.
+    """For each backend, "available" or the reason it is not, on ``device``; a fused backend
+    that failed its first-contact check for some shape class says so, with the numbers.
 
     Parameters
     ----------
@@ -299,7 +397,9 @@ def backends(device: torch.device | str | None = None) -> dict[str, str]:
     Returns
     -------
     dict
-        ``{"triton": ..., "chunked": ..., "reference": ..., "auto": "-> <backend>"}``.
+        ``{"triton": ..., "chunked": ..., "reference": ..., "auto": "-> <backend>"}``; e.g.
+        ``"available; demoted to 'chunked' by the first-contact check for 1 shape class:
+        ..."``.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -308,5 +408,10 @@ def backends(device: torch.device | str | None = None) -> dict[str, str]:
     for name, row in BACKENDS.items():
         reason = row.why_unavailable(device)
         report[name] = "available" if reason is None else f"unavailable: {reason}"
+        demoted = [d for d in demotions(device) if d.backend == name]
+        if demoted:
+            classes = "; ".join(f"{d.shape_class} -> {d.fallback!r} ({d.reason})" for d in demoted)
+            report[name] += (f"; demoted by the first-contact check for {len(demoted)} shape "
+                             f"class{'es' if len(demoted) > 1 else ''}: {classes}")
     report["auto"] = f"-> {select_backend(device, warn=False)}"  # a report, not a call: no warning
     return report

@@ -1,13 +1,15 @@
 """dcq_cross_entropy, the functional form of the loss (docs/loss.md): argument checks
 (dcq_ops.validation, and the margin's own in MarginConfig), the backend from the
-table of dcq_ops.backends, and the reduction."""
+table of dcq_ops.backends (its first call of a shape class checked:
+dcq_ops.first_contact), and the reduction."""
 
 from __future__ import annotations
 
 import torch
 
+from dcq_ops import first_contact
 from dcq_ops.algebra import reduce_rows
-from dcq_ops.backends import entry_point, select_backend
+from dcq_ops.backends import select_backend
 from dcq_ops.margin import MarginConfig
 from dcq_ops.validation import check_loss_arguments, check_reduction
 
@@ -73,13 +75,16 @@ def dcq_cross_entropy(
     The fused backends take both GEMMs' operands in the queue's dtype and accumulate
     in fp32; with a float64 input, "chunked" and "reference" compute in float64 and
     "triton" refuses it ("auto" then runs "chunked"). A non-finite value in a row's
-    inputs makes that row's loss and gradient NaN on every backend.
+    inputs makes that row's loss and gradient NaN on every backend. The first call of
+    a fused backend for a shape class is checked against an independent backend
+    (dcq_ops.first_contact; ``DCQ_OPS_SKIP_FIRST_CONTACT=1`` skips it).
     """
     check_loss_arguments(embeddings, class_weights, labels, queue_weights, queue_labels)
     margin = MarginConfig(scale, m1, m2, m3, interclass_filtering_threshold, straight_through_margin)
     check_reduction(reduction)
     resolved = select_backend(embeddings.device, backend, input_dtypes=(embeddings.dtype, class_weights.dtype),
                               queue_dtype=queue_weights.dtype)
-    rows = entry_point(resolved, "loss_rows")(embeddings, class_weights.detach(), labels.long(),
-                                              queue_weights.detach(), queue_labels.long(), margin)
+    # The first call of a fused backend for a shape class is checked (dcq_ops.first_contact).
+    rows = first_contact.loss_rows(resolved, embeddings, class_weights.detach(), labels.long(),
+                                   queue_weights.detach(), queue_labels.long(), margin)
     return reduce_rows(rows, reduction)

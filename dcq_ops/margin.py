@@ -7,7 +7,6 @@ same function for the C++/CUDA kernels."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine with no network access:
 #   1. build and install the package (CUDA extension included, for this GPU only),
-#   2. the Triton configuration chosen for this architecture, and the autotuner's pick,
-#   3. the whole test suite on CUDA: numerics in every dtype (the bf16 default
-#      included), a whole training step under torch.cuda.set_sync_debug_mode("error"),
+#   2. `python -m dcq_ops.check` (the report every user can run, as JSON in
+#      $OUT/check.json): numerics of every backend and dtype against the reference,
+#      the Triton configuration chosen for this architecture and the autotuner's pick,
+#      the first-contact check, a training step under
+#      torch.cuda.set_sync_debug_mode("error"), the fused kernel timed against the
+#      cuBLAS GEMM pair and against chunked,
+#   3. the whole test suite on CUDA (autotuning off: each shape compiles once), then
+#      the autotuned path's tests with DCQ_TRITON_AUTOTUNE=1,
 #   4. the kernel benchmark: the fused kernels against the cuBLAS GEMM pair,
 #   5. a summary.
 # Logs and results go to $OUT (default ./gpu_check_out). The whole run is
@@ -13,7 +18,7 @@
 #   bash scripts/gpu_check.sh                 # OUT=./gpu_check_out
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 #
-# Exit status: 0 when the install and the tests passed, 1 otherwise.
+# Exit status: 0 when the install, the check command and the tests passed, 1 otherwise.
 set -u
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -72,38 +77,59 @@ if (( install_rc != 0 )); then
 fi
 "$PYTHON" -c "import dcq_ops; print('backends on cuda:', dcq_ops.backends('cuda'))" 2>&1 | tee -a "$SUMMARY"
 
-# 2. The configuration for this architecture: what dcq_ops.triton.configs
-# chooses from the device's shared memory, and what the autotuner picks.
-say "configuration"
-timeout "$(budget 330 60)" "$PYTHON" - > "$OUT/configuration.txt" 2>&1 <<'EOF'
-import torch
-from dcq_ops.triton import launch, ops
-from dcq_ops.triton.configs import mma_family, tile_configs
-architecture, sms = launch.device_architecture(torch.cuda.current_device())
-print(f"{torch.cuda.get_device_name()}: {architecture.name}, {mma_family(architecture.capability)}, "
-      f"{architecture.shared_memory_per_block_optin >> 10} KiB shared memory per block, {sms} SMs")
-for name, size, tf32 in (("bf16/fp16", 2, False), ("fp32", 4, False), ("tf32", 4, True)):
-    print(f"  {name} D=512 candidates (first = default):", [c.as_dict() for c in tile_configs(architecture, size, 512, tf32)])
-x = torch.randn(512, 512, device="cuda")
-w = torch.nn.functional.normalize(torch.randn(1 << 16, 512, device="cuda"), dim=1).bfloat16()
-y = torch.randint(0, 1000, (512,), device="cuda")
-yq = torch.randint(0, 1000, (1 << 16,), device="cuda")
-ops.triton_dcq_cross_entropy(x, x, y, w, yq, 64.0, 1.0, 0.5, 0.0, 0.0, True, True)
-for key, best in launch.autotuner_picks().items():
-    print(f"  autotuner's pick for BLOCK_M={key[0]}, N=512, K=65536, bf16:", best)
+# 2. The check command: what a user runs on their GPU (README, "On a GPU"). Its JSON
+# holds the configuration for this architecture and the autotuner's pick too.
+say "python -m dcq_ops.check"
+timeout "$(budget 220 180)" "$PYTHON" -m dcq_ops.check --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+check_rc=$?
+say "check exit status $check_rc (log: check.log, results: check.json)"
+"$PYTHON" - "$OUT/check.json" 2>&1 <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+try:
+    data = json.load(open(sys.argv[1]))
+except Exception as exc:
+    sys.exit(f"no check report ({exc})")
+for part in data.get("failures", []):
+    print(f"  FAILED {part['part']}: {part['reason']}")
+for part in data.get("skipped", []):
+    print(f"  skipped {part['part']}: {part['reason']}")
+config = data.get("triton_configuration", {})
+if config:
+    print(f"  {config['gpu']}: {config['architecture']}, {config['mma']}, "
+          f"{config['shared_memory_per_block_optin_kib']} KiB shared memory per block, {config['multiprocessors']} SMs")
+    print("  bf16/fp16 D=512 candidates (first = default):", config["candidates_d512"]["bf16/fp16"])
+    print("  autotuner's pick:", config["autotuner_picks"], f"({config['autotuner_call']})")
+for o in data.get("first_contact", {}).get("outcomes", []):
+    print(f"  first contact {o['backend']} {o['shape_class']}: {o['status']} "
+          f"(loss error {o['loss_error']}, bound {o['loss_bound']})")
+step = data.get("sync_free_step", {})
+if step:
+    print(f"  training step under set_sync_debug_mode('error'): {step['status']} {step.get('error', '')}")
+timing = data.get("timing", {})
+if timing:
+    print("  timing:", {k: v for k, v in timing.items() if k.endswith("_ms") or k.startswith("triton_vs")})
+print("  check: ok" if data.get("ok") else "  check: NOT ok")
 EOF
-cat "$OUT/configuration.txt" | tee -a "$SUMMARY"
 
 # 3. The whole test suite. Autotuning off (the first kernel configuration):
 # the suite compiles each shape once; tests/test_triton.py checks every
-# configuration and the autotuned path explicitly.
+# configuration explicitly, and 3b the autotuned path with autotuning on.
 say "tests"
-DCQ_TRITON_AUTOTUNE=0 timeout "$(budget 110 300)" "$PYTHON" -m pytest tests -q -ra -p no:cacheprovider \
+DCQ_TRITON_AUTOTUNE=0 timeout "$(budget 170 300)" "$PYTHON" -m pytest tests -q -ra -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" --durations=15 > "$OUT/pytest.log" 2>&1
 tests_rc=$?
 say "tests exit status $tests_rc (log: pytest.log, junit.xml)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -n 40 | tee -a "$SUMMARY"
 tail -n 1 "$OUT/pytest.log" | tee -a "$SUMMARY"
+
+# 3b. The autotuned path, for real: autotuning on (the run above turned it off).
+say "autotuned tests (DCQ_TRITON_AUTOTUNE=1)"
+DCQ_TRITON_AUTOTUNE=1 timeout "$(budget 110 90)" "$PYTHON" -m pytest -q -ra -p no:cacheprovider \
+    "tests/test_triton.py::test_autotuned_path" "tests/test_cuda.py::test_autotuned_path_is_autotuned" \
+    --junitxml="$OUT/junit_autotuned.xml" > "$OUT/pytest_autotuned.log" 2>&1
+autotuned_rc=$?
+say "autotuned tests exit status $autotuned_rc (log: pytest_autotuned.log)"
+tail -n 1 "$OUT/pytest_autotuned.log" | tee -a "$SUMMARY"
 
 # 4. Kernel benchmark: stop starting new configurations 40 s before its
 # timeout; it writes its JSON after every shape, so a kill keeps the rest.
@@ -147,5 +173,5 @@ for (n, k), rs in sorted(by_shape.items()):
           f"{ref.get('status', 'not run')}) {verdict}")
 EOF
 
-say "done in $(elapsed)s: install $install_rc, tests $tests_rc, benchmark $bench_rc"
-(( install_rc == 0 && tests_rc == 0 ))
+say "done in $(elapsed)s: install $install_rc, check $check_rc, tests $tests_rc, autotuned tests $autotuned_rc, benchmark $bench_rc"
+(( install_rc == 0 && check_rc == 0 && tests_rc == 0 && autotuned_rc == 0 ))

@@ -1,7 +1,10 @@
 """On a GPU: the extension's CUDA kernels against the reference (the chunked
 backend: cuBLAS GEMMs + one-pass CUDA epilogue; the queue's enqueue kernel),
 the loss algebra's partials and finalize on CUDA, DCQLoss's GPU defaults (a bf16
-queue), and a whole training step that never waits on the host. Skipped
+queue), a whole training step that never waits on the host (also after
+DCQLoss.prepare, for a batch size first seen after warm-up), the autotuned Triton
+path with autotuning forced on, and the first-contact check on the GPU (passing for
+every queue dtype, and catching a deliberately wrong Triton kernel). Skipped
 without a GPU or without the CUDA kernels."""
 
 import pytest
@@ -234,3 +237,112 @@ def test_check_sees_a_bad_batch_of_a_compiled_step():
         assert torch.equal(t, before[n]), n
     with pytest.raises(ValueError, match="step 2 had a label >= num_classes = 1000"):
         loss_fn.check()
+
+
+# ----------------------------------------------------------------------------
+# The autotuned path, and the first-contact check on the GPU (dcq_ops.first_contact)
+
+
+def _cuda_inputs(rows, dim, slots, dtype=torch.float32, queue_dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(rows, dim, device="cuda", generator=g)
+    k = 0.7 * x + torch.randn(rows, dim, device="cuda", generator=g)
+    y = torch.randint(0, slots // 4, (rows,), device="cuda", generator=g)
+    w = torch.nn.functional.normalize(torch.randn(slots, dim, device="cuda", generator=g), dim=1)
+    yq = torch.randint(0, slots // 4, (slots,), device="cuda", generator=g)
+    yq[torch.rand(slots, device="cuda", generator=g) < 0.01] = -1
+    return x.to(dtype), k.to(dtype), y, w.to(queue_dtype), yq
+
+
+def test_autotuned_path_is_autotuned(monkeypatch):
+    """Autotuning forced on whatever the environment says (scripts/gpu_check.sh runs the
+    suite with DCQ_TRITON_AUTOTUNE=0, then this test with 1): the autotuner picks a
+    configuration, and the result is within the rounding bounds of the fp64 reference."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("DCQ_TRITON_AUTOTUNE", "1")
+    from dcq_ops.triton import launch, ops
+
+    inputs = _cuda_inputs(256, 512, 1 << 15, seed=30)
+    margin = {"scale": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0}
+    loss, grad = ops.triton_dcq_cross_entropy(*inputs, 64.0, 1.0, 0.5, 0.0, 0.0, False, True)
+    torch.cuda.synchronize()
+    picks = launch.autotuner_picks()
+    assert picks and all(best is not None for best in picks.values()), picks
+    rows = torch.arange(0, 256, 5, device="cuda")
+    x, k, y, w, yq = inputs
+    xs = x[rows]
+    xr = xs.double().requires_grad_(True)
+    exact = reference.dcq_cross_entropy(xr, k[rows].double(), y[rows], w.double(), yq, **margin, reduction="none")
+    exact.sum().backward()
+    delta = cosine_rounding(xs, w, torch.bfloat16)
+    assert_loss_close(loss[rows], exact.detach(), scale=64.0, delta=delta)
+    assert_grad_close(grad[rows], xr.grad, embeddings=xs, scale=64.0, delta=delta, gemm_dtype=torch.bfloat16,
+                      slope=positive_slope(xs, k[rows], 1.0, 0.5, 64.0))
+
+
+@pytest.fixture
+def fresh_first_contact(monkeypatch):
+    from dcq_ops import first_contact
+
+    monkeypatch.delenv(first_contact.SKIP_ENV, raising=False)
+    first_contact.reset()
+    yield first_contact
+    first_contact.reset()
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("queue_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_first_contact_passes_on_cuda(backend, queue_dtype, fresh_first_contact):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        outcomes = dcq_ops.warmup([512, 100], 512, 1 << 16, queue_dtype=queue_dtype, device="cuda", backend=backend,
+                                  evaluation=True)
+    assert len(outcomes) == 4 and {o.status for o in outcomes} == {"passed"}, outcomes
+    assert {o.comparator for o in outcomes} == {"chunked" if backend == "triton" else "reference"}
+
+
+def test_a_wrong_triton_kernel_on_cuda_falls_back_to_chunked(monkeypatch, fresh_first_contact):
+    pytest.importorskip("triton")
+    from dcq_ops.triton import ops
+
+    inputs = _cuda_inputs(300, 256, 5000, seed=31)
+    margin = {"scale": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0}
+    x, *rest = inputs
+    expected = dcq_ops.dcq_cross_entropy(x, *rest, **margin, reduction="none", backend="chunked")
+    fresh_first_contact.reset()
+    original = ops.forward
+
+    def wrong(*args, **kwargs):
+        loss, grad = original(*args, **kwargs)
+        return loss + 0.5, grad
+
+    monkeypatch.setattr(ops, "forward", wrong)
+    with pytest.warns(RuntimeWarning, match="first-contact check of backend 'triton' failed on cuda"):
+        got = dcq_ops.dcq_cross_entropy(x, *rest, **margin, reduction="none", backend="triton")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert "demoted by the first-contact check" in dcq_ops.backends("cuda")["triton"]
+    again = dcq_ops.dcq_cross_entropy(x, *rest, **margin, reduction="none", backend="triton")
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+def test_after_prepare_no_step_synchronises_even_a_new_batch_size(fresh_first_contact):
+    """DCQLoss.prepare compiles, autotunes and checks every batch size given: a last, smaller
+    batch does not synchronise either (without prepare its first call would check)."""
+    backbone, generator, loss_fn, optimizer, batches = _training_setup()
+    outcomes = loss_fn.prepare([64, 8])  # two row buckets (<= 64, <= 16): two shape classes
+    assert len(outcomes) == 2 and {o.status for o in outcomes} == {"passed"}
+    _step(backbone, generator, loss_fn, optimizer, batches[0])  # the optimizer's state
+    torch.cuda.synchronize()
+    a, b, labels = batches[1]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[2:5]:
+            _step(backbone, generator, loss_fn, optimizer, batch)
+        _step(backbone, generator, loss_fn, optimizer, (a[:8], b[:8], labels[:8]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(fresh_first_contact.outcomes()) == 2  # nothing checked during the steps

@@ -10,8 +10,8 @@ dcq_ops.triton.launch), registered as the C++ side registers the chunked ones:
   partials of every rank with collectives in between;
 
 each with a fake kernel, so that torch.compile traces them and opcheck passes;
-and the backend table's adapters (``loss_rows``, ``partials``, ``finalize``:
-dcq_ops.backends), which take a MarginConfig.
+and the backend table's adapters (``loss_rows``, ``loss_and_grad``, ``partials``,
+``finalize``: dcq_ops.backends), which take a MarginConfig.
 
 Both GEMMs take their operands in the queue's dtype (bf16 by default on a GPU:
 the tensor cores), accumulate in fp32, and everything after them is fp32. The
@@ -176,12 +176,19 @@ def _triton_dcq_cross_entropy_finalize_fake(embeddings, class_weights, row_max, 
 # The backend table's entry points (dcq_ops.backends): the ops with a MarginConfig.
 
 
-def loss_rows(embeddings, class_weights, labels, queue_weights, queue_labels, margin) -> torch.Tensor:
-    """The loss of every row [N], differentiable with respect to ``embeddings``."""
+def loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_labels, margin):
+    """(loss of every row [N], differentiable with respect to ``embeddings``; the gradient
+    of each row's loss [N, D] fp32, or [0, D] when no gradient is wanted), one fused call:
+    what dcq_ops.first_contact checks on the first call of a shape class."""
     compute_grad = embeddings.requires_grad and torch.is_grad_enabled()
-    rows, _ = triton_dcq_cross_entropy(
+    return triton_dcq_cross_entropy(
         embeddings, class_weights, labels, queue_weights, queue_labels, margin.scale, margin.m1, margin.m2,
         margin.m3, margin.interclass_filtering_threshold, margin.straight_through_margin, compute_grad)
+
+
+def loss_rows(embeddings, class_weights, labels, queue_weights, queue_labels, margin) -> torch.Tensor:
+    """The loss of every row [N], differentiable with respect to ``embeddings``."""
+    rows, _ = loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_labels, margin)
     return rows
 
 
