@@ -62,10 +62,11 @@ HALF_DTYPES = [torch.float16, torch.bfloat16] if ON_CUDA else [torch.float16]
 def _triton_env(monkeypatch, request):
     if not ON_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # for dcq_ops.backends' dispatch
-    if request.node.name != "test_autotuned_path":
-        # The first configuration: tests compile each shape once instead of
-        # benchmarking every configuration (test_autotuned_path tests autotuning).
-        monkeypatch.setenv("DCQ_TRITON_AUTOTUNE", "0")
+    # The first configuration: tests compile each shape once instead of benchmarking
+    # every configuration - except test_autotuned_path, which tests autotuning, whatever
+    # the environment says (scripts/gpu_check.sh exports DCQ_TRITON_AUTOTUNE=0).
+    autotuned = request.node.name == "test_autotuned_path"
+    monkeypatch.setenv("DCQ_TRITON_AUTOTUNE", "1" if autotuned else "0")
 
 
 def margin_args(margin):
@@ -392,11 +393,43 @@ def test_compiled_report_runs_without_a_gpu(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     import json
-    entries = json.loads(out.read_text())["entries"]
+    import triton
+    report = json.loads(out.read_text())
+    entries = report["reports"][triton.__version__]["entries"]
     main = [e for e in entries if e["kernel"] == "queue_pass"]
     assert len(main) == 2 and all(e["ok"] and e["spill_bytes"] == 0 for e in entries)
     with_grad = next(e for e in main if e["gradient"])
     assert with_grad["mma_instructions_per_iteration"] > 0 and with_grad["mma_flops_over_ideal"] >= 1.0
+    # The sm_90 default at the ideal work (the script fails otherwise): the first dot
+    # split between the two warpgroups, chain_break a run-time argument.
+    assert with_grad["mma_flops_over_ideal"] == 1.0 and with_grad["exponentials_per_logit"] <= 1.125
+    assert with_grad["first_dot_warps_per_cta"] == [4, 2] and with_grad["chain_break"].startswith("i32")
+
+
+def test_compiled_report_fails_without_the_chain_break(tmp_path):
+    # The CI check can fail: the kernel with its second dot's operands computed in
+    # plain sight (no branch on chain_break) compiles for sm_90 with the first dot
+    # laid out [8, 1], and benchmarks/compiled.py exits 1 on the ratios.
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "dcq_ops" / "triton" / "kernels.py").read_text()
+    branch = source[source.index("            if chain_break == 0:"):source.index("            acc = tl.dot(p_op, w, acc_op")]
+    (tmp_path / "plain_kernels.py").write_text(
+        source.replace(branch, "            p_op = p.to(w.dtype)\n            acc_op = acc * alpha[:, None]\n"))
+    script = tmp_path / "gate.py"
+    script.write_text(
+        "import importlib.util, sys\n"
+        f"sys.path[:0] = [{str(root / 'benchmarks')!r}, {str(root)!r}]\n"
+        "import compiled\n"
+        f"spec = importlib.util.spec_from_file_location('plain_kernels', {str(tmp_path / 'plain_kernels.py')!r})\n"
+        "compiled.kernels = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(compiled.kernels)\n"
+        f"sys.exit(compiled.main(['--targets', '90', '--dtypes', 'bf16', '--first-only', '--out', "
+        f"{str(tmp_path / 'c.json')!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "above the ideal work" in run.stdout and "[8, 1]" in run.stdout, run.stdout
 
 
 # ----------------------------------------------------------------------------
@@ -497,6 +530,7 @@ def test_autotuned_path():
     inputs = cuda_inputs(256, 512, 1 << 15, torch.bfloat16, seed=2)
     margin = MARGINS["arcface"]
     loss, grad = triton_ops.triton_dcq_cross_entropy(*inputs, *margin_args(margin), True)
+    assert launch.autotuner_picks(), "the autotuned kernel did not run"
     check_rows_against_reference(inputs, margin, loss, grad, torch.arange(0, 256, 5, device="cuda"))
 
 

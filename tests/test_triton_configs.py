@@ -14,10 +14,10 @@ COMPILED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "com
 
 # The default (first fitting) configuration at D = 512, as (BLOCK_M, BLOCK_K, warps, stages).
 EXPECTED_16BIT = {
-    "sm_80": (32, 16, 4, 2),   # 163 KiB: (64, 64, 8, 2) does not fit, (64, 32, 8, 2) spills (benchmarks/compiled.py)
-    "sm_86": (32, 16, 4, 2),   # 99 KiB
-    "sm_89": (32, 16, 4, 2),
-    "sm_90": (64, 64, 8, 2),   # 227 KiB, wgmma
+    "sm_80": (32, 32, 8, 2),   # 163 KiB: (64, 64, 8, 2) does not fit, (32, 16, 4, 2) spills under Triton 3.6
+    "sm_86": (16, 32, 4, 2),   # 99 KiB: (32, 32, 8, 2) exceeds the estimate
+    "sm_89": (16, 32, 4, 2),
+    "sm_90": (64, 64, 8, 2),   # 227 KiB, wgmma: the ideal work (test_sm90_default_does_the_ideal_work)
     "sm_100": (64, 32, 8, 3),  # tcgen05 stages more in shared memory: (64, 64, 8, 2) does not fit
 }
 
@@ -64,11 +64,47 @@ def test_families_and_a_device_of_our_own():
     assert as_tuple(tile_config(architecture_of((8, 6), 48 << 10), 2, 512)) == (16, 16, 4, 1)
 
 
-def test_compiled_report_agrees_with_the_estimates():
+# The Triton versions the compiled report must cover: torch 2.14's (3.8) and torch 2.11's (3.6).
+TRITON_VERSIONS = ("3.8", "3.6")
+
+
+def compiled_reports() -> dict:
+    """benchmarks/results/compiled.json's report of each Triton version, keyed by version."""
+    return json.loads(COMPILED.read_text())["reports"]
+
+
+def _report_versions() -> list:
+    try:
+        return sorted(compiled_reports())
+    except (OSError, ValueError, KeyError):
+        return ["none: rerun python benchmarks/compiled.py"]  # the tests below then fail, saying so
+
+
+def test_compiled_report_covers_both_triton_versions():
+    versions = compiled_reports()
+    for wanted in TRITON_VERSIONS:
+        assert any(v.startswith(wanted + ".") for v in versions), f"no report of Triton {wanted}: {sorted(versions)}"
+
+
+@pytest.mark.parametrize("version", _report_versions())
+def test_sm90_default_does_the_ideal_work(version):
+    """On sm_90 the 16-bit defaults issue each MMA once (the first dot laid out
+    [4, 2]: each warpgroup half of BLOCK_K) and about one exponential a logit, in
+    the report of every Triton version; chain_break stayed a run-time value."""
+    entries = compiled_reports()[version]["entries"]
+    for dtype in ("bf16", "fp16"):
+        for e in entries:
+            if e["target"] == "sm_90" and e["kernel"] == "queue_pass" and e["dtype"] == dtype and e["default"]:
+                assert e["ok"] and e["mma_flops_over_ideal"] == 1.0 and e["exponentials_per_logit"] <= 1.125, e
+                assert e["first_dot_warps_per_cta"] == [4, 2] and e["chain_break"].startswith("i32"), e
+
+
+@pytest.mark.parametrize("version", _report_versions())
+def test_compiled_report_agrees_with_the_estimates(version):
     """benchmarks/compiled.py compiled every configuration chosen here for sm_80 and
     sm_90 (and sm_86, sm_100): none spills, none exceeds the shared memory, and the
     estimate used to choose is an upper bound of what the compiler allocated."""
-    report = json.loads(COMPILED.read_text())
+    report = compiled_reports()[version]
     entries = [e for e in report["entries"] if e["kernel"] == "queue_pass" and e["BLOCK_D"] == 512]
     targets = {e["target"] for e in entries}
     assert {"sm_80", "sm_90"} <= targets

@@ -88,13 +88,27 @@ _C = TileConfig
 # more), (64, 32, 8, 2) with mma.sync and (32, 32, 4, 2) with wgmma (24-40 B). 16-bit operands run on the tensor cores;
 # fp32 with exact ("ieee") products on the FMA units, whose dot keeps whole
 # operand tiles in registers (thin queue tiles); fp32 as TF32 on the tensor cores.
+# With wgmma, (64, 64, 8, 2) does the ideal work (each MMA once, 1.125 exponentials
+# a logit: the first dot laid out [4, 2], dcq_ops/triton/kernels.py) in 200 KiB of
+# shared memory; with mma.sync the dots stay linked through W (all warps along
+# BLOCK_K) and the tiles that would be ideal spill or reuse each queue tile for 16
+# rows only (benchmarks/compiled.py states the ratios of every default).
+#
+# Every candidate compiles without spilling under each Triton version the package
+# supports (3.8, torch 2.14's, and 3.6, torch 2.11's: compiled.json holds both).
+# Under 3.6, (32, 16, 4, 2) spills 16 B on sm_86 and sm_90, TF32 (16, 16, 4, 2) 36 B
+# on sm_80 and TF32 (16, 16, 4, 1) 4 B on sm_100; they were replaced by (32, 32, 8, 2)
+# (the same MMA FLOPs / ideal, 1.5, at 170 registers: sm_80's default; its
+# shared-memory estimate exceeds sm_86's 99 KiB, so sm_86 / sm_89 default to the
+# ideal-work 16 x 32) and, on tcgen05, TF32 (16, 16, 8, 1).
 _CANDIDATES = {
-    ("mma.sync", "16bit"): (_C(64, 64, 8, 2), _C(32, 16, 4, 2), _C(16, 32, 4, 2), _C(16, 16, 4, 1)),
-    ("wgmma", "16bit"): (_C(64, 64, 8, 2), _C(32, 16, 4, 2), _C(16, 32, 4, 2), _C(16, 16, 4, 1)),
+    ("mma.sync", "16bit"): (_C(64, 64, 8, 2), _C(32, 32, 8, 2), _C(16, 32, 4, 2), _C(16, 16, 4, 1)),
+    ("wgmma", "16bit"): (_C(64, 64, 8, 2), _C(32, 32, 8, 2), _C(16, 32, 4, 2), _C(16, 16, 4, 1)),
     ("tcgen05", "16bit"): (_C(64, 32, 8, 3), _C(64, 32, 8, 2), _C(32, 16, 4, 2), _C(16, 32, 4, 2),
                            _C(16, 16, 4, 1)),
     "ieee": (_C(32, 16, 8, 2), _C(32, 16, 8, 1), _C(16, 16, 4, 2), _C(16, 16, 4, 1)),
-    "tf32": (_C(32, 16, 8, 1), _C(16, 16, 4, 2), _C(16, 16, 4, 1)),
+    "tf32": (_C(32, 16, 8, 1), _C(16, 16, 4, 1)),
+    ("tcgen05", "tf32"): (_C(32, 16, 8, 1), _C(16, 16, 8, 1)),
 }
 
 
@@ -105,9 +119,10 @@ def block_d_of(dim: int) -> int:
 
 def candidates(architecture: Architecture, element_size: int, tf32: bool = False) -> tuple[TileConfig, ...]:
     """Every candidate of this architecture's family for these operands, before the fit."""
+    family = mma_family(architecture.capability)
     if element_size == 4:
-        return _CANDIDATES["tf32" if tf32 else "ieee"]
-    return _CANDIDATES[(mma_family(architecture.capability), "16bit")]
+        return _CANDIDATES.get((family, "tf32"), _CANDIDATES["tf32"]) if tf32 else _CANDIDATES["ieee"]
+    return _CANDIDATES[(family, "16bit")]
 
 
 def tile_configs(architecture: Architecture, element_size: int, dim: int, tf32: bool = False) -> list[TileConfig]:

@@ -59,27 +59,41 @@ def _log1p(u):
 
 @triton.jit
 def _block(num_rows, dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The rows and columns of a program of the (row block, split) grid."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The rows, columns and queue split of a program of the queue-pass grid.
+
+    The grid is one-dimensional, program = split * row_blocks + row_block
+    (dcq_ops.triton.launch.queue_pass_grid): CUDA caps grid dimensions 1 and 2
+    at 65,535 programs, dimension 0 at 2^31 - 1, and an explicit split plan can
+    ask for far more than 65,535 splits. Row blocks vary fastest, as the x
+    dimension of the former (row block, split) grid did, so the programs that
+    run at the same time share their split's queue tiles in L2.
+    """
+    row_blocks = tl.cdiv(num_rows, BLOCK_M)
+    pid = tl.program_id(0)
+    split = pid // row_blocks
+    rows = (pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim  # D need not be a power of two: padded columns are 0
-    return rows, row_ok, cols, col_ok
+    return rows, row_ok, cols, col_ok, split
 
 
 @triton.jit
-def _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, cols, col_ok,
-                    dim, queue_size, split_size, scale_log2, interclass_filtering_threshold,
+def _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, cols, col_ok, split,
+                    dim, queue_size, split_size, scale_log2, interclass_filtering_threshold, chain_break,
                     FILTER: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ZERO_NONFINITE_IN_GEMM2: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """(m, l, acc) of the program's rows over the queue entries of its split
-    (program_id(1)), tile by tile, with the online log-sum-exp (m in log2 units)."""
+    """(m, l, acc) of the program's rows over the queue entries of its split,
+    tile by tile, with the online log-sum-exp (m in log2 units).
+
+    ``chain_break`` is a run-time integer whose value does not matter (see the
+    second dot below); the launches pass CHAIN_BREAK."""
     q = tl.load(q_ptr + rows[:, None].to(tl.int64) * dim + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     # Padded rows get label -1; they are never stored.
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    k_begin = tl.program_id(1) * split_size
+    k_begin = split * split_size
     k_end = tl.minimum(k_begin + split_size, queue_size)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -121,22 +135,46 @@ def _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, co
                 w = tl.where(w - w == 0.0, w, 0.0)
             # p in [0, 1] goes to the GEMM in the compute dtype, as in the
             # chunked backend; the product accumulates in fp32.
-            acc = tl.dot(p.to(w.dtype), w, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+            #
+            # The two branches compute the same operands (x * y == y * x
+            # exactly), so the result never depends on chain_break. They are
+            # there for the compiler: Triton lays a dot whose result feeds
+            # another dot (its forward slice, which stops at an scf.if's
+            # yield) out with every warp along the rows, warpsPerCTA = [8, 1]
+            # at 8 warps. A wgmma covers 64 rows, so with BLOCK_M = 64 both
+            # warpgroups would then compute the whole cosine tile and all its
+            # exponentials (MMA FLOPs / ideal 1.5, 2.1 exponentials a logit on
+            # sm_90). Behind the branch, the first dot gets [4, 2] (each
+            # warpgroup half of BLOCK_K) and P reaches the second dot through
+            # shared memory: ideal work. chain_break is a kernel argument that
+            # Triton never specialises (do_not_specialize), so no compiler can
+            # fold the branch; benchmarks/compiled.py checks the layout in CI.
+            if chain_break == 0:
+                p_op = p.to(w.dtype)
+                acc_op = acc * alpha[:, None]
+            else:
+                p_op = p.to(w.dtype)
+                acc_op = alpha[:, None] * acc
+            acc = tl.dot(p_op, w, acc_op, input_precision=INPUT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
 
 
-@triton.jit
+# The value the launches pass as chain_break (any value gives the same result).
+CHAIN_BREAK = 0
+
+
+@triton.jit(do_not_specialize=["chain_break"])
 def queue_pass_kernel(
     q_ptr, labels_ptr, w_ptr, queue_labels_ptr,
     max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
     num_rows, queue_size, dim, num_splits, split_size,
-    scale_log2, interclass_filtering_threshold,
+    scale_log2, interclass_filtering_threshold, chain_break,
     row_bucket, split_bucket,  # autotuning keys only
     FILTER: tl.constexpr, COMPUTE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rows [pid_m*BLOCK_M, +BLOCK_M) against queue entries of split pid_s.
+    """A block of BLOCK_M rows against the queue entries of one split (_block).
 
     Writes, per row, the max m (in log2 units) of the kept logits of the split,
     sum_j exp2(z_j - m), and (COMPUTE_GRAD) sum_j exp2(z_j - m) * W_j over the
@@ -151,15 +189,16 @@ def queue_pass_kernel(
     zeroed in the second GEMM (the rows that keep them stay NaN). Were it not
     run, the row would be NaN, never wrong.
     """
-    rows, row_ok, cols, col_ok = _block(num_rows, dim, BLOCK_M, BLOCK_D)
-    m_i, l_i, acc = _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, cols, col_ok,
+    rows, row_ok, cols, col_ok, split = _block(num_rows, dim, BLOCK_M, BLOCK_D)
+    m_i, l_i, acc = _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, cols, col_ok, split,
                                     dim, queue_size, split_size, scale_log2, interclass_filtering_threshold,
-                                    FILTER, COMPUTE_GRAD, False, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_D)
+                                    chain_break, FILTER, COMPUTE_GRAD, False, INPUT_PRECISION, BLOCK_M, BLOCK_K,
+                                    BLOCK_D)
     if COMPUTE_GRAD:
         acc_finite = tl.min(tl.where(acc - acc == 0.0, 1, 0), axis=1) == 1
         m_i = tl.where((l_i - l_i == 0.0) & ~acc_finite, float("nan"), m_i)
 
-    ws = rows.to(tl.int64) * num_splits + tl.program_id(1)  # workspace layout [N, S(, D)]
+    ws = rows.to(tl.int64) * num_splits + split  # workspace layout [N, S(, D)]
     tl.store(max_ws_ptr + ws, m_i, mask=row_ok)
     tl.store(sum_ws_ptr + ws, l_i, mask=row_ok)
     if COMPUTE_GRAD:
@@ -167,24 +206,25 @@ def queue_pass_kernel(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chain_break"])
 def repair_kernel(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
                   num_rows, queue_size, dim, num_splits, split_size, scale_log2, interclass_filtering_threshold,
-                  FILTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  chain_break, FILTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """The program of queue_pass_kernel's grid (COMPUTE_GRAD; the same arguments
     less the autotuning keys) again, for the rows it marked (max NaN, sum
     finite): their partials with the queue's non-finite values zeroed in the
     second GEMM. Reads two numbers a row otherwise."""
-    rows, row_ok, cols, col_ok = _block(num_rows, dim, BLOCK_M, BLOCK_D)
-    ws = rows.to(tl.int64) * num_splits + tl.program_id(1)
+    rows, row_ok, cols, col_ok, split = _block(num_rows, dim, BLOCK_M, BLOCK_D)
+    ws = rows.to(tl.int64) * num_splits + split
     m_old = tl.load(max_ws_ptr + ws, mask=row_ok, other=0.0)
     l_old = tl.load(sum_ws_ptr + ws, mask=row_ok, other=0.0)
     marked = row_ok & (m_old != m_old) & (l_old - l_old == 0.0)
     if tl.max(marked.to(tl.int32), axis=0) > 0:
         m_i, l_i, acc = _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, cols, col_ok,
-                                        dim, queue_size, split_size, scale_log2, interclass_filtering_threshold,
-                                        FILTER, True, True, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_D)
+                                        split, dim, queue_size, split_size, scale_log2,
+                                        interclass_filtering_threshold, chain_break, FILTER, True, True,
+                                        INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_D)
         tl.store(max_ws_ptr + ws, m_i, mask=marked)
         tl.store(sum_ws_ptr + ws, l_i, mask=marked)
         tl.store(acc_ws_ptr + ws[:, None] * dim + cols[None, :], acc, mask=marked[:, None] & col_ok[None, :])

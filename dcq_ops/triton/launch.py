@@ -19,7 +19,8 @@ import torch
 import triton
 
 from dcq_ops.triton.configs import ARCHITECTURES, TileConfig, architecture_of, block_d_of, tile_configs
-from dcq_ops.triton.kernels import INTERPRETED, LOG2E, merge_kernel, queue_pass_kernel, repair_kernel
+from dcq_ops.triton.kernels import (CHAIN_BREAK, INTERPRETED, LOG2E, merge_kernel, queue_pass_kernel,
+                                    repair_kernel)
 
 # Upper bound of the split workspace (partial max, sum and accumulator of each
 # row in each split): 96 MiB covers N=4096, K=2^20, D=512 with every SM busy.
@@ -37,6 +38,10 @@ MIN_SPLIT_SIZE = 512
 # only multiply the (slow) interpreted runs.
 _INTERPRETER_CONFIG = TileConfig(block_m=16, block_k=32, num_warps=4, num_stages=1)
 _INTERPRETER_SLOTS = 4  # enough splits to exercise the merging of splits
+
+# CUDA's limit on grid dimension 0 (dimensions 1 and 2: 65,535). The queue-pass
+# grid is one-dimensional (row blocks x splits, see queue_pass_grid).
+MAX_GRID_PROGRAMS = 2**31 - 1
 
 # Elements of the merge kernel's [BLOCK_R, BLOCK_S, BLOCK_D] tile (32 fp32
 # registers a thread at 4 warps).
@@ -122,6 +127,20 @@ def plan_splits(rows: int, queue_size: int, dim: int, block_m: int, compute_grad
     fastest = min(time.values())
     splits = min(n for n, t in time.items() if t * 0.95 <= fastest)
     return sizes[splits], splits
+
+
+def queue_pass_grid(rows: int, block_m: int, num_splits: int) -> tuple[int]:
+    """The grid of the queue-pass and repair kernels: one dimension of row_blocks x
+    num_splits programs (kernels._block: program = split * row_blocks + row block).
+    Splits on a second grid dimension would be capped at 65,535 by CUDA, and an
+    explicit split plan (e.g. split_size=128 with K = 10^7: 78,125 splits) needs more.
+    Raises ValueError past CUDA's cap of 2^31 - 1 programs on dimension 0."""
+    programs = cdiv(rows, block_m) * num_splits
+    if programs > MAX_GRID_PROGRAMS:
+        raise ValueError(
+            f"the queue pass needs {cdiv(rows, block_m)} row blocks x {num_splits} splits = {programs} programs, "
+            f"more than CUDA's grid limit of 2^31 - 1 = {MAX_GRID_PROGRAMS}; use a larger split_size")
+    return (programs,)
 
 
 def merge_blocks(rows: int, num_splits: int, block_d: int, programs: int) -> tuple[int, int]:
@@ -238,6 +257,7 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
     compute_grad = bool(compute_grad)
     tile, candidates = _tile_plan(q_gemm, config)
     split_size, num_splits = _split_plan(rows, queue_size, dim, tile, compute_grad, device, split_size)
+    grid = queue_pass_grid(rows, tile.block_m, num_splits)  # checked before the workspace is allocated
     f32 = dict(dtype=torch.float32, device=device)
     workspace = Workspace(torch.empty((rows, num_splits), **f32), torch.empty((rows, num_splits), **f32),
                           torch.empty((rows, num_splits, dim) if compute_grad else (1,), **f32), dim, compute_grad)
@@ -247,11 +267,10 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
     args = (q_gemm.contiguous(), labels.contiguous(), queue_weights.contiguous(), queue_labels.contiguous(),
             *workspace[:3], rows, queue_size, dim, num_splits, split_size,
             float(scale) * LOG2E,  # logits in log2 units: exp2 is the hardware's exponential
-            threshold)
+            threshold, CHAIN_BREAK)
     buckets = (max(16, 1 << max(0, rows - 1).bit_length()), 1 << max(0, split_size - 1).bit_length())
     flags = dict(FILTER=threshold > 0, INPUT_PRECISION=input_precision(q_gemm.dtype), BLOCK_M=tile.block_m,
                  BLOCK_D=block_d_of(dim))
-    grid = (cdiv(rows, tile.block_m), num_splits)
     with _device_context(device):
         if candidates:
             same_rows = tuple(c for c in candidates if c.block_m == tile.block_m)
