@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import socket
 import sys
@@ -99,22 +100,62 @@ def parse_args(argv):
 
 
 def model_bytes(mode: str, world: int, rows: int, dim: int, value_bytes: int = 4, acc_bytes: int = 4) -> int:
-    """The bytes one rank sends per training step by docs/distributed.md's table, charged
-    as a ring algorithm charges each rank: (W-1)/W of an all-gather's or reduce-scatter's
-    full size, 2(W-1)/W of an all-reduce's. Equal batches of ``rows`` per rank; the
-    agreed-once header/guard exchange is left out here (it is counted by the
-    measurement, and is the difference between the two columns)."""
+    """The bytes one rank sends per training step, by docs/distributed.md's table,
+    charged as a ring algorithm charges each rank (dcq_ops.parallel.collectives): an
+    all-gather of an input of b bytes sends (W-1) b, a reduce-scatter (W-1)/W of its
+    input, an all-reduce 2 (W-1)/W of its tensor. Equal batches of ``rows`` per rank
+    (the capacity agreed at the first step is then ``rows``: no padding).
+
+    - every step, both modes: the header, HEADER_FIELDS int64 per rank, all-gathered;
+    - gathered: the labels (int64) and the class weights, all-gathered for the enqueue;
+    - sharded: the embeddings and labels, all-gathered for the loss; the row maxima,
+      all-reduced (MAX); the row sums and gradient accumulators (accumulation dtype),
+      reduce-scattered; the class weights, all-gathered for the enqueue (the labels
+      gathered for the loss are reused)."""
+    from dcq_ops.parallel.strategy import HEADER_FIELDS
+
     if world == 1:
         return 0
-    n = world * rows
-    share = (world - 1) / world
-    enqueue = n * (dim * value_bytes + 8)  # class weights + int64 labels, all-gathered
+    peers, total = world - 1, world * rows
+    header = peers * len(HEADER_FIELDS) * 8
+    labels = peers * rows * 8
+    vectors = peers * rows * dim * value_bytes  # one [rows, D] input, all-gathered
     if mode == "gathered":
-        return round(share * enqueue)
-    embeddings = n * (dim * value_bytes + 8)  # embeddings + labels, all-gathered
-    maxima = n * acc_bytes  # all-reduce(MAX)
-    sums = n * (dim + 1) * acc_bytes  # reduce-scatter(SUM) of row sums and accumulators
-    return round(share * (enqueue + embeddings + sums) + 2 * share * maxima)
+        return header + labels + vectors
+    maxima = 2 * peers * total * acc_bytes / world
+    sums = peers * total * (dim + 1) * acc_bytes / world
+    return round(header + 2 * vectors + labels + maxima + sums)
+
+
+# Collectives per training step and the ring steps each takes (W-1 for an all-gather or a
+# reduce-scatter, 2 (W-1) for an all-reduce): what the latency term of the projection counts.
+RING_STEPS = {"gathered": (1, 1, 1), "sharded": (1, 1, 1, 2, 1, 1)}
+
+
+def projection(*, worlds=(8, 16, 64, 128, 512), rows: int = 128, dim: int = 512, value_bytes: int = 2,
+               nvlink_gbs: float = 360.0, network_gbs: float = 45.0, nvlink_hop_us: float = 2.0,
+               network_hop_us: float = 6.0, classes=(10 ** 7, 10 ** 8), sample_rate: float = 0.1) -> list[dict]:
+    """NCCL on W GPUs, from the byte model the CPU run verifies (``model_bytes``): the
+    communication time of one step, ``sum over collectives of ring steps x hop latency +
+    bytes sent by a rank / link bandwidth``, and the queue memory per GPU. Assumptions
+    (the defaults, all arguments): ``rows`` per GPU, bf16 embeddings and class weights,
+    fp32 accumulation; one node of 8 GPUs on NVLink (``nvlink_gbs``: the bus bandwidth an
+    H100/H200 ring all-gather reaches, GB/s), more than 8 on a network of one 400 Gb/s
+    NIC per GPU (``network_gbs``); per-hop latencies ``nvlink_hop_us`` / ``network_hop_us``."""
+    out = []
+    for world in worlds:
+        bandwidth, hop = (nvlink_gbs, nvlink_hop_us) if world <= 8 else (network_gbs, network_hop_us)
+        for mode in MODES:
+            sent = model_bytes(mode, world, rows, dim, value_bytes=value_bytes)
+            latency_us = sum(RING_STEPS[mode]) * (world - 1) * hop
+            row = {"mode": mode, "gpus": world, "rows_per_gpu": rows, "dim": dim, "sent_mib": sent / MIB,
+                   "link_gbs": bandwidth, "comm_ms": (latency_us * 1e-6 + sent / (bandwidth * 1e9)) * 1e3}
+            for c in classes:
+                slots = math.ceil(sample_rate * c)
+                held = slots if mode == "gathered" else math.ceil(slots / world)
+                row[f"queue_gib_{c:.0e}_classes"] = held * (dim * value_bytes + 8) / GIB
+            out.append(row)
+    return out
 
 
 # --------------------------------------------------------------------------- one rank
@@ -219,7 +260,8 @@ def plot(rows: list[dict], path) -> None:
         ks = [r["queue_size"] for r in sel]
         style = "-o" if key[0] != "sharded" else "--s"
         ax_time.plot(ks, [r["median_ms"] for r in sel], style, label=label)
-        ax_bytes.plot(ks, [max(r["sent_bytes"], 1) for r in sel], style, label=label)
+        if key[1] > 1:  # one rank sends nothing (a log axis has no 0)
+            ax_bytes.plot(ks, [r["sent_bytes"] for r in sel], style, label=label)
         ax_mem.plot(ks, [r["queue_mib"] for r in sel], style, label=label)
     for ax, title in ((ax_time, "step time (ms)"), (ax_bytes, "bytes sent per step per rank"),
                       (ax_mem, "queue memory per rank (MiB)")):
@@ -242,6 +284,15 @@ def table(rows: list[dict]) -> str:
     return format_table(head, body, left=1)
 
 
+def projection_table(projected: list[dict]) -> str:
+    memory = [k for k in projected[0] if k.startswith("queue_gib_")]
+    head = ["mode", "GPUs", "MiB sent/step/GPU", "link GB/s", "comm ms/step"] + [
+        f"queue GiB/GPU, {float(k.split('_')[2]):.0e} classes" for k in memory]
+    body = [[r["mode"], str(r["gpus"]), f"{r['sent_mib']:.2f}", f"{r['link_gbs']:g}", f"{r['comm_ms']:.2f}"]
+            + [f"{r[k]:.2f}" for k in memory] for r in projected]
+    return format_table(head, body, left=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import dcq_ops  # noqa: F401 - imported here too, so that the meta block names its version
@@ -257,13 +308,18 @@ def main(argv=None) -> int:
         rows += run_world(world, args)
     m = meta("scaling.py", argv, backend="gloo")
     out = args.out
-    write_json(out + ".json", {"rows": rows}, m)
+    projected = projection()
+    write_json(out + ".json", {"rows": rows, "nccl_projection": projected,
+                               "nccl_projection_assumptions": projection.__doc__.split("Assumptions", 1)[1].strip()},
+               m)
     write_csv(out + ".csv", rows, COLUMNS)
     plot(rows, out + ".png")
     print(describe(m))
     print(table(rows))
     if not all(r["stable"] for r in rows):
         print(NOISY_LEGEND)
+    print("\n# projection to NCCL (the byte model above; assumptions in projection())")
+    print(projection_table(projected))
     print(f"wrote {out}.json, {out}.csv, {out}.png")
     return 0
 

@@ -54,11 +54,14 @@ def triton_interpreting() -> bool:
 
     Triton fixes the choice when the kernels are decorated, i.e. when their module is
     first imported: once it is, its ``INTERPRETED`` is the truth; before, the
-    environment variable says what the import will do."""
+    environment variable says what the import will do. Interpreted kernels also need
+    the variable at each launch (Triton reads it there too): kernels imported under it
+    do not run on the CPU after it was unset."""
+    interpret_now = os.environ.get("TRITON_INTERPRET", "0") == "1"
     kernels = sys.modules.get(TRITON_KERNELS_MODULE)
     if kernels is not None:
-        return kernels.INTERPRETED
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+        return kernels.INTERPRETED and interpret_now
+    return interpret_now
 
 
 def _triton_missing(device: torch.device) -> str | None:
