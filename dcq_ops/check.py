@@ -43,6 +43,7 @@ import dcq_ops
 from dcq_ops import first_contact, rounding_bound
 from dcq_ops.backends import select_backend, why_unavailable
 from dcq_ops.margin import MarginConfig
+from dcq_ops.validation import positive_int_argument
 
 MARGINS = {
     "arcface": MarginConfig(64.0, 1.0, 0.5, 0.0),
@@ -365,16 +366,6 @@ def timing(report: Report, device: torch.device, rows: int, slots: int, dim: int
 # The command
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     """The command's arguments (``python -m dcq_ops.check --help``)."""
     p = argparse.ArgumentParser(prog="python -m dcq_ops.check", description=__doc__.split("\n\n")[0],
@@ -385,7 +376,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every input (default 0)")
     p.add_argument("--timing-shape", default="2048,262144,512", metavar="N,K,D",
                    help="rows, queue size and D of the timings (default 2048,262144,512)")
-    p.add_argument("--repeats", type=_positive, default=10, help="timed repetitions (default 10)")
+    p.add_argument("--repeats", type=positive_int_argument, default=10, help="timed repetitions (default 10)")
     p.add_argument("--skip", action="append", default=[],
                    choices=("numerics", "triton_configuration", "first_contact", "sync_free_step", "timing"),
                    help="leave a part out (repeatable)")

@@ -65,6 +65,31 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> int | N
     return check_int(name, value, minimum=1, allow_none=allow_none, expected="a positive int")
 
 
+def positive_int_argument(text: str) -> int:
+    """An argparse ``type`` for a command-line flag that takes a positive int
+    (``check_positive_int``'s rule); argparse then reports "argument --flag: expected a
+    positive int, got '0'" and exits 2.
+
+    Parameters
+    ----------
+    text : str
+        What was typed.
+
+    Returns
+    -------
+    int
+    """
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
     """``value`` as a finite float (NaN and inf refused; a bool is not a number; a

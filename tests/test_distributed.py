@@ -11,10 +11,6 @@ the tests below compare that with a single process running the concatenated batc
 from __future__ import annotations
 
 import datetime
-import os
-import signal
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -26,6 +22,7 @@ import dcq_ops
 from bounds import assert_grad_close, assert_loss_close, cosine_rounding, positive_slope
 from dcq_ops import reference
 from error_model import assert_within, compute_dtype, loss_and_grad, reference_pair
+from ranks import results_of, run_ranks
 from dcq_ops.parallel import DistributedInputError, ShardedClassQueue, reserve_batch_capacity, resolve_mode, shard_range
 from dcq_ops.margin import MarginConfig
 from dcq_ops.queue import ClassQueue
@@ -390,28 +387,7 @@ _RESULTS: dict[int, list] = {}
 
 def run_world(world: int, tmp: Path) -> list[dict]:
     """Run every scenario on `world` ranks under torchrun (gloo, a free localhost port)."""
-    script = tmp / "rank_main.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-                      "import test_distributed\ntest_distributed.worker_main(sys.argv[1])\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(script), str(tmp)]
-    with open(tmp / "log.txt", "w") as log:
-        # A session of its own, so that a hang is cleaned up by killing exactly these processes.
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=WORLD_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            progress = [(tmp / f"progress{r}.txt").read_text() if (tmp / f"progress{r}.txt").exists() else "-"
-                        for r in range(world)]
-            pytest.fail(f"{world} ranks did not finish in {WORLD_DEADLINE_S}s (hang?); scenario of each rank: "
-                        f"{progress}; log: {(tmp / 'log.txt').read_text()[-3000:]}")
-    if proc.returncode != 0:
-        log = (tmp / "log.txt").read_text()[-4000:]
-        pytest.fail(f"torchrun with {world} ranks exited with {proc.returncode}: {log}")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks("test_distributed", world, tmp, WORLD_DEADLINE_S)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
@@ -422,16 +398,7 @@ def world_results(request, tmp_path_factory):
     return world, _RESULTS[world]
 
 
-def scenario_results(world_results, name):
-    world, results = world_results
-    per_rank = []
-    for rank, result in enumerate(results):
-        if name not in result:
-            pytest.fail(f"rank {rank}: scenario {name} did not run (an earlier scenario failed)")
-        if "__error__" in result[name]:
-            pytest.fail(f"rank {rank} raised in {name}:\n{result[name]['__error__']}")
-        per_rank.append(result[name])
-    return world, per_rank
+scenario_results = results_of
 
 
 def check_against_reference(got_loss, got_grad, x, k, y, queue_weights, queue_labels, margin, reduction,

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import signal
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -29,6 +25,7 @@ import dcq_ops
 from dcq_ops.batch_guard import host_copy
 from dcq_ops.parallel import collectives
 from dcq_ops.queue import ClassQueue
+from ranks import results_of, run_ranks
 
 D = 8
 K = 29
@@ -327,25 +324,7 @@ _RESULTS: dict[int, list] = {}
 
 
 def run_world(world: int, tmp: Path) -> list[dict]:
-    script = tmp / "rank_main.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-                      "import test_distributed_host_sync\ntest_distributed_host_sync.worker_main(sys.argv[1])\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(script), str(tmp)]
-    with open(tmp / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=WORLD_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"{world} ranks did not finish in {WORLD_DEADLINE_S}s (hang?): "
-                        f"{(tmp / 'log.txt').read_text()[-3000:]}")
-    if proc.returncode != 0:
-        log = (tmp / "log.txt").read_text()[-4000:]
-        pytest.fail(f"torchrun with {world} ranks exited with {proc.returncode}: {log}")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks("test_distributed_host_sync", world, tmp, WORLD_DEADLINE_S)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
@@ -356,16 +335,7 @@ def world_results(request, tmp_path_factory):
     return world, _RESULTS[world]
 
 
-def mode_results(world_results, name):
-    world, results = world_results
-    per_rank = []
-    for rank, result in enumerate(results):
-        if name not in result:
-            pytest.fail(f"rank {rank}: {name} did not run (an earlier mode failed)")
-        if "__error__" in result[name]:
-            pytest.fail(f"rank {rank} raised in {name}:\n{result[name]['__error__']}")
-        per_rank.append(result[name])
-    return world, per_rank
+mode_results = results_of
 
 
 @pytest.mark.parametrize("name", list(MODES))

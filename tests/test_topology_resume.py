@@ -19,10 +19,6 @@ deadline after which its processes are killed.
 from __future__ import annotations
 
 import datetime
-import os
-import signal
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -35,6 +31,7 @@ from dcq_ops.parallel import (ShardedClassQueue, assemble_queue_state, block_sta
                               shuffle_permutation, shuffle_seed)
 from dcq_ops.training import TrainConfig, Trainer, train
 from dcq_ops.training.checkpoint import resumed_step
+from ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -175,28 +172,7 @@ def worker_main(out_dir: str) -> None:
 
 
 def run_world(world: int, tmp: Path) -> list[dict]:
-    script = tmp / f"rank_main{world}.py"
-    here = Path(__file__).resolve().parent  # the tests, and the repository they test (installed or not)
-    script.write_text(f"import sys\nsys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]\n"
-                      "import test_topology_resume\ntest_topology_resume.worker_main(sys.argv[1])\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(script), str(tmp)]
-    with open(tmp / f"log{world}.txt", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=WORLD_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            progress = [(tmp / f"progress{r}.txt").read_text() if (tmp / f"progress{r}.txt").exists() else "-"
-                        for r in range(world)]
-            pytest.fail(f"{world} ranks did not finish in {WORLD_DEADLINE_S}s (hang?); at {progress}; log: "
-                        f"{(tmp / f'log{world}.txt').read_text()[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun with {world} ranks exited with {proc.returncode}: "
-                    f"{(tmp / f'log{world}.txt').read_text()[-4000:]}")
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    results = run_ranks("test_topology_resume", world, tmp, WORLD_DEADLINE_S)
     for r, result in enumerate(results):
         if "__error__" in result:
             pytest.fail(f"rank {r} of {world}: {result['__error__']}")

@@ -34,6 +34,7 @@ from torch import nn
 from dcq_ops.training.backbones import IRESNET_DEPTHS, IResNet, build_backbone, infer_iresnet
 from dcq_ops.training.checkpoint import CHECKPOINT_FORMAT
 from dcq_ops.training.config import TrainConfig
+from dcq_ops.validation import positive_int_argument
 
 # arcface_torch's names of its IResNets (``get_model("r50")``).
 NETWORKS = {f"r{depth}": depth for depth in sorted(IRESNET_DEPTHS)}
@@ -185,16 +186,6 @@ def load_model(path: str | os.PathLike, network: str | None = None,
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dcq_ops.eval",
@@ -206,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bin", action="append", required=True, help="an insightface .bin (repeatable)")
     parser.add_argument("--network", choices=tuple(NETWORKS),
                         help="arcface_torch's name of the IResNet, when the state dict's keys do not tell")
-    parser.add_argument("--embedding-size", type=_positive_int,
+    parser.add_argument("--embedding-size", type=positive_int_argument,
                         help="the embedding size, when the state dict does not tell")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int_argument, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
