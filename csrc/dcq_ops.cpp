@@ -3,23 +3,79 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <string>
+
 #include "cpu/epilogue.h"
+#include "cpu/tile_gemm.h"
 
 namespace {
 
 // dcq_ops._C.cpu_capability(): the instruction set of the CPU epilogue in use.
 PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(dcq_ops::cpu_capability()); }
 
+// dcq_ops._C.cpu_gemm_provider(): who computes the fp32 tile GEMMs (chosen on
+// first call: DCQ_OPS_CPU_GEMM, else the probe). ValueError for a bad DCQ_OPS_CPU_GEMM.
+PyObject* cpu_gemm_provider(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(dcq_ops::provider_name(dcq_ops::cpu_gemm_provider()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* cpu_gemm_providers(PyObject*, PyObject*) {
+  const auto names = dcq_ops::available_cpu_gemm_providers();
+  PyObject* list = PyList_New(0);
+  for (const auto& name : names) {
+    PyObject* item = PyUnicode_FromString(name.c_str());
+    PyList_Append(list, item);
+    Py_DECREF(item);
+  }
+  return list;
+}
+
+PyObject* set_cpu_gemm_provider(PyObject*, PyObject* arg) {
+  PyObject* utf8 = PyUnicode_AsUTF8String(arg);  // the limited API's way (abi3)
+  if (utf8 == nullptr) return nullptr;             // not a str: TypeError already set
+  const std::string name = PyBytes_AsString(utf8);
+  Py_DECREF(utf8);
+  try {
+    dcq_ops::set_cpu_gemm_provider(name);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_gemm_probe(PyObject*, PyObject*) {
+  PyObject* dict = PyDict_New();
+  for (const auto& [name, seconds] : dcq_ops::cpu_gemm_probe()) {
+    PyObject* value = PyFloat_FromDouble(seconds);
+    PyDict_SetItemString(dict, name.c_str(), value);
+    Py_DECREF(value);
+  }
+  return dict;
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU epilogue's instruction set: 'avx512', 'avx2' or 'default' (ATEN_CPU_CAPABILITY lowers it)."},
+    {"cpu_gemm_provider", cpu_gemm_provider, METH_NOARGS,
+     "Who computes the CPU queue pass's fp32 tile GEMMs: 'aten' or 'avx512' (chosen on first call)."},
+    {"cpu_gemm_providers", cpu_gemm_providers, METH_NOARGS, "The CPU GEMM providers this CPU can run."},
+    {"set_cpu_gemm_provider", set_cpu_gemm_provider, METH_O, "Replaces the CPU GEMM provider of this process."},
+    {"cpu_gemm_probe", cpu_gemm_probe, METH_NOARGS,
+     "Seconds per probe tile pair of each provider ({} when the choice was not measured)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 extern "C" {
 // `import dcq_ops._C` loads this library, which runs the registrations below.
-// Every entry point is a torch.ops.dcq_ops op, but for cpu_capability().
+// Every entry point is a torch.ops.dcq_ops op, but for the methods above (CPU kernel choices).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -15,7 +15,8 @@ so ``import dcq_ops`` never imports the application.) docs/api.md is the referen
 import warnings as _warnings
 
 
-from dcq_ops._extension import EXTENSION_ERROR, cpu_capability, extension_loaded, has_cuda_kernels
+from dcq_ops._extension import (EXTENSION_ERROR, cpu_capability, cpu_gemm_probe, cpu_gemm_provider,
+                                cpu_gemm_providers, extension_loaded, has_cuda_kernels, set_cpu_gemm_provider)
 from dcq_ops.backends import backends, select_backend
 from dcq_ops.warmup import warmup
 from dcq_ops.functional import dcq_cross_entropy
@@ -53,6 +54,10 @@ __all__ = [
     "ShardedClassQueue",
     "backends",
     "cpu_capability",
+    "cpu_gemm_probe",
+    "cpu_gemm_provider",
+    "cpu_gemm_providers",
+    "set_cpu_gemm_provider",
     "dcq_cross_entropy",
     "extension_loaded",
     "has_cuda_kernels",

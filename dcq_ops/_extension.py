@@ -62,3 +62,80 @@ def cpu_capability() -> str | None:
         return None
     from dcq_ops import _C
     return _C.cpu_capability()
+
+
+def cpu_gemm_provider() -> str | None:
+    """Who computes the fp32 GEMMs of the chunked backend's CPU queue pass.
+
+    Chosen once per process, on the first call or the first fp32 CPU queue pass:
+    ``DCQ_OPS_CPU_GEMM`` ("aten", "avx512"; "auto" or unset: measured), else the
+    faster of the providers this CPU has on a probe tile (the package's own AVX-512
+    kernels are taken only when at least 10% faster than ATen's BLAS). ATen's BLAS is
+    MKL in torch's x86 builds, which runs its AVX2 kernels on AMD processors and where
+    ``MKL_ENABLE_INSTRUCTIONS`` limits it; the own kernels then win. float64 always
+    goes through ATen.
+
+    Returns
+    -------
+    str or None
+        "aten" or "avx512", or None without the extension.
+
+    Raises
+    ------
+    ValueError
+        ``DCQ_OPS_CPU_GEMM`` names an unknown provider, or one this CPU lacks.
+    """
+    if EXTENSION_ERROR is not None:
+        return None
+    from dcq_ops import _C
+    return _C.cpu_gemm_provider()
+
+
+def cpu_gemm_providers() -> list[str]:
+    """The CPU GEMM providers this machine can run (see cpu_gemm_provider()).
+
+    Returns
+    -------
+    list of str
+        "aten", and "avx512" where the CPU (and ATEN_CPU_CAPABILITY) allow AVX-512;
+        [] without the extension.
+    """
+    if EXTENSION_ERROR is not None:
+        return []
+    from dcq_ops import _C
+    return _C.cpu_gemm_providers()
+
+
+def cpu_gemm_probe() -> dict[str, float]:
+    """What the choice of cpu_gemm_provider() measured.
+
+    Returns
+    -------
+    dict of str to float
+        Seconds per probe tile pair (256 rows, D = 512, 320 slots: both GEMMs, best of
+        five) of each provider; {} when the choice was named rather than measured, when
+        this CPU has one provider only, or before the choice is made.
+    """
+    if EXTENSION_ERROR is not None:
+        return {}
+    from dcq_ops import _C
+    return _C.cpu_gemm_probe()
+
+
+def set_cpu_gemm_provider(name: str) -> None:
+    """Replaces this process's CPU GEMM provider (benchmarks compare providers side by
+    side; tests run each). Prefer ``DCQ_OPS_CPU_GEMM`` for a whole run.
+
+    Parameters
+    ----------
+    name : str
+        "aten" or "avx512" (one of cpu_gemm_providers()).
+
+    Raises
+    ------
+    ValueError
+        an unknown provider, or one this CPU lacks (see cpu_gemm_providers()).
+    """
+    require_extension("set_cpu_gemm_provider")
+    from dcq_ops import _C
+    _C.set_cpu_gemm_provider(name)

@@ -2,7 +2,7 @@
 // (row block x queue split) tasks run in parallel: each task walks its split
 // chunk by chunk, and for each chunk runs
 //
-//   GEMM 1   logits = q_block @ W_chunk^T        (BLAS, this thread only)
+//   GEMM 1   logits = q_block @ W_chunk^T        (this thread only: cpu/tile_gemm.h)
 //   epilogue mask, margin/filter, online max and sum, probabilities in place
 //   GEMM 2   acc_block = acc_block * alpha + P @ W_chunk
 //
@@ -17,36 +17,15 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 
 #include "../margin_ce.h"
 #include "epilogue.h"
 #include "epilogue_kernels.h"
-
-// MKL (torch's BLAS on x86) parallelises a GEMM even when it is called inside
-// this file's parallel region: threads nested in threads, spinning against each
-// other and against any other load on the machine (measured: 10x slower while a
-// second process keeps one of two cores busy). A task's GEMMs belong to its
-// thread alone, so they get one MKL thread. The symbol is weak: other BLAS
-// (OpenBLAS detects the parallel region itself) simply lack it.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#include "tile_gemm.h"
 
 namespace dcq_ops {
 namespace {
-
-class OneBlasThread {
- public:
-  OneBlasThread() {
-    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~OneBlasThread() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-  }
-  OneBlasThread(const OneBlasThread&) = delete;
-  OneBlasThread& operator=(const OneBlasThread&) = delete;
-
- private:
-  int previous_ = 0;  // 0: the thread followed the global setting
-};
 
 constexpr int64_t kMaxBlockRows = 256;
 
@@ -71,7 +50,8 @@ struct Plan {
 // Row blocks of at most kMaxBlockRows (equal sizes), then as many queue splits
 // as make the number of tasks a multiple of the thread count, so that every
 // thread gets the same work (at::parallel_for hands out equal contiguous ranges).
-Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_size, int64_t chunk_override) {
+Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_size, int64_t chunk_override,
+               int64_t chunk_quantum) {
   Plan p{};
   const int64_t blocks = (rows + kMaxBlockRows - 1) / kMaxBlockRows;
   p.block_rows = (rows + blocks - 1) / blocks;
@@ -84,7 +64,7 @@ Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_si
   } else {
     // Half the L2 for the logits tile [block_rows, chunk] and the queue chunk [chunk, D].
     const int64_t fit = (l2_cache_bytes() / 2) / ((p.block_rows + dim) * element_size);
-    p.chunk = std::clamp<int64_t>(fit / 16 * 16, 64, cpu_kernels::kMaxCols);
+    p.chunk = std::clamp<int64_t>(fit / chunk_quantum * chunk_quantum, 64, cpu_kernels::kMaxCols);
   }
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.split_size));
   return p;
@@ -106,7 +86,10 @@ template <typename T>
 Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const at::Tensor& q = pass.q;
   const int64_t rows = q.size(0), dim = q.size(1), queue_size = pass.queue_weights.size(0);
-  const Plan plan = make_plan(rows, queue_size, dim, sizeof(T), pass.chunk_size);
+  // float64 stays with ATen's BLAS (exact-arithmetic tests compare against it).
+  const GemmProvider provider = std::is_same_v<T, float> ? cpu_gemm_provider() : GemmProvider::kAten;
+  const Plan plan =
+      make_plan(rows, queue_size, dim, sizeof(T), pass.chunk_size, TileGemm::chunk_quantum(provider));
   const auto opts = q.options();
   const at::Tensor max_ws = at::empty({plan.splits, rows}, opts);
   const at::Tensor sum_ws = at::empty({plan.splits, rows}, opts);
@@ -116,7 +99,7 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const int64_t* queue_labels = pass.queue_labels.data_ptr<int64_t>();
 
   at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t begin, int64_t end) {
-    const OneBlasThread one_blas_thread;
+    TileGemm gemm(provider, dim);
     // This thread's tile buffers, reused by every chunk of its tasks.
     at::Tensor logits_buffer = at::empty({plan.block_rows * plan.chunk}, opts);
     at::Tensor queue_buffer = convert_queue ? at::empty({plan.chunk * dim}, opts) : at::Tensor();
@@ -138,13 +121,13 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
           at::Tensor chunk = pass.queue_weights.narrow(0, k0, nk);
           if (convert_queue) chunk = queue_buffer.narrow(0, 0, nk * dim).view({nk, dim}).copy_(chunk);
           at::Tensor logits = logits_buffer.narrow(0, 0, nr * nk).view({nr, nk});
-          at::mm_out(logits, q_block, chunk.t());
+          gemm.logits(q_block, chunk, logits);
           epilogue_tile<T>(logits.data_ptr<T>(), nr, nk, labels + r0, queue_labels + k0, row_max, row_sum,
                            alpha.data_ptr<T>(), params, pass.gemm_dtype);
           if (pass.compute_grad) {
             rescale_rows<T>(acc_block.data_ptr<T>(), nr, dim, alpha.data_ptr<T>());
-            acc_block.addmm_(logits, zero_nonfinite_in_gemm2 ? chunk.masked_fill(chunk.isfinite().logical_not(), 0)
-                                                             : chunk);
+            gemm.accumulate(acc_block, logits,
+                            zero_nonfinite_in_gemm2 ? chunk.masked_fill(chunk.isfinite().logical_not(), 0) : chunk);
           }
         }
       };

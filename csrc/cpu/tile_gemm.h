@@ -1,0 +1,62 @@
+// The two GEMMs of a CPU queue-pass tile, and the choice of who computes them:
+// ATen's BLAS (MKL in torch's x86 builds), or the package's own AVX-512
+// kernels (tile_gemm_kernels.h). MKL runs its AVX2 kernels on AMD processors
+// and wherever MKL_ENABLE_INSTRUCTIONS limits it, at about 0.6 of what the
+// machine can do; the own kernels run at 0.9 of MKL's AVX-512 rate wherever
+// AVX-512 exists. Which is faster is measured, once per process, on the first
+// fp32 queue pass (or named by DCQ_OPS_CPU_GEMM).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dcq_ops {
+
+enum class GemmProvider { kAten, kAvx512 };
+
+const char* provider_name(GemmProvider provider);
+
+// The provider of this process's fp32 tiles. On first call: DCQ_OPS_CPU_GEMM
+// ("aten", "avx512"; "auto" or unset: the probe), else the faster of the
+// available providers on a probe tile (the own kernels must be 10% faster to
+// be chosen, so that a close call does not flip between processes).
+GemmProvider cpu_gemm_provider();
+// The providers this CPU can run ("aten" always; "avx512" when the CPU and
+// ATen's capability have AVX-512, as for the epilogue).
+std::vector<std::string> available_cpu_gemm_providers();
+// Replaces the choice (benchmarks compare providers in one process; tests run
+// each). Throws for an unknown or unavailable name.
+void set_cpu_gemm_provider(const std::string& name);
+// The probe's seconds per tile pair, per provider; empty when none ran.
+std::vector<std::pair<std::string, double>> cpu_gemm_probe();
+
+// One thread's tile GEMMs (float or double; double always through ATen).
+// Holds the thread's packing scratch, and keeps MKL to this thread while it lives.
+class TileGemm {
+ public:
+  TileGemm(GemmProvider provider, int64_t dim);
+  ~TileGemm();
+  TileGemm(const TileGemm&) = delete;
+  TileGemm& operator=(const TileGemm&) = delete;
+
+  // logits [rows, cols] = q [rows, dim] . chunk [cols, dim]^T
+  void logits(const at::Tensor& q, const at::Tensor& chunk, const at::Tensor& logits);
+  // acc [rows, dim] += p [rows, cols] . chunk [cols, dim]
+  void accumulate(const at::Tensor& acc, const at::Tensor& p, const at::Tensor& chunk);
+
+  // Queue slots per chunk should be a multiple of this (the own kernels'
+  // panels are 64 slots wide; a partial panel costs a whole one).
+  static int64_t chunk_quantum(GemmProvider provider);
+
+ private:
+  bool own_kernel_takes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) const;
+
+  GemmProvider provider_;
+  std::vector<float> scratch_;
+  int previous_blas_threads_ = 0;
+};
+
+}  // namespace dcq_ops
