@@ -16,6 +16,14 @@ Rows of the table, for each shape (N embeddings, K queue slots, D dims):
   fused backend that keeps its tiles in cache can beat it, > 1).
 - ``triton``, ``chunked``, ``reference``: dcq_cross_entropy with that backend
   (ArcFace, s = 64, m2 = 0.5), forward + backward to the embeddings.
+- ``chunked_aten``, ``chunked_avx512`` (CPU): ``chunked`` with its fp32 tile GEMMs
+  from that provider (dcq_ops.set_cpu_gemm_provider), side by side with the
+  process's own choice (``chunked``, whose provider the header names).
+- CPU, fp32: first the machine's fp32 GEMM rate through every provider reachable
+  here (benchmarks/gemm_rates.py: torch.mm, numpy's BLAS, oneDNN; square and
+  loss-shaped products); ``of best`` of a backend = its FLOP rate / the best of
+  those rates (``best_gemm_fraction``; the rate records come first in the JSON,
+  with ``kind: gemm_rate``). ``--no-gemm-rates`` skips them.
 - ``reference_compile``: the reference under torch.compile (default automatic
   dynamic shapes: the second shape recompiles once for all the following;
   compilation happens in the warm-up and is not timed).
@@ -61,11 +69,14 @@ from dcq_ops import reference
 from dcq_ops.backends import why_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gemm_rates  # noqa: E402
 from common import (DTYPES, MIB, NOISY_LEGEND, NOISY_MARK, RESULTS_DIR, cpu_model, is_oom, peak_bytes,  # noqa: E402
                     release_memory, time_stable, versions as harness_versions, write_json)
 
 MARGIN = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
-BACKENDS = ("gemm", "triton", "chunked", "reference", "reference_compile", "liger", "cce")
+BACKENDS = ("gemm", "triton", "chunked", "chunked_aten", "chunked_avx512", "reference", "reference_compile", "liger",
+            "cce")
+CPU_GEMM_BACKENDS = {"chunked_aten": "aten", "chunked_avx512": "avx512"}  # backend -> CPU GEMM provider
 
 
 # ----------------------------------------------------------------------------
@@ -149,6 +160,12 @@ def unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str |
     """Why `backend` cannot run here, or None."""
     if backend == "triton" and device.type == "cpu":
         return "CPU tensors run only in Triton's interpreter, not worth timing"
+    if backend in CPU_GEMM_BACKENDS:
+        if device.type != "cpu":
+            return "a CPU GEMM provider"
+        if CPU_GEMM_BACKENDS[backend] not in dcq_ops.cpu_gemm_providers():
+            return f"this CPU cannot run the {CPU_GEMM_BACKENDS[backend]} GEMMs"
+        return why_unavailable("chunked", device)
     if backend in ("triton", "chunked"):
         return why_unavailable(backend, device)
     if backend in ("liger", "cce"):
@@ -202,6 +219,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip what remains once this many seconds have passed")
     parser.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/kernels_<device>.json)")
+    parser.add_argument("--no-gemm-rates", action="store_true",
+                        help="CPU: skip measuring every GEMM provider's rate (and the 'of best' column)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -222,17 +241,36 @@ def main(argv=None) -> list[dict]:
     found = harness_versions()
     versions = dict(torch=found["torch"], threads=torch.get_num_threads(),
                     cpu_epilogue=dcq_ops.cpu_capability(), triton=found["triton"])
+    if not on_gpu:
+        versions.update(cpu_gemm=dcq_ops.cpu_gemm_provider(), cpu_gemm_probe=dcq_ops.cpu_gemm_probe(),
+                        mkl_enable_instructions=os.environ.get("MKL_ENABLE_INSTRUCTIONS"))
     print(f"# device: {name} | torch {versions['torch']} | triton {versions['triton']} | "
           f"{versions['threads']} torch threads | CPU epilogue {versions['cpu_epilogue']} | "
           f"dtype {dtype_name} | D={dim} | margin {MARGIN}", flush=True)
+    if not on_gpu:
+        probe = (", ".join(f"{p} {rate:.0f}" for p, rate in versions["cpu_gemm_probe"].items()) + " GFLOP/s a thread"
+                 if versions["cpu_gemm_probe"] else "named, not probed")
+        print(f"# CPU GEMM provider of chunked: {versions['cpu_gemm']} (probe: {probe}) | "
+              f"MKL_ENABLE_INSTRUCTIONS={versions['mkl_enable_instructions'] or 'unset'}", flush=True)
 
     out = args.out or RESULTS_DIR / f"kernels_{device_slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     compiled = None
     started = time.monotonic()
     records = []
+    best_rate = None
+    if not on_gpu and dtype == torch.float32 and not args.no_gemm_rates:
+        print(f"# fp32 GEMM rates, every provider (numpy: {gemm_rates.numpy_blas()})", flush=True)
+        rate_records = gemm_rates.measure(max(rows_list), dim, warmup=args.warmup, budget_s=args.row_budget_s)
+        for r in rate_records:
+            r.update(device=name, **versions)
+        records.extend(rate_records)
+        best_rate = gemm_rates.best(rate_records)
+        if best_rate is not None:
+            print(f"# best fp32 GEMM rate: {best_rate['gflops']:.1f} GFLOP/s ({best_rate['provider']}, "
+                  f"{best_rate['shape']}); 'of best' below is a backend's rate over it", flush=True)
     header = (f"{'backend':<18} {'N':>6} {'K':>9} {'ms fwd+bwd':>11} {'min-max ms':>15} {'spread':>6} {'n':>3} "
-              f"{'TFLOP/s':>8} {'of GEMM':>8} {'vs ref':>7} {'peak MiB':>9}  status")
+              f"{'TFLOP/s':>8} {'of GEMM':>8} {'of best':>8} {'vs ref':>7} {'peak MiB':>9}  status")
     print(header)
     print("-" * len(header), flush=True)
     for rows in rows_list:
@@ -243,7 +281,7 @@ def main(argv=None) -> list[dict]:
             for backend in backends:
                 record = dict(device=name, backend=backend, dtype=dtype_name, N=rows, K=slots, D=dim,
                               ms_fwd_bwd=None, peak_extra_mib=None, tflops=None, gemm_fraction=None,
-                              speedup_vs_reference=None, status="ok", **versions)
+                              best_gemm_fraction=None, speedup_vs_reference=None, status="ok", **versions)
                 reason = unavailable(backend, device, dtype)
                 if args.budget_s is not None and time.monotonic() - started > args.budget_s:
                     reason = "skipped: time budget spent"
@@ -257,6 +295,9 @@ def main(argv=None) -> list[dict]:
                             step = liger_step(inputs)
                         elif backend == "cce":
                             step = cce_step(inputs)
+                        elif backend in CPU_GEMM_BACKENDS:
+                            dcq_ops.set_cpu_gemm_provider(CPU_GEMM_BACKENDS[backend])
+                            step = loss_step("chunked", inputs)
                         else:
                             if backend == "reference_compile" and compiled is None:
                                 compiled = torch.compile(reference.dcq_cross_entropy)
@@ -275,6 +316,8 @@ def main(argv=None) -> list[dict]:
                             record["status"] = f"error: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
                     finally:
                         step = None
+                        if backend in CPU_GEMM_BACKENDS:  # back to the process's own choice
+                            dcq_ops.set_cpu_gemm_provider(versions["cpu_gemm"])
                         release_memory(device)
                 shape_records.append(record)
 
@@ -287,6 +330,9 @@ def main(argv=None) -> list[dict]:
                             record[key] = timed[ref]["ms_fwd_bwd"] / ms
                             # a ratio is noise when either of its two measurements is
                             record[key + "_stable"] = record["stable"] and timed[ref]["stable"]
+                    if best_rate is not None:
+                        record["best_gemm_fraction"] = record["tflops"] * 1e3 / best_rate["gflops"]
+                        record["best_gemm_fraction_stable"] = record["stable"] and bool(best_rate.get("stable"))
                 print(format_row(record), flush=True)
             records.extend(shape_records)
             # Written after every shape: a run killed by a timeout keeps what it measured.
@@ -311,9 +357,11 @@ def format_row(r: dict) -> str:
     ms_text = num(ms, ".3f", r.get("stable", True)) if timed else str(ms or "-")
     span = f"{r['min_ms']:.3f}-{r['max_ms']:.3f}" if timed else "-"
     spread, n = (f"{100 * r['spread']:.0f}%", str(r["samples"])) if timed else ("-", "-")
-    ratio = {k: num(r[k], ".2f", r.get(k + "_stable", True)) for k in ("gemm_fraction", "speedup_vs_reference")}
+    ratio = {k: num(r.get(k), ".2f", r.get(k + "_stable", True))
+             for k in ("gemm_fraction", "best_gemm_fraction", "speedup_vs_reference")}
     return (f"{r['backend']:<18} {r['N']:>6} {r['K']:>9} {ms_text:>11} {span:>15} {spread:>6} {n:>3} "
-            f"{num(r['tflops'], '.3g'):>8} {ratio['gemm_fraction']:>8} {ratio['speedup_vs_reference']:>7} "
+            f"{num(r['tflops'], '.3g'):>8} {ratio['gemm_fraction']:>8} {ratio['best_gemm_fraction']:>8} "
+            f"{ratio['speedup_vs_reference']:>7} "
             f"{num(r['peak_extra_mib'], '.1f'):>9}  {r['status'] if r['status'] != 'ok' else ''}")
 
 

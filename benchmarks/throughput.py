@@ -346,14 +346,18 @@ def main(argv=None) -> dict:
 def _run(args, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # Who computes the CPU loss's fp32 GEMMs (chosen once per process, on this call).
+    cpu_gemm = dcq_ops.cpu_gemm_provider() if device.type == "cpu" else None
     meta = make_meta(
         "throughput.py", args.argv, device, dcq_backend=dcq_ops.select_backend(device, args.dcq_backend),
+        cpu_gemm=cpu_gemm, cpu_gemm_probe=dcq_ops.cpu_gemm_probe() if cpu_gemm else None,
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         memory_measure=("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
                         else "peak RSS growth (VmHWM reset per row)"),
         timing=(f"median of >= {args.repeats} and <= {args.max_repeats} repeats of {args.iters} step(s) after "
                 f"{args.warmup} warm-up step(s), until settled or {args.budget_s:g} s of repeats per row"))
-    print(describe(meta) + f" | DCQ backend: {meta['dcq_backend']}")
+    print(describe(meta) + f" | DCQ backend: {meta['dcq_backend']}"
+          + (f" | CPU GEMM provider: {cpu_gemm}" if cpu_gemm else ""))
     print(f"# {args.mode}: batch {args.batch_size}, {args.dtype}, "
           + (f"backbone {args.backbone} ({args.image_size}px), " if args.mode == "end2end" else "")
           + f"embedding {args.embedding_size}, queue / sample {args.sample_rate:.0%} of the classes, "

@@ -68,7 +68,7 @@ PyMethodDef methods[] = {
     {"cpu_gemm_providers", cpu_gemm_providers, METH_NOARGS, "The CPU GEMM providers this CPU can run."},
     {"set_cpu_gemm_provider", set_cpu_gemm_provider, METH_O, "Replaces the CPU GEMM provider of this process."},
     {"cpu_gemm_probe", cpu_gemm_probe, METH_NOARGS,
-     "Seconds per probe tile pair of each provider ({} when the choice was not measured)."},
+     "Single-thread GFLOP/s of each provider on the probe tiles ({} when the choice was not measured)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

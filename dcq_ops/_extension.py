@@ -70,7 +70,7 @@ def cpu_gemm_provider() -> str | None:
     Chosen once per process, on the first call or the first fp32 CPU queue pass:
     ``DCQ_OPS_CPU_GEMM`` ("aten", "avx512"; "auto" or unset: measured), else the
     faster of the providers this CPU has on a probe tile (the package's own AVX-512
-    kernels are taken only when at least 10% faster than ATen's BLAS). ATen's BLAS is
+    kernels are taken only when more than 10% faster than ATen's BLAS). ATen's BLAS is
     MKL in torch's x86 builds, which runs its AVX2 kernels on AMD processors and where
     ``MKL_ENABLE_INSTRUCTIONS`` limits it; the own kernels then win. float64 always
     goes through ATen.
@@ -112,9 +112,10 @@ def cpu_gemm_probe() -> dict[str, float]:
     Returns
     -------
     dict of str to float
-        Seconds per probe tile pair (256 rows, D = 512, 320 slots: both GEMMs, best of
-        five) of each provider; {} when the choice was named rather than measured, when
-        this CPU has one provider only, or before the choice is made.
+        Each provider's single-thread GFLOP/s on probe tiles (both GEMMs of a tile of 256
+        rows, D = 512, and the provider's own chunk width; best of five); {} when the
+        choice was named rather than measured, when this CPU has one provider only, or
+        before the choice is made.
     """
     if EXTENSION_ERROR is not None:
         return {}

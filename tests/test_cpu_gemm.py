@@ -99,8 +99,8 @@ def test_probe_measures_every_available_provider_once():
     if available == ["aten"]:
         assert first == "aten" and probe == {}  # nothing to choose between
     else:
-        assert set(probe) == set(available) and all(0 < s < 1 for s in probe.values())
-        fastest_own = probe["avx512"] < 0.9 * probe["aten"]
+        assert set(probe) == set(available) and all(1 < rate < 1e5 for rate in probe.values())  # GFLOP/s
+        fastest_own = probe["avx512"] > 1.1 * probe["aten"]
         assert first == ("avx512" if fastest_own else "aten")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dcq_ops
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
@@ -77,6 +79,8 @@ def test_end2end_writes_one_row_per_config(bench, tmp_path):
     assert set(data) == {"meta", "rows"}
     assert {"hardware", "versions", "settings", "command", "date", "dcq_backend"} <= set(data["meta"])
     assert data["meta"]["hardware"]["cpu"]
+    # the CPU loss names who computed its GEMMs
+    assert data["meta"]["cpu_gemm"] == dcq_ops.cpu_gemm_provider()  # main() ran in this process
     assert data["meta"]["versions"]["torch"] == torch.__version__
     assert len(data["rows"]) == len(expected)
     assert data["rows"][-1]["status"].startswith("skipped")

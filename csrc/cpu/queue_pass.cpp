@@ -51,7 +51,7 @@ struct Plan {
 // as make the number of tasks a multiple of the thread count, so that every
 // thread gets the same work (at::parallel_for hands out equal contiguous ranges).
 Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_size, int64_t chunk_override,
-               int64_t chunk_quantum) {
+               GemmProvider provider) {
   Plan p{};
   const int64_t blocks = (rows + kMaxBlockRows - 1) / kMaxBlockRows;
   p.block_rows = (rows + blocks - 1) / blocks;
@@ -62,9 +62,10 @@ Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_si
   if (chunk_override > 0) {
     p.chunk = chunk_override;
   } else {
-    // Half the L2 for the logits tile [block_rows, chunk] and the queue chunk [chunk, D].
+    // Half the L2 for the logits tile [block_rows, chunk] and the queue chunk [chunk, D],
+    // rounded as the GEMM provider prefers.
     const int64_t fit = (l2_cache_bytes() / 2) / ((p.block_rows + dim) * element_size);
-    p.chunk = std::clamp<int64_t>(fit / chunk_quantum * chunk_quantum, 64, cpu_kernels::kMaxCols);
+    p.chunk = std::clamp<int64_t>(TileGemm::chunk_width(provider, fit, element_size), 64, cpu_kernels::kMaxCols);
   }
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.split_size));
   return p;
@@ -88,8 +89,7 @@ Partials queue_pass(const QueuePass& pass, const MarginParams& params) {
   const int64_t rows = q.size(0), dim = q.size(1), queue_size = pass.queue_weights.size(0);
   // float64 stays with ATen's BLAS (exact-arithmetic tests compare against it).
   const GemmProvider provider = std::is_same_v<T, float> ? cpu_gemm_provider() : GemmProvider::kAten;
-  const Plan plan =
-      make_plan(rows, queue_size, dim, sizeof(T), pass.chunk_size, TileGemm::chunk_quantum(provider));
+  const Plan plan = make_plan(rows, queue_size, dim, sizeof(T), pass.chunk_size, provider);
   const auto opts = q.options();
   const at::Tensor max_ws = at::empty({plan.splits, rows}, opts);
   const at::Tensor sum_ws = at::empty({plan.splits, rows}, opts);

@@ -2,8 +2,8 @@
 // ATen's BLAS (MKL in torch's x86 builds), or the package's own AVX-512
 // kernels (tile_gemm_kernels.h). MKL runs its AVX2 kernels on AMD processors
 // and wherever MKL_ENABLE_INSTRUCTIONS limits it, at about 0.6 of what the
-// machine can do; the own kernels run at 0.9 of MKL's AVX-512 rate wherever
-// AVX-512 exists. Which is faster is measured, once per process, on the first
+// machine can do; in the queue pass the own kernels run about as fast as
+// MKL's AVX-512 ones, wherever AVX-512 exists. Which is faster is measured, once per process, on the first
 // fp32 queue pass (or named by DCQ_OPS_CPU_GEMM).
 #pragma once
 
@@ -21,7 +21,7 @@ const char* provider_name(GemmProvider provider);
 
 // The provider of this process's fp32 tiles. On first call: DCQ_OPS_CPU_GEMM
 // ("aten", "avx512"; "auto" or unset: the probe), else the faster of the
-// available providers on a probe tile (the own kernels must be 10% faster to
+// available providers on probe tiles (the own kernels must be 10% faster to
 // be chosen, so that a close call does not flip between processes).
 GemmProvider cpu_gemm_provider();
 // The providers this CPU can run ("aten" always; "avx512" when the CPU and
@@ -30,7 +30,7 @@ std::vector<std::string> available_cpu_gemm_providers();
 // Replaces the choice (benchmarks compare providers in one process; tests run
 // each). Throws for an unknown or unavailable name.
 void set_cpu_gemm_provider(const std::string& name);
-// The probe's seconds per tile pair, per provider; empty when none ran.
+// The probe's single-thread GFLOP/s per provider; empty when none ran.
 std::vector<std::pair<std::string, double>> cpu_gemm_probe();
 
 // One thread's tile GEMMs (float or double; double always through ATen).
@@ -47,9 +47,9 @@ class TileGemm {
   // acc [rows, dim] += p [rows, cols] . chunk [cols, dim]
   void accumulate(const at::Tensor& acc, const at::Tensor& p, const at::Tensor& chunk);
 
-  // Queue slots per chunk should be a multiple of this (the own kernels'
-  // panels are 64 slots wide; a partial panel costs a whole one).
-  static int64_t chunk_quantum(GemmProvider provider);
+  // Queue slots per chunk for this provider, given the width whose tile and
+  // queue chunk fill half the L2 (`cache_fit`).
+  static int64_t chunk_width(GemmProvider provider, int64_t cache_fit, int64_t element_size);
 
  private:
   bool own_kernel_takes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) const;
