@@ -70,7 +70,7 @@ def cpu_gemm_provider() -> str | None:
     Chosen once per process, on the first call or the first fp32 CPU queue pass:
     ``DCQ_OPS_CPU_GEMM`` ("aten", "avx512"; "auto" or unset: measured), else the
     faster of the providers this CPU has on a probe tile (the package's own AVX-512
-    kernels are taken only when more than 10% faster than ATen's BLAS). ATen's BLAS is
+    kernels are taken unless ATen's BLAS is more than 5% faster). ATen's BLAS is
     MKL in torch's x86 builds, which runs its AVX2 kernels on AMD processors and where
     ``MKL_ENABLE_INSTRUCTIONS`` limits it; the own kernels then win. float64 always
     goes through ATen.

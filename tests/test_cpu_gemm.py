@@ -100,8 +100,8 @@ def test_probe_measures_every_available_provider_once():
         assert first == "aten" and probe == {}  # nothing to choose between
     else:
         assert set(probe) == set(available) and all(1 < rate < 1e5 for rate in probe.values())  # GFLOP/s
-        fastest_own = probe["avx512"] > 1.1 * probe["aten"]
-        assert first == ("avx512" if fastest_own else "aten")
+        own_not_clearly_slower = probe["avx512"] >= 0.95 * probe["aten"]
+        assert first == ("avx512" if own_not_clearly_slower else "aten")
 
 
 def test_named_provider_is_used_without_a_probe():

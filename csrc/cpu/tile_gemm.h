@@ -2,9 +2,10 @@
 // ATen's BLAS (MKL in torch's x86 builds), or the package's own AVX-512
 // kernels (tile_gemm_kernels.h). MKL runs its AVX2 kernels on AMD processors
 // and wherever MKL_ENABLE_INSTRUCTIONS limits it, at about 0.6 of what the
-// machine can do; in the queue pass the own kernels run about as fast as
-// MKL's AVX-512 ones, wherever AVX-512 exists. Which is faster is measured, once per process, on the first
-// fp32 queue pass (or named by DCQ_OPS_CPU_GEMM).
+// machine can do; in the queue pass the own kernels run as fast as MKL's
+// AVX-512 ones or faster, wherever AVX-512 exists. Which is faster is
+// measured, once per process, on the first fp32 queue pass (or named by
+// DCQ_OPS_CPU_GEMM).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,8 +22,8 @@ const char* provider_name(GemmProvider provider);
 
 // The provider of this process's fp32 tiles. On first call: DCQ_OPS_CPU_GEMM
 // ("aten", "avx512"; "auto" or unset: the probe), else the faster of the
-// available providers on probe tiles (the own kernels must be 10% faster to
-// be chosen, so that a close call does not flip between processes).
+// available providers on probe tiles (the own kernels unless ATen's BLAS is
+// more than 5% faster: see kOwnKernelMargin).
 GemmProvider cpu_gemm_provider();
 // The providers this CPU can run ("aten" always; "avx512" when the CPU and
 // ATen's capability have AVX-512, as for the epilogue).
@@ -55,7 +56,8 @@ class TileGemm {
   bool own_kernel_takes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) const;
 
   GemmProvider provider_;
-  std::vector<float> scratch_;
+  std::vector<float> scratch_storage_;
+  float* scratch_ = nullptr;  // scratch_storage_ from its first 64-byte boundary
   int previous_blas_threads_ = 0;
 };
 
