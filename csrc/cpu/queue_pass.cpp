@@ -11,7 +11,6 @@
 // for both GEMMs. The splits of a row block are merged at the end (the loss
 // algebra's merge). Memory: O(N * D * splits + threads * tile), never O(N * K).
 #include <ATen/Parallel.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -21,7 +20,6 @@
 
 #include "../margin_ce.h"
 #include "epilogue.h"
-#include "epilogue_kernels.h"
 #include "tile_gemm.h"
 
 namespace dcq_ops {
@@ -29,15 +27,6 @@ namespace {
 
 constexpr int64_t kMaxBlockRows = 256;
 
-// The per-core L2 cache, which should hold a tile of logits and its chunk of
-// the queue (the fallback covers machines that do not report it).
-int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{1} << 20;
-  }();
-  return bytes;
-}
 
 struct Plan {
   int64_t block_rows;  // rows per task
@@ -62,10 +51,7 @@ Plan make_plan(int64_t rows, int64_t queue_size, int64_t dim, int64_t element_si
   if (chunk_override > 0) {
     p.chunk = chunk_override;
   } else {
-    // Half the L2 for the logits tile [block_rows, chunk] and the queue chunk [chunk, D],
-    // rounded as the GEMM provider prefers.
-    const int64_t fit = (l2_cache_bytes() / 2) / ((p.block_rows + dim) * element_size);
-    p.chunk = std::clamp<int64_t>(TileGemm::chunk_width(provider, fit, element_size), 64, cpu_kernels::kMaxCols);
+    p.chunk = TileGemm::chunk_width(provider, p.block_rows, dim, element_size);
   }
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.split_size));
   return p;

@@ -48,9 +48,9 @@ class TileGemm {
   // acc [rows, dim] += p [rows, cols] . chunk [cols, dim]
   void accumulate(const at::Tensor& acc, const at::Tensor& p, const at::Tensor& chunk);
 
-  // Queue slots per chunk for this provider, given the width whose tile and
-  // queue chunk fill half the L2 (`cache_fit`).
-  static int64_t chunk_width(GemmProvider provider, int64_t cache_fit, int64_t element_size);
+  // Queue slots per chunk for this provider, for tiles of `block_rows` rows of
+  // `dim` elements of `element_size` bytes (64 to cpu_kernels::kMaxCols).
+  static int64_t chunk_width(GemmProvider provider, int64_t block_rows, int64_t dim, int64_t element_size);
 
  private:
   bool own_kernel_takes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) const;
