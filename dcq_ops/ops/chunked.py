@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dcq_ops._extension import extension_loaded
+from dcq_ops.downgrades import note_chunked_gemm
 from dcq_ops.ops.fused_autograd import accumulation_dtype, fused_fake, register_fused_autograd
 
 # Queue entries per GEMM; 0 lets the kernel choose (from the CPU's L2 cache, or
@@ -40,11 +41,17 @@ if extension_loaded():
         return fused_fake(embeddings, compute_grad, accumulation_dtype(embeddings, class_weights, row_sum))
 
 
+def _gemm_dtype(embeddings, queue_weights) -> torch.dtype:
+    """The GEMMs' operand dtype (csrc/margin_ce.cpp, partials_of): the queue's, float64 for float64 rows."""
+    return torch.float64 if embeddings.dtype == torch.float64 else queue_weights.dtype
+
+
 def dcq_cross_entropy(embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
                       interclass_filtering_threshold, straight_through_margin, compute_grad,
                       chunk_size=DEFAULT_CHUNK_SIZE):
     """``dcq_ops::dcq_cross_entropy``: (loss per row [N], d loss_row / d embeddings [N, D], or
     [0, D] when ``compute_grad`` is false), in fp32 (fp64 for float64 inputs)."""
+    note_chunked_gemm(queue_weights.device, _gemm_dtype(embeddings, queue_weights))
     return torch.ops.dcq_ops.dcq_cross_entropy(
         embeddings, class_weights, labels, queue_weights, queue_labels, scale, m1, m2, m3,
         interclass_filtering_threshold, straight_through_margin, compute_grad, chunk_size)
@@ -54,6 +61,7 @@ def dcq_cross_entropy_partials(embeddings, labels, queue_weights, queue_labels, 
                                compute_grad, chunk_size=DEFAULT_CHUNK_SIZE):
     """``dcq_ops::dcq_cross_entropy_partials``: (row_max [N], row_sum [N], accumulator [N, D], or
     [0, D] when ``compute_grad`` is false) of every row over this queue slice."""
+    note_chunked_gemm(queue_weights.device, _gemm_dtype(embeddings, queue_weights))
     return torch.ops.dcq_ops.dcq_cross_entropy_partials(
         embeddings, labels, queue_weights, queue_labels, scale, interclass_filtering_threshold, compute_grad,
         chunk_size)

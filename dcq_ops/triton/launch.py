@@ -18,7 +18,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from dcq_ops.triton.configs import ARCHITECTURES, TileConfig, architecture_of, block_d_of, tile_configs
+from dcq_ops.downgrades import shared_memory_per_block_optin
+from dcq_ops.triton.configs import TileConfig, architecture_of, block_d_of, tile_configs
 from dcq_ops.triton.kernels import (CHAIN_BREAK, INTERPRETED, LOG2E, merge_kernel, queue_pass_kernel,
                                     repair_kernel)
 
@@ -84,7 +85,7 @@ def input_precision(dtype: torch.dtype):
 def device_architecture(device_index: int):
     """(configs.Architecture, number of multiprocessors) of a CUDA device."""
     props = torch.cuda.get_device_properties(device_index)
-    optin = getattr(props, "shared_memory_per_block_optin", None) or ARCHITECTURES["sm_86"].shared_memory_per_block_optin
+    optin = shared_memory_per_block_optin(props, f"cuda:{device_index}")  # says it when torch does not report it
     return architecture_of((props.major, props.minor), optin), props.multi_processor_count
 
 

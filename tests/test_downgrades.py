@@ -1,0 +1,123 @@
+"""No silent downgrade (dcq_ops.downgrades): a missing torch feature that makes the
+package take a slower or assumed path is said once (RuntimeWarning) and recorded.
+The features are simulated missing: no GPU needed."""
+
+import types
+import warnings
+
+import pytest
+import torch
+
+from dcq_ops import downgrades
+from dcq_ops.ops import chunked
+from dcq_ops.triton.configs import ARCHITECTURES, tile_config
+
+
+@pytest.fixture(autouse=True)
+def _fresh_record():
+    downgrades.clear()
+    yield
+    downgrades.clear()
+
+
+def _props_without_optin(major, minor):
+    # What torch.cuda.get_device_properties returns, less shared_memory_per_block_optin.
+    return types.SimpleNamespace(major=major, minor=minor, multi_processor_count=132, name="simulated GPU")
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    pytest.importorskip("triton")
+    from dcq_ops.triton import launch as module
+    module.device_architecture.cache_clear()
+    yield module
+    module.device_architecture.cache_clear()
+
+
+def test_missing_optin_on_sm90_is_said_once_recorded_and_keeps_64x64_tiles(launch, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: _props_without_optin(9, 0))
+    with pytest.warns(RuntimeWarning, match="shared_memory_per_block_optin"):
+        architecture, sms = launch.device_architecture(0)
+    # The value CUDA specifies for sm_90, not sm_86's 99 KiB (which chose 32 x 32 tiles).
+    assert architecture.shared_memory_per_block_optin == ARCHITECTURES["sm_90"].shared_memory_per_block_optin
+    assert (tile_config(architecture, 2, 512).block_m, tile_config(architecture, 2, 512).block_k) == (64, 64)
+    assert sms == 132
+    records = downgrades.downgrades()
+    assert [r["feature"] for r in records] == [downgrades.OPTIN_FEATURE]
+    assert records[0]["device"] == "cuda:0"
+    assert set(records[0]) == {"feature", "what", "consequence", "fix", "device"}
+    # Said once: a second device lookup (cache cleared) records nothing new and stays silent.
+    launch.device_architecture.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch.device_architecture(0)
+    assert len(downgrades.downgrades()) == 1
+
+
+def test_missing_optin_on_an_unknown_gpu_says_the_smaller_tiles(launch, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: _props_without_optin(12, 1))
+    with pytest.warns(RuntimeWarning, match="smaller tiles"):
+        architecture, _ = launch.device_architecture(0)
+    assert architecture.shared_memory_per_block_optin == downgrades.CONSERVATIVE_OPTIN
+    assert downgrades.downgrades("cuda:0")[0]["consequence"].startswith("smaller tiles")
+
+
+def test_reported_optin_is_used_without_a_word(launch, monkeypatch):
+    props = _props_without_optin(9, 0)
+    props.shared_memory_per_block_optin = 200 << 10
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        architecture, _ = launch.device_architecture(0)
+    assert architecture.shared_memory_per_block_optin == 200 << 10
+    assert downgrades.downgrades() == []
+
+
+def test_missing_mm_dtype_out_is_said_once_and_recorded(monkeypatch):
+    monkeypatch.setattr(downgrades, "mm_dtype_out_available", lambda: False)
+    monkeypatch.setattr(downgrades, "_MM_DTYPE_OUT", [])
+    with pytest.warns(RuntimeWarning, match="aten::mm.dtype_out"):
+        downgrades.note_chunked_gemm(torch.device("cuda", 0), torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        downgrades.note_chunked_gemm(torch.device("cuda", 1), torch.float16)
+    (record,) = downgrades.downgrades()
+    assert record["feature"] == "aten::mm.dtype_out" and record["device"] == "cuda"
+    assert "fp32" in record["what"]
+    # It concerns CUDA only: not listed for the CPU, listed for any CUDA device.
+    assert downgrades.downgrades("cpu") == []
+    assert [r["feature"] for r in downgrades.downgrades("cuda:1")] == ["aten::mm.dtype_out"]
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cuda", torch.float32),
+                                          ("cuda", torch.float64)])
+def test_no_mm_dtype_out_downgrade_where_it_is_not_used(monkeypatch, device, dtype):
+    # CPU GEMMs and same-dtype CUDA GEMMs never look the overload up (queue_pass.cu's mm_into).
+    monkeypatch.setattr(downgrades, "mm_dtype_out_available", lambda: False)
+    monkeypatch.setattr(downgrades, "_MM_DTYPE_OUT", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        downgrades.note_chunked_gemm(torch.device(device), dtype)
+    assert downgrades.downgrades() == []
+
+
+def test_chunked_ops_report_their_gemm_dtype(monkeypatch):
+    # The chunked entry points say what their GEMMs multiply in, on every call.
+    seen = []
+    monkeypatch.setattr(chunked, "note_chunked_gemm", lambda device, dtype: seen.append((device.type, dtype)))
+    monkeypatch.setattr(torch.ops.dcq_ops, "dcq_cross_entropy", lambda *args: None, raising=False)
+    monkeypatch.setattr(torch.ops.dcq_ops, "dcq_cross_entropy_partials", lambda *args: None, raising=False)
+    x = torch.zeros(2, 4)
+    w16 = torch.zeros(3, 4, dtype=torch.bfloat16)
+    labels = torch.zeros(2, dtype=torch.long)
+    chunked.dcq_cross_entropy(x, x, labels, w16, labels, 1.0, 1.0, 0.0, 0.0, 0.0, False, False)
+    chunked.dcq_cross_entropy_partials(x.double(), labels, w16, labels, 1.0, 0.0, False)
+    assert seen == [("cpu", torch.bfloat16), ("cpu", torch.float64)]
+
+
+def test_this_torch_has_every_feature():
+    # torch 2.11 (the GPU machines') and 2.14 have both: docs/numerics.md, "torch 2.11".
+    assert downgrades.mm_dtype_out_available()
+    if torch.version.cuda is None:
+        pytest.skip("a torch built without CUDA has no CUDA device properties")
+    assert "shared_memory_per_block_optin" in dir(torch._C._CudaDeviceProperties)
