@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""The SASS of the pipelined sm_90 queue pass (dcq_ops/triton/hopper.py), compiled
+without a GPU under the running Triton:
+
+    python benchmarks/hopper_sass.py                       # bf16 and fp16, with and without the gradient
+    /tmp/t36h/bin/python benchmarks/hopper_sass.py --json out36.json   # another Triton
+
+For each variant it compiles the Gluon kernel for sm_90a (D=512, 64 x 64 tiles,
+8 warps, STAGES buffers), runs ptxas -v on its PTX (registers, spills and every
+warning ptxas prints, e.g. C7510/C7515/C7516 for serialized wgmma) and
+disassembles the cubin with Triton's own nvdisasm. In the SASS loop that holds
+the most HGMMA (the loop over queue tiles) it counts, per iteration and per
+thread: HGMMA (and their FLOPs over the ideal two GEMMs of 64 x 64 x D),
+WARPGROUP.DEPBAR (the wgmma waits), UTMALDG (TMA loads), LDGSTS (cp.async),
+MUFU.EX2 (exponentials per logit), BAR.SYNC, FMUL and all instructions; and
+whether the loop issues a UTMALDG before its first HGMMA.
+Compile-only: no statement here is a GPU timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dcq_ops.triton import hopper  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+DTYPES = {"bf16": gl.bfloat16, "fp16": gl.float16}
+_HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
+_LABEL = re.compile(r"^(\.L_x_\d+):", re.M)
+_BRANCH = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
+_COUNTED = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "UTMALDG", "LDGSTS", "MUFU.EX2", "BAR.SYNC",
+            "FMUL", "SYNCS")
+
+
+def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES):
+    """The Gluon kernel compiled for sm_90 (as a launch with these operands would)."""
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    gl_dtype = DTYPES[dtype]
+    q_layout = gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_M, block_d], gl_dtype)
+    w_layout = gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_K, block_d], gl_dtype)
+    signature = dict(
+        q_desc=f"tensordesc<{dtype}[{hopper.BLOCK_M},{block_d}],{q_layout!r}>",
+        w_desc=f"tensordesc<{dtype}[{hopper.BLOCK_K},{block_d}],{w_layout!r}>",
+        labels_ptr="*i64", queue_labels_ptr="*i64", max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32",
+        num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32", scale_log2="fp32",
+        interclass_filtering_threshold="fp32")
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages)
+    names = list(signature) + list(constants)
+    signature.update({name: "constexpr" for name in constants})
+    aligned = ["labels_ptr", "queue_labels_ptr", "max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "dim", "split_size"]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = GluonASTSource(hopper.hopper_queue_pass_kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=hopper.NUM_WARPS))
+
+
+def ptxas_report(ptx: str) -> dict:
+    """Registers, spill bytes and ptxas's warnings (performance warnings included)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        run = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    text = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return dict(registers=max(int(n) for n in re.findall(r"Used (\d+) registers", text)),
+                spill_bytes=max(spills or [0]),
+                ptxas_warnings=sorted({line.split("warning :")[-1].strip()
+                                       for line in text.splitlines() if "warning" in line}))
+
+
+def sass_of(cubin: bytes) -> str:
+    nvdisasm = Path(get_ptxas(90).path).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([str(nvdisasm), f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def main_loop(sass: str) -> str:
+    """The body of the SASS loop (a backward branch) holding the most HGMMA."""
+    labels = {m.group(1): m.start() for m in _LABEL.finditer(sass)}
+    # ptxas places the retry loops of mbarrier waits after the kernel's last
+    # EXIT, each branching back into the middle of the code: not loops over tiles.
+    exits = [m.start() for m in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+EXIT\s*;", sass, re.M)]
+    end = exits[-1] if exits else len(sass)
+    best, best_count = "", -1
+    for branch in _BRANCH.finditer(sass):
+        start = labels.get(branch.group(1))
+        if start is None or start >= branch.start() or branch.start() > end:
+            continue
+        body = sass[start:branch.end()]
+        count = body.count("HGMMA")
+        if count > best_count:
+            best, best_count = body, count
+    return best
+
+
+def _instructions(body: str) -> list[str]:
+    """The instructions of a SASS listing (the text between /*addr*/ and ';')."""
+    return [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", body)]
+
+
+def loop_counts(sass: str, block_m: int, block_k: int, block_d: int, gemms: int) -> dict:
+    body = main_loop(sass)
+    instructions = _instructions(body)
+    counts = {name: sum(1 for ins in instructions if re.search(r"(^|\s|\})" + re.escape(name) + r"\b", ins))
+              for name in _COUNTED}
+    flops = sum(2 * int(m) * int(n) * int(k) * 2  # two warpgroups issue the loop's stream each
+                for m, n, k in _HGMMA.findall(body))
+    ideal = gemms * 2 * block_m * block_k * block_d
+    first_tma = next((i for i, ins in enumerate(instructions) if "UTMALDG" in ins), None)
+    first_mma = next((i for i, ins in enumerate(instructions) if "HGMMA" in ins), None)
+    return dict(
+        loop_instructions=len(instructions), per_iteration={k.lower(): v for k, v in counts.items()},
+        hgmma_shapes=sorted(set("x".join(s) for s in _HGMMA.findall(body))),
+        mma_flops_over_ideal=round(flops / ideal, 3) if ideal else None,
+        exponentials_per_logit=round(counts["MUFU.EX2"] * 32 * hopper.NUM_WARPS / (block_m * block_k), 3),
+        depbar_at_most_quarter_of_hgmma=counts["WARPGROUP.DEPBAR"] * 4 <= counts["HGMMA"],
+        tma_before_first_hgmma=first_tma is not None and first_mma is not None and first_tma < first_mma,
+    )
+
+
+def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES) -> dict:
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    entry = dict(kernel="hopper_queue_pass", target="sm_90", dtype=dtype, gradient=compute_grad, BLOCK_M=hopper.BLOCK_M,
+                 BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d, num_warps=hopper.NUM_WARPS, stages=stages)
+    compiled = compile_hopper(dtype, dim, compute_grad, stages)
+    entry.update(ptxas_report(compiled.asm["ptx"]), shared=compiled.metadata.shared)
+    entry.update(loop_counts(sass_of(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, block_d,
+                             2 if compute_grad else 1))
+    return entry
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", default="bf16,fp16")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="write the entries there")
+    args = parser.parse_args(argv)
+    entries = []
+    for dtype in args.dtypes.split(","):
+        for compute_grad in (True, False):
+            try:
+                entries.append(report(dtype, args.dim, compute_grad))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported
+                entries.append(dict(kernel="hopper_queue_pass", dtype=dtype, gradient=compute_grad,
+                                    error=f"{type(exc).__name__}: {str(exc)[:600]}"))
+    print(f"triton {triton.__version__}, sm_90, D={args.dim}")
+    failures = 0
+    for e in entries:
+        if "error" in e:
+            failures += 1
+            print(f"FAIL {e['dtype']} {'grad' if e['gradient'] else 'loss'}: {e['error']}")
+            continue
+        c = e["per_iteration"]
+        print(f"{e['dtype']} {'grad' if e['gradient'] else 'loss'}: regs {e['registers']} spill {e['spill_bytes']} B "
+              f"shared {e['shared'] >> 10} KiB | per iteration: HGMMA {c['hgmma']} ({','.join(e['hgmma_shapes'])}) "
+              f"DEPBAR {c['warpgroup.depbar']} UTMALDG {c['utmaldg']} LDGSTS {c['ldgsts']} EX2 {c['mufu.ex2']} "
+              f"BAR {c['bar.sync']} FMUL {c['fmul']} all {e['loop_instructions']} | flops/ideal "
+              f"{e['mma_flops_over_ideal']} exp/logit {e['exponentials_per_logit']} | TMA before HGMMA "
+              f"{e['tma_before_first_hgmma']} | ptxas warnings: {e['ptxas_warnings'] or 'none'}")
+    if args.json:
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, entries=entries), indent=1) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
