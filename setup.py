@@ -10,8 +10,15 @@ pure-Python package only.
 Build with the torch that will run it: `pip install --no-build-isolation .`.
 Without torch in the build environment (a plain isolated `pip install .`), the
 package is installed without the extension, and `import dcq_ops` says so.
+
+The compiled objects are kept in build/temp-dcq_ops-* (one directory per torch,
+Python, CPU/CUDA and architecture list), not in the temporary directory pip
+gives each build: a rebuild with the same configuration recompiles only the
+sources (and headers) that changed, through ninja's dependency files and
+command lines. scripts/build.sh skips pip altogether when nothing changed.
 """
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -51,6 +58,27 @@ def openmp_flags(torch) -> list:
     if "backend: OpenMP" not in info or sys.platform in ("darwin", "win32"):
         return []
     return ["-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
+
+
+def persistent_build_temp(torch, with_cuda: bool) -> str:
+    """The directory of the compiled objects for this configuration, kept across builds."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    key = "\n".join((sys.version, torch.__version__, str(torch.version.git_version), str(with_cuda), arch_list))
+    tag = "cuda" if with_cuda else "cpu"
+    return str(ROOT / "build" / f"temp-dcq_ops-{torch.__version__}-{tag}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def build_ext_command(base, build_temp: str):
+    """``base`` (torch's BuildExtension) compiling into ``build_temp`` whatever build
+    directory setuptools chose (an editable install chooses a new temporary one each time,
+    which made every install recompile everything)."""
+
+    class BuildExtensionKeepingObjects(base):
+        def run(self):
+            self.build_temp = build_temp
+            super().run()
+
+    return BuildExtensionKeepingObjects
 
 
 def build_extensions():
@@ -105,8 +133,10 @@ def build_extensions():
             define_macros=define_macros,
             py_limited_api=True,
         )
-    print(f"dcq_ops: building dcq_ops._C ({'CPU + CUDA' if with_cuda else 'CPU only'}) against torch {torch.__version__}")
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    build_temp = persistent_build_temp(torch, with_cuda)
+    print(f"dcq_ops: building dcq_ops._C ({'CPU + CUDA' if with_cuda else 'CPU only'}) against torch "
+          f"{torch.__version__}, objects in {build_temp}")
+    return [ext], {"build_ext": build_ext_command(cpp_extension.BuildExtension, build_temp)}
 
 
 ext_modules, cmdclass = build_extensions()

@@ -61,7 +61,9 @@ EOF
 cat "$OUT/environment.txt" | tee -a "$SUMMARY"
 
 # 1. Install. Build for this GPU's architecture only (faster than the default
-# list), with every core.
+# list), with every core; scripts/build.sh skips the build when an earlier run
+# built the same sources for the same torch, architecture and flags, and
+# recompiles only what changed otherwise.
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
     arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
     [[ -n "$arch" ]] && export TORCH_CUDA_ARCH_LIST="$arch"
@@ -69,7 +71,7 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export DCQ_OPS_REQUIRE_CUDA=1  # a CPU-only build would make the CUDA tests skip, not fail
 say "install (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}, MAX_JOBS=$MAX_JOBS)"
-timeout "$(budget 240 240)" "$PYTHON" -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
+PIP_VERBOSE=1 PYTHON="$PYTHON" timeout "$(budget 240 240)" bash scripts/build.sh > "$OUT/install.log" 2>&1
 install_rc=$?
 say "install exit status $install_rc (log: install.log)"
 if (( install_rc != 0 )); then
