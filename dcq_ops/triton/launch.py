@@ -19,6 +19,7 @@ import torch
 import triton
 
 from dcq_ops.downgrades import shared_memory_per_block_optin
+from dcq_ops.triton import hopper_launch
 from dcq_ops.triton.configs import TileConfig, architecture_of, block_d_of, tile_configs
 from dcq_ops.triton.kernels import (CHAIN_BREAK, INTERPRETED, LOG2E, merge_kernel, queue_pass_kernel,
                                     repair_kernel)
@@ -215,6 +216,52 @@ def _split_plan(rows: int, queue_size: int, dim: int, config: TileConfig, comput
                        align=config.block_k, min_split=config.block_k)
 
 
+class LaunchPlan(NamedTuple):
+    """What ``queue_pass`` launches for a call, without launching it (the first-contact check
+    keys on it, dcq_ops.first_contact): the tile configuration (the autotuner's candidates
+    share BLOCK_M; their BLOCK_K divides ``align``), the split of the queue, the row and
+    queue tails (rows of the last row block; entries of the last split past its last full
+    ``align``), and the autotuner's row and split buckets."""
+
+    block_m: int
+    block_k: int
+    autotuned: bool
+    split_size: int
+    num_splits: int
+    align: int
+    last_row_block: int
+    queue_tail: int
+    row_bucket: int
+    split_bucket: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(rows, queue_size, dim, gemm_dtype, compute_grad, device, precision) -> LaunchPlan:
+    if INTERPRETED or device.type != "cuda":
+        tile, candidates = _INTERPRETER_CONFIG, ()
+    else:
+        architecture, _ = device_architecture(_device_index(device))
+        options = tuple(tile_configs(architecture, gemm_dtype.itemsize, dim, tf32=precision == "tf32"))
+        tile, candidates = options[0], (options if _autotune_enabled() else ())
+    split_size, num_splits = _split_plan(rows, queue_size, dim, tile, compute_grad, device, None)
+    align = SPLIT_ALIGN if candidates or device.type == "cuda" else tile.block_k
+    last_split = queue_size - (num_splits - 1) * split_size
+    return LaunchPlan(tile.block_m, tile.block_k, bool(candidates), split_size, num_splits, align,
+                      rows - (cdiv(rows, tile.block_m) - 1) * tile.block_m if rows else 0, last_split % align,
+                      max(16, 1 << max(0, rows - 1).bit_length()), 1 << max(0, split_size - 1).bit_length())
+
+
+def launch_plan(rows: int, queue_size: int, dim: int, gemm_dtype: torch.dtype, compute_grad: bool,
+                device: torch.device) -> LaunchPlan:
+    """The launch plan of ``queue_pass`` for a call of these shapes with the automatic choice
+    (no ``split_size`` or ``config`` override); read-only, nothing is launched."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _launch_plan(int(rows), int(queue_size), int(dim), gemm_dtype, bool(compute_grad), device,
+                        input_precision(gemm_dtype))
+
+
 # ----------------------------------------------------------------------------
 # Launches
 
@@ -273,7 +320,12 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
     flags = dict(FILTER=threshold > 0, INPUT_PRECISION=input_precision(q_gemm.dtype), BLOCK_M=tile.block_m,
                  BLOCK_D=block_d_of(dim))
     with _device_context(device):
-        if candidates:
+        capability = device_architecture(_device_index(device))[0].capability if device.type == "cuda" else None
+        if hopper_launch.applies(args[0], args[2], split_size, tile.block_k, config, capability):
+            # DCQ_OPS_SM90_KERNEL=pipelined (never the default): dcq_ops.triton.hopper_launch.
+            hopper_launch.launch(grid, *args[:4], workspace, *args[7:14], compute_grad, tile.block_m,
+                                 tile.block_k, flags["INPUT_PRECISION"])
+        elif candidates:
             same_rows = tuple(c for c in candidates if c.block_m == tile.block_m)
             _autotuned_kernel(tile.block_m, same_rows)[grid](*args, *buckets, **flags, COMPUTE_GRAD=compute_grad)
         else:
