@@ -21,9 +21,10 @@ from dcq_ops.margin import MarginConfig, margin_derivative, margin_value
 # neglected second-order terms (as tests/bounds.py does).
 SECOND_ORDER_MARGIN = 1.05
 
-# Queue entries per GEMM when the bound measures the cosines' rounding (no fp32 copy of a
-# whole bf16 queue).
-_BOUND_CHUNK = 1 << 15
+# Bytes of a block of the queue (in the arithmetic's dtype) when the bound measures the
+# cosines' rounding or the entries near the filtering threshold: never a copy of the whole
+# queue (2048 entries at D = 512 in float64, 4096 in fp32).
+_BOUND_BLOCK_BYTES = 8 << 20
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # What the float32 matmul precision rounds fp32 GEMM operands to (TF32: 10 mantissa bits; bf16).
@@ -155,15 +156,16 @@ def difference_bound(embeddings, class_weights, labels, queue_weights, queue_lab
     width = gamma * 2 + sum(r.unit * (2 if r.both_operands else 1) for r in roundings)  # norm bound of |e^A + e^B|
     near_count = torch.zeros(rows, dtype=torch.float64, device=q.device)  # kept cosines near the threshold
     rest = torch.full((rows,), -math.inf, dtype=torch.float64, device=q.device)  # log-sum-exp of the others
-    for start in range(0, slots, _BOUND_CHUNK):
-        chunk = queue_weights[start:start + _BOUND_CHUNK].to(arith)
+    block = max(64, _BOUND_BLOCK_BYTES // (dim * torch.finfo(arith).bits // 8))
+    for start in range(0, slots if rounded or threshold > 0 else 0, block):  # nothing to measure otherwise
+        chunk = queue_weights[start:start + block].to(arith)
         finite = torch.isfinite(chunk).all(dim=1, keepdim=True)
         chunk = torch.where(finite, chunk, torch.zeros_like(chunk))  # as the reference: NaN only where kept
         for i, dq in rounded.items():
             delta[i] = torch.maximum(delta[i], (dq @ chunk.t()).abs().amax(dim=1)
                                      + (spread[i] @ chunk.abs().t()).amax(dim=1))
         if threshold > 0:
-            chunk_labels = queue_labels[start:start + _BOUND_CHUNK]
+            chunk_labels = queue_labels[start:start + block]
             kept = (chunk_labels.view(1, -1) != labels.view(-1, 1)) & (chunk_labels.view(1, -1) >= 0)
             cos = (q @ chunk.t()).double()
             near = ((cos - threshold).abs() <= width) & kept
