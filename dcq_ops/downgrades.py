@@ -121,6 +121,25 @@ def downgrades(device=None) -> list[dict]:
     return [d.as_dict() for d in _RECORD.values() if _concerns(d, device)]
 
 
+def summary(device=None) -> str | None:
+    """The downgrades of ``downgrades(device)`` in one line (what ``dcq_ops.backends()``
+    shows), or None when there is none.
+
+    Parameters
+    ----------
+    device : torch.device or str, optional
+
+    Returns
+    -------
+    str or None
+    """
+    found = downgrades(device)
+    if not found:
+        return None
+    return "; ".join(f"{d['feature']} missing{' on ' + d['device'] if d['device'] else ''}: {d['what']} "
+                     f"({d['consequence']})" for d in found)
+
+
 def clear() -> None:
     """Forget every recorded downgrade (tests); the next note warns again."""
     _RECORD.clear()

@@ -89,6 +89,16 @@ def test_missing_mm_dtype_out_is_said_once_and_recorded(monkeypatch):
     assert [r["feature"] for r in downgrades.downgrades("cuda:1")] == ["aten::mm.dtype_out"]
 
 
+def test_summary_is_one_line_for_backends(monkeypatch):
+    assert downgrades.summary("cpu") is None
+    monkeypatch.setattr(downgrades, "mm_dtype_out_available", lambda: False)
+    monkeypatch.setattr(downgrades, "_MM_DTYPE_OUT", [])
+    with pytest.warns(RuntimeWarning):
+        downgrades.note_chunked_gemm(torch.device("cuda"), torch.bfloat16)
+    line = downgrades.summary()
+    assert line.startswith("aten::mm.dtype_out missing on cuda: ") and "\n" not in line
+
+
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cuda", torch.float32),
                                           ("cuda", torch.float64)])
 def test_no_mm_dtype_out_downgrade_where_it_is_not_used(monkeypatch, device, dtype):
