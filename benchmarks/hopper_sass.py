@@ -36,7 +36,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcq_ops.triton import hopper  # noqa: E402
+from dcq_ops.triton import hopper, hopper_launch  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
@@ -48,7 +48,8 @@ _COUNTED = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "UTMALDG", "LDGSTS"
             "FMUL", "SYNCS")
 
 
-def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES):
+def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
+                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH):
     """The Gluon kernel compiled for sm_90 (as a launch with these operands would)."""
     block_d = max(16, 1 << (dim - 1).bit_length())
     gl_dtype = DTYPES[dtype]
@@ -60,7 +61,7 @@ def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hoppe
         labels_ptr="*i64", queue_labels_ptr="*i64", max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32",
         num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32", scale_log2="fp32",
         interclass_filtering_threshold="fp32")
-    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages)
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages, RESCALE_ON_GROWTH=rescale_on_growth)
     names = list(signature) + list(constants)
     signature.update({name: "constexpr" for name in constants})
     aligned = ["labels_ptr", "queue_labels_ptr", "max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "dim", "split_size"]

@@ -99,9 +99,13 @@ if AVAILABLE:
         return m_new, l_i, alpha
 
     @gluon.jit
-    def _rescaled(acc, alpha, acc_rows: gl.constexpr):
-        """acc * alpha per row, only when some row's alpha is not 1 (x * 1 == x)."""
-        if gl.max(gl.where(alpha != 1.0, 1, 0), axis=0) > 0:
+    def _rescaled(acc, alpha, acc_rows: gl.constexpr, ON_GROWTH: gl.constexpr):
+        """acc * alpha per row; with ON_GROWTH only when some row's alpha is not 1
+        (x * 1 == x, so the result is the same bit for bit)."""
+        if ON_GROWTH:
+            if gl.max(gl.where(alpha != 1.0, 1, 0), axis=0) > 0:
+                acc = acc * gl.convert_layout(alpha, acc_rows)[:, None]
+        else:
             acc = acc * gl.convert_layout(alpha, acc_rows)[:, None]
         return acc
 
@@ -111,7 +115,7 @@ if AVAILABLE:
         max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
         num_rows, queue_size, dim, num_splits, split_size,
         scale_log2, interclass_filtering_threshold,
-        FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, STAGES: gl.constexpr,
+        FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, STAGES: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
     ):
         """queue_pass_kernel's program (same grid, same workspace) on descriptors:
         q_desc [N, D] with block [BLOCK_M, BLOCK_D], w_desc [K, D] with block
@@ -179,10 +183,12 @@ if AVAILABLE:
             stage = i % STAGES
             nxt = (i + 1) % STAGES
             if COMPUTE_GRAD:
-                acc = _rescaled(acc, alpha, acc_rows)
+                acc = _rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
                 acc_tok = warpgroup_mma(p_smem, w_smem.index(stage), acc, is_async=True)
             mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, w_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+            # use_acc=False: the accumulator's input is ignored; passing the dead
+            # cosines of tile i spares the registers of a zero tile.
+            s_tok = warpgroup_mma(q_smem, w_smem.index(nxt).permute((1, 0)), cos, use_acc=False,
                                   is_async=True)
             if COMPUTE_GRAD:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc_tok])
@@ -200,7 +206,7 @@ if AVAILABLE:
                                               COMPUTE_GRAD, BLOCK_K, cols_layout)
         # The last tile's second GEMM.
         if COMPUTE_GRAD:
-            acc = _rescaled(acc, alpha, acc_rows)
+            acc = _rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
             acc_tok = warpgroup_mma(p_smem, w_smem.index((num_tiles - 1) % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok])
         m_i = m_new

@@ -1,0 +1,95 @@
+"""Whether and how the queue pass runs the pipelined sm_90 kernel
+(dcq_ops.triton.hopper; under Triton's CPU interpreter its plain-Triton twin,
+dcq_ops.triton.hopper_twin) instead of kernels.queue_pass_kernel.
+
+Not the default: DCQ_OPS_SM90_KERNEL=pipelined selects it (``classic``, the
+default, keeps queue_pass_kernel). It has never run on a GPU; it may become
+the sm_90 default only behind the first-contact check, with the classic kernel
+as its fallback. Where the pipelined kernel does not apply (another
+architecture or dtype, a split size that is not a multiple of its BLOCK_K, an
+empty queue, D not a multiple of 8 or above 512, an explicit tile
+configuration other than its own), the classic kernel runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from dcq_ops.triton import hopper
+from dcq_ops.triton.kernels import INTERPRETED
+
+ENV = "DCQ_OPS_SM90_KERNEL"
+CHOICES = ("classic", "pipelined")
+
+# Under Triton 3.6 the accumulator's conditional rescale (only when some row's
+# max grew) costs 52 B of spills in the gradient kernel (ptxas, sm_90a; 252
+# registers and none without it), under 3.8 none (218 registers):
+# benchmarks/hopper_sass.py. Both give the same bits.
+RESCALE_ON_GROWTH = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
+def selected_kernel() -> str:
+    """The sm_90 queue-pass kernel that DCQ_OPS_SM90_KERNEL asks for."""
+    value = os.environ.get(ENV, "classic").strip().lower() or "classic"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {value!r}")
+    return value
+
+
+def applies(q_gemm: torch.Tensor, queue_weights: torch.Tensor, split_size: int, block_k: int,
+            config: dict | None, capability: tuple[int, int] | None) -> bool:
+    """Whether the pipelined kernel runs this queue pass (see the module's docstring).
+    ``capability`` is the device's (None under the interpreter); ``block_k`` the
+    tile of the plan (under the interpreter the interpreter's)."""
+    if selected_kernel() != "pipelined" or queue_weights.shape[0] == 0 or split_size % block_k:
+        return False
+    if q_gemm.data_ptr() % 16 or queue_weights.data_ptr() % 16:  # TMA's base alignment
+        return False
+    dim = q_gemm.shape[1]
+    if INTERPRETED:  # the twin, on whatever dtype the interpreter multiplies
+        return dim * q_gemm.element_size() % 16 == 0
+    if capability != (9, 0) or q_gemm.dtype not in (torch.float16, torch.bfloat16) or not hopper.AVAILABLE:
+        return False
+    if config is not None and (config["BLOCK_M"], config["BLOCK_K"], config["num_warps"]) != (
+            hopper.BLOCK_M, hopper.BLOCK_K, hopper.NUM_WARPS):
+        return False
+    return block_k == hopper.BLOCK_K and dim % 8 == 0 and 64 <= _block_d(dim) <= 512
+
+
+def _block_d(dim: int) -> int:
+    return max(16, 1 << max(0, int(dim) - 1).bit_length())
+
+
+def launch(grid, q_gemm, labels, queue_weights, queue_labels, workspace, rows, queue_size, dim, num_splits,
+           split_size, scale_log2, threshold, compute_grad, block_m, block_k, input_precision) -> None:
+    """The pipelined queue pass over ``grid`` into the workspace (the repair kernel
+    runs after it as after the classic one)."""
+    block_d = _block_d(dim)
+    scalars = (rows, queue_size, dim, num_splits, split_size, scale_log2, threshold)
+    if INTERPRETED:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        from dcq_ops.triton.hopper_twin import hopper_twin_queue_pass_kernel
+        q_desc = TensorDescriptor.from_tensor(q_gemm, [block_m, block_d])
+        w_desc = TensorDescriptor.from_tensor(queue_weights, [block_k, block_d])
+        hopper_twin_queue_pass_kernel[grid](
+            q_desc, w_desc, labels, queue_labels, *workspace[:3], *scalars, FILTER=threshold > 0,
+            COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=True, INPUT_PRECISION=input_precision,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d)
+        return
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    gl_dtype = gl.bfloat16 if q_gemm.dtype == torch.bfloat16 else gl.float16
+    q_desc = TensorDescriptor(q_gemm, list(q_gemm.shape), list(q_gemm.stride()), [hopper.BLOCK_M, block_d],
+                              gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_M, block_d], gl_dtype))
+    w_desc = TensorDescriptor(queue_weights, list(queue_weights.shape), list(queue_weights.stride()),
+                              [hopper.BLOCK_K, block_d],
+                              gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_K, block_d], gl_dtype))
+    hopper.hopper_queue_pass_kernel[grid](
+        q_desc, w_desc, labels, queue_labels, *workspace[:3], *scalars, FILTER=threshold > 0,
+        COMPUTE_GRAD=compute_grad, STAGES=hopper.STAGES, RESCALE_ON_GROWTH=RESCALE_ON_GROWTH,
+        num_warps=hopper.NUM_WARPS)

@@ -1,0 +1,224 @@
+"""The pipelined sm_90 queue pass (dcq_ops/triton/hopper.py) and its selection.
+
+The Gluon kernel cannot run without a GPU (Gluon has no interpreter). Its
+numerics rest on its plain-Triton twin (dcq_ops/triton/hopper_twin.py: the same
+algebra, the same order of operations, tensor descriptors for the tiles, the
+accumulator rescaled only when some row's alpha is not 1), which runs under
+Triton's interpreter wherever DCQ_OPS_SM90_KERNEL=pipelined selects the
+pipelined kernel. Here:
+
+- the twin's partials against queue_pass_kernel's, bit for bit (fp32 and fp16
+  operands, the interpreter's dots are exact for both), on odd sizes with empty
+  slots, a split that keeps nothing, rows that exclude every slot, filtering
+  and non-finite queue slots (the repair kernel after it), one and many splits;
+- the loss and gradient through the op with the pipelined kernel selected,
+  against the float64 reference within the error model (tests/bounds.py);
+- when the pipelined kernel applies, and that it is never the default;
+- the Gluon kernel compiled for sm_90 (no GPU needed), its SASS read by
+  benchmarks/hopper_sass.py: ideal work, no serialized wgmma, TMA tiles, no spills.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+
+from dcq_ops.triton import import_ops  # noqa: E402  (sets TRITON_INTERPRET for Triton's first import)
+
+try:
+    triton_ops = import_ops(interpret=not ON_CUDA)
+except ImportError:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+from dcq_ops import reference  # noqa: E402
+from dcq_ops.triton import hopper, hopper_launch, kernels, launch  # noqa: E402
+from bounds import assert_grad_close, assert_loss_close, cosine_rounding, positive_slope  # noqa: E402
+from inputs import MARGINS, make_inputs  # noqa: E402
+
+if not ON_CUDA and not kernels.INTERPRETED:
+    pytest.skip("dcq_ops.triton.kernels was imported before this module without TRITON_INTERPRET=1",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+# D = 48: TMA needs 16-byte row strides (D a multiple of 8 in 16 bits, of 4 in fp32);
+# BLOCK_D = 64 pads it, the descriptor reading the padded columns as 0.
+ROWS, DIM, SLOTS = 37, 48, 203
+CONFIG = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
+@pytest.fixture(autouse=True)
+def _triton_env(monkeypatch):
+    if not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DCQ_TRITON_AUTOTUNE", "0")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def scenario(name: str, dtype: torch.dtype):
+    """(q in the GEMM dtype, labels, queue weights, queue labels)."""
+    x, _, y, w, yq = make_inputs(ROWS, DIM, SLOTS, num_classes=25, empty=17, dtype=torch.float64, seed=29)
+    yq, w = yq.clone(), w.clone()
+    if name == "random":
+        yq[:64] = -1  # a split of 32 or 64 slots that keeps nothing
+    elif name == "all_excluded":
+        yq = torch.where(torch.rand(SLOTS, generator=torch.Generator().manual_seed(3)) < 0.3, -1, y[0])
+    elif name == "nonfinite":
+        yq[100:102] = y[0]
+        w[100, 3] = float("nan")
+        w[101, 7] = float("inf")
+    q = F.normalize(x, dim=1).to(dtype).to(DEVICE)
+    return q, y.to(DEVICE), w.to(dtype).to(DEVICE), yq.to(DEVICE)
+
+
+def queue_pass(monkeypatch, kernel, *inputs, scale=64.0, threshold=0.0, compute_grad=True, split_size=64):
+    monkeypatch.setenv(hopper_launch.ENV, kernel)
+    return launch.queue_pass(*inputs, scale, threshold, compute_grad, split_size=split_size, config=CONFIG)
+
+
+def assert_same_bits(new, old, what):
+    for name, a, b in (("row max", new.max_ws, old.max_ws), ("row sum", new.sum_ws, old.sum_ws),
+                       ("accumulator", new.acc_ws, old.acc_ws)):
+        if name == "accumulator" and not new.compute_grad:
+            continue
+        differ = bits(a) != bits(b)
+        assert not differ.any(), (f"{what}: {name} differs in {int(differ.sum())} of {a.numel()} values, e.g. "
+                                  f"{a[differ][:3].tolist()} against {b[differ][:3].tolist()}")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The pipelined launches made (their compute_grad), to prove the twin ran."""
+    made = []
+    original = hopper_launch.launch
+
+    def spy(*args, **kwargs):
+        made.append(args[13])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hopper_launch, "launch", spy)
+    return made
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter; on a GPU the Gluon kernel runs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["random", "all_excluded", "nonfinite"])
+@pytest.mark.parametrize("split_size", [64, 224])  # 4 splits (one keeps nothing), 1 split of 7 tiles
+def test_twin_partials_equal_the_classic_kernel_bit_for_bit(monkeypatch, launches, dtype, name, split_size):
+    inputs = scenario(name, dtype)
+    new = queue_pass(monkeypatch, "pipelined", *inputs, split_size=split_size)
+    old = queue_pass(monkeypatch, "classic", *inputs, split_size=split_size)
+    assert launches == [True], "the pipelined kernel did not run"
+    assert_same_bits(new, old, f"{name} {dtype} split {split_size}")
+    if name == "all_excluded":
+        assert (old.sum_ws == 0).any() and torch.isinf(old.max_ws).any()
+    if name == "nonfinite":
+        assert torch.isnan(old.sum_ws).any() and torch.isfinite(old.acc_ws).any()
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter")
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_twin_filtering_and_loss_only_equal_the_classic_kernel(monkeypatch, launches, compute_grad):
+    inputs = scenario("random", torch.float16)
+    kwargs = dict(threshold=0.1, compute_grad=compute_grad, split_size=96, scale=50.0)
+    new = queue_pass(monkeypatch, "pipelined", *inputs, **kwargs)
+    old = queue_pass(monkeypatch, "classic", *inputs, **kwargs)
+    assert launches == [compute_grad]
+    assert_same_bits(new, old, f"filtered, compute_grad={compute_grad}")
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter")
+def test_conditional_rescale_skips_tiles_and_keeps_the_bits(monkeypatch):
+    """Sorted queue slots (cosines falling along the queue): after the first tile no
+    row's max grows, so the twin skips the rescale on every later tile, and the
+    result is still the classic kernel's, bit for bit. A twin that rescaled with a
+    wrong alpha or skipped a needed rescale would differ here or in the tests above."""
+    q, y, w, yq = scenario("random", torch.float32)
+    yq = torch.where(yq < 0, 1000, yq)  # every slot kept by every row
+    order = (q.double() @ w.double().t()).mean(0).argsort(descending=True)
+    w, yq = w[order].contiguous(), yq[order].contiguous()
+    new = queue_pass(monkeypatch, "pipelined", q, y, w, yq, split_size=224)
+    old = queue_pass(monkeypatch, "classic", q, y, w, yq, split_size=224)
+    assert_same_bits(new, old, "sorted queue")
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter")
+@pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
+def test_loss_and_gradient_with_the_pipelined_kernel_match_the_reference(monkeypatch, launches, margin):
+    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+    margin = MARGINS[margin]
+    x, k, y, w, yq = make_inputs(ROWS, DIM, SLOTS, num_classes=25, empty=17, dtype=torch.float32, seed=5)
+    args = (margin["scale"], margin.get("m1", 1.0), margin.get("m2", 0.0), margin.get("m3", 0.0),
+            margin.get("interclass_filtering_threshold", 0.0), margin.get("straight_through_margin", False))
+    loss, grad = triton_ops.forward(x, k, y, w, yq, *args, True, split_size=64, config=CONFIG)
+    assert launches == [True]
+    xr = x.double().requires_grad_(True)
+    exact = reference.dcq_cross_entropy(xr, k.double(), y, w.double(), yq, **margin, reduction="none")
+    exact.sum().backward()
+    delta = cosine_rounding(x, w, torch.float32)
+    assert_loss_close(loss, exact.detach(), scale=margin["scale"], delta=delta)
+    assert_grad_close(grad, xr.grad, embeddings=x, scale=margin["scale"], delta=delta,
+                      slope=positive_slope(x, k, margin.get("m1", 1.0), margin.get("m2", 0.0), margin["scale"],
+                                           margin.get("straight_through_margin", False)),
+                      gemm_dtype=torch.float32)
+
+
+def test_the_classic_kernel_is_the_default_and_the_choice_is_checked(monkeypatch):
+    q, _, w, _ = scenario("random", torch.float16)
+    monkeypatch.delenv(hopper_launch.ENV, raising=False)
+    assert hopper_launch.selected_kernel() == "classic"
+    assert not hopper_launch.applies(q, w, 64, 32, CONFIG, (9, 0))
+    monkeypatch.setenv(hopper_launch.ENV, "fastest")
+    with pytest.raises(ValueError, match="DCQ_OPS_SM90_KERNEL must be one of classic, pipelined, got 'fastest'"):
+        hopper_launch.selected_kernel()
+
+
+def test_where_the_pipelined_kernel_applies(monkeypatch):
+    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+    q, _, w, _ = scenario("random", torch.float16)
+    block_k = CONFIG["BLOCK_K"]
+    if kernels.INTERPRETED:  # the twin: any split that is a multiple of the tile
+        assert hopper_launch.applies(q, w, 64, block_k, CONFIG, None)
+        assert not hopper_launch.applies(q, w, 48, block_k, CONFIG, None)  # a tile would straddle two splits
+        assert not hopper_launch.applies(q, w[:0], 64, block_k, CONFIG, None)  # an empty queue
+        assert not hopper_launch.applies(q[:, :45], w[:, :45], 64, block_k, CONFIG, None)  # 90-byte rows
+    else:
+        q = q.to(torch.bfloat16)
+        w = w.to(torch.bfloat16)
+        assert not hopper_launch.applies(q, w, 128, 64, None, (8, 0))  # not sm_90
+        assert not hopper_launch.applies(q.float(), w.float(), 128, 64, None, (9, 0))  # not 16-bit
+        assert not hopper_launch.applies(q, w, 96, 64, None, (9, 0))  # split not a multiple of 64
+        assert not hopper_launch.applies(q, w, 128, 32, CONFIG, (9, 0))  # another tile configuration
+        assert hopper_launch.applies(q, w, 128, 64, None, (9, 0)) == hopper.AVAILABLE
+
+
+@pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
+def test_gluon_kernel_compiles_for_sm90_at_ideal_work_without_serialized_wgmma(tmp_path):
+    """Compiled for sm_90a without a GPU (bf16, D=512, with the gradient): each MMA
+    once (FLOPs / ideal 1.0, 1.125 exponentials a logit), at most one wgmma wait per
+    four HGMMA in the loop and no ptxas warning (C7510/C7515/C7516: serialized wgmma),
+    queue tiles by TMA (UTMALDG, no cp.async), no spills, shared memory within 227 KiB."""
+    out = tmp_path / "hopper.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hopper_sass.py"), "--dtypes", "bf16",
+                          "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (grad,) = [e for e in json.loads(out.read_text())["entries"] if e["gradient"]]
+    counts = grad["per_iteration"]
+    assert grad["mma_flops_over_ideal"] == 1.0 and grad["exponentials_per_logit"] <= 1.125, grad
+    assert counts["hgmma"] == 36 and counts["warpgroup.depbar"] * 4 <= counts["hgmma"], grad
+    assert not any(w for w in grad["ptxas_warnings"] if "C75" in w), grad["ptxas_warnings"]
+    assert counts["utmaldg"] >= 1 and counts["ldgsts"] == 0, grad
+    assert grad["spill_bytes"] == 0 and grad["shared"] <= 232448, grad
