@@ -10,7 +10,7 @@ import torch
 
 from dcq_ops import downgrades
 from dcq_ops.ops import chunked
-from dcq_ops.triton.configs import ARCHITECTURES, tile_config
+from dcq_ops.triton.configs import ARCHITECTURES, tile_config, tile_configs
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +87,20 @@ def test_missing_mm_dtype_out_is_said_once_and_recorded(monkeypatch):
     # It concerns CUDA only: not listed for the CPU, listed for any CUDA device.
     assert downgrades.downgrades("cpu") == []
     assert [r["feature"] for r in downgrades.downgrades("cuda:1")] == ["aten::mm.dtype_out"]
+
+
+def test_a_tile_that_spills_for_wide_embeddings_is_said(recwarn):
+    # D = 4096 with 16-bit operands: even the smallest tile holds 512 accumulator registers a thread.
+    with pytest.warns(RuntimeWarning, match="D=4096"):
+        (config,) = tile_configs(ARCHITECTURES["sm_90"], 2, 4096)
+    (record,) = downgrades.downgrades()
+    assert "register spills" in record["consequence"] and str(config.as_dict()) in record["what"]
+    # D = 512 fits every architecture: nothing is said.
+    recwarn.clear()
+    for architecture in ARCHITECTURES.values():
+        tile_configs(architecture, 2, 512)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert len(downgrades.downgrades()) == 1
 
 
 def test_summary_is_one_line_for_backends(monkeypatch):

@@ -137,8 +137,19 @@ def tile_configs(architecture: Architecture, element_size: int, dim: int, tf32: 
             and c.accumulator_registers(block_d) <= ACCUMULATOR_REGISTERS]
     if fits:
         return fits
-    # Very wide embeddings: the smallest tile, even if it spills.
-    return [options[-1]]
+    # Very wide embeddings: the smallest tile, even if it spills (then said once:
+    # a silent slowdown otherwise).
+    smallest = options[-1]
+    if smallest.accumulator_registers(block_d) > ACCUMULATOR_REGISTERS:
+        from dcq_ops.downgrades import note  # here: configs imports nothing of the package
+
+        note(f"a queue-pass tile whose accumulator fits the registers at D={dim} ({element_size}-byte operands, "
+             f"{architecture.name})",
+             f"the smallest tile {smallest.as_dict()} is used, with {smallest.accumulator_registers(block_d)} "
+             f"accumulator registers a thread (of {ACCUMULATOR_REGISTERS} budgeted)",
+             "register spills: the same results, a slower queue pass",
+             "backend='chunked' for embeddings this wide, or a smaller embedding size")
+    return [smallest]
 
 
 def tile_config(architecture: Architecture, element_size: int, dim: int, tf32: bool = False) -> TileConfig:
