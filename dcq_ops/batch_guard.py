@@ -57,10 +57,28 @@ _FIRST_BAD, _REASONS, _DEGENERATE, _BAD_RANK, _BAD_RANKS, _REFUSED = range(6)
 _MAX_PENDING = 32
 
 
-def zero_rows(class_weights: torch.Tensor) -> torch.Tensor:
-    """Which rows are zero vectors [N] bool: they have no direction, so they would enter the
-    queue as zero rows (a "class weight" similar to nothing), which no generator produces."""
-    return class_weights.abs().amax(dim=1) == 0
+# The normalisation's epsilon (F.normalize's; docs/loss.md, "Any magnitude"): a row is
+# divided by max(||row||, MIN_ROW_NORM), so only a row at least this long becomes a unit row.
+MIN_ROW_NORM = 1e-12
+
+
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """The norms [N] float64 that the enqueue divides by: of the rows rounded to float32 (what
+    the enqueue kernels read), summed in float64, where no float32 square over- or underflows."""
+    return torch.linalg.vector_norm(rows.float(), dim=1, dtype=torch.float64)
+
+
+def holdable_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Which rows [N] bool the queue can hold: those that normalisation turns into unit rows,
+    i.e. whose norm (:func:`row_norms`) is finite and at least ``MIN_ROW_NORM``.
+
+    This is the one rule of the batch check and the state check
+    (:func:`dcq_ops.queue.check_queue_state`): a zero row has no direction; a row shorter
+    than ``MIN_ROW_NORM`` would enter the queue shorter than 1 (the loss's normalisation
+    divides it by ``MIN_ROW_NORM``, not by its norm), and a row past float32's range as
+    NaN; a checkpoint of either would not load. Device ops only (no host sync)."""
+    norms = row_norms(rows)
+    return (norms >= MIN_ROW_NORM) & torch.isfinite(norms)
 
 
 def describe(reasons: int, num_classes: int | None) -> str:
@@ -75,7 +93,8 @@ def describe(reasons: int, num_classes: int | None) -> str:
     if reasons & BAD_CLASS_WEIGHTS:
         words.append("NaN or infinite values in class_weights (class_weights must be finite)")
     if reasons & ZERO_CLASS_WEIGHTS:
-        words.append("a class_weights row of zeros (class weights must be nonzero: they are normalised)")
+        words.append(f"a class_weights row of zeros, or of a norm below {MIN_ROW_NORM:g} or past float32's range "
+                     "(class weights must be nonzero and normalisable: the queue holds unit rows)")
     if reasons & INPUT_REFUSED:
         words.append("an input that rank refused (its shape, dtype or device failed that rank's checks; "
                      "that rank's report names the error)")
@@ -121,8 +140,9 @@ class BatchGuard(nn.Module):
         if self.num_classes is not None:
             mask = mask + (labels >= self.num_classes).any().long() * LABEL_TOO_LARGE
         mask = mask + (~torch.isfinite(embeddings)).any().long() * BAD_EMBEDDINGS
-        mask = mask + (~torch.isfinite(class_weights)).any().long() * BAD_CLASS_WEIGHTS
-        mask = mask + zero_rows(class_weights).any().long() * ZERO_CLASS_WEIGHTS
+        finite = torch.isfinite(class_weights).all(dim=1)
+        mask = mask + (~finite).any().long() * BAD_CLASS_WEIGHTS
+        mask = mask + (finite & ~holdable_rows(class_weights)).any().long() * ZERO_CLASS_WEIGHTS
         return mask.view(1)
 
     @staticmethod
@@ -251,9 +271,10 @@ def check_values_now(embeddings, labels, class_weights, num_classes: int | None)
     if torch.compiler.is_compiling():
         _assert_values(embeddings, labels, class_weights, num_classes)
         return
-    low, high, bad_embeddings, bad_weights, zero_weights = torch.stack([
+    finite_rows = torch.isfinite(class_weights).all(dim=1)
+    low, high, bad_embeddings, bad_weights, short_rows = torch.stack([
         labels.min(), labels.max(), (~torch.isfinite(embeddings)).sum(), (~torch.isfinite(class_weights)).sum(),
-        zero_rows(class_weights).sum(),
+        (finite_rows & ~holdable_rows(class_weights)).sum(),
     ]).tolist()
     if low < 0:
         raise ValueError(f"labels must be >= 0, got a label of {low}")
@@ -263,8 +284,10 @@ def check_values_now(embeddings, labels, class_weights, num_classes: int | None)
         raise ValueError(f"embeddings must be finite, got {bad_embeddings} NaN or infinite values")
     if bad_weights:
         raise ValueError(f"class_weights must be finite, got {bad_weights} NaN or infinite values")
-    if zero_weights:
-        raise ValueError(f"class_weights rows must be nonzero (they are normalised), got {zero_weights} rows of zeros")
+    if short_rows:
+        raise ValueError(f"class_weights rows must be nonzero and normalisable (a norm of at least {MIN_ROW_NORM:g} "
+                         f"and within float32's range: the queue holds unit rows), got {short_rows} row(s) of zeros "
+                         "or of a norm outside that range")
 
 
 def _assert_values(embeddings, labels, class_weights, num_classes: int | None) -> None:
@@ -276,4 +299,6 @@ def _assert_values(embeddings, labels, class_weights, num_classes: int | None) -
                             f"labels must be < num_classes = {num_classes}, got a larger label")
     torch._assert_async(torch.isfinite(embeddings).all(), "embeddings must be finite, got NaN or infinite values")
     torch._assert_async(torch.isfinite(class_weights).all(), "class_weights must be finite, got NaN or infinite values")
-    torch._assert_async(~zero_rows(class_weights).any(), "class_weights rows must be nonzero, got a row of zeros")
+    torch._assert_async(holdable_rows(class_weights).all(),
+                        f"class_weights rows must be nonzero and normalisable (norm >= {MIN_ROW_NORM:g}, within "
+                        "float32's range), got a row of zeros or of a norm outside that range")

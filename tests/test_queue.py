@@ -125,3 +125,132 @@ def test_constructor_rejects_bad_arguments():
         dcq_ops.ClassQueue(4, -1)
     with pytest.raises(TypeError, match="dtype"):
         dcq_ops.ClassQueue(4, 4, dtype=torch.int32)
+
+
+# ------------------------------------------------------------------ loading is all or nothing
+
+def _queue_with_state(num_classes=50):
+    loss = dcq_ops.DCQLoss(embedding_size=8, num_classes=num_classes, queue_size=16)
+    loss.queue.enqueue(torch.randn(5, 8, generator=torch.Generator().manual_seed(3)), torch.arange(5))
+    return loss
+
+
+def _good_state():
+    g = torch.Generator().manual_seed(4)
+    return {"queue.weights": torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1),
+            "queue.labels": torch.arange(16), "queue.ptr": torch.tensor([7])}
+
+
+def _with(**changes):
+    def change(state):
+        for key, value in changes.items():
+            if value is None:
+                del state["queue." + key]
+            else:
+                state["queue." + key] = value(state) if callable(value) else value
+        return state
+    return change
+
+
+def _nan_row(state):
+    w = state["queue.weights"].clone()
+    w[2, 1] = float("nan")
+    return w
+
+
+BAD_STATES = {  # case: (change of a good state, words of the error)
+    "another embedding size": (_with(weights=torch.randn(16, 4)), r"queue.weights must be \[16, 8\], got shape \(16, 4\)"),
+    "another queue size": (_with(weights=torch.randn(12, 8)), r"queue.weights must be \[16, 8\]"),
+    "missing ptr": (_with(ptr=None), r"without \['queue.ptr'\]"),
+    "missing labels": (_with(labels=None), r"without \['queue.labels'\]"),
+    "extra key": (_with(extra=torch.zeros(1)), r"unexpected key\(s\) \['queue.extra'\]"),
+    "integer weights": (_with(weights=torch.ones(16, 8, dtype=torch.long)), "queue.weights must be a floating point"),
+    "float ptr": (_with(ptr=torch.tensor([3.7])), r"queue.ptr must be an integer tensor \(int64\), got torch.float32"),
+    "bool ptr": (_with(ptr=torch.tensor([True])), "queue.ptr must be an integer tensor .* got torch.bool"),
+    "float labels": (_with(labels=lambda s: s["queue.labels"].double() + 0.5),
+                     "queue.labels must be an integer tensor .* got torch.float64"),
+    "labels of another length": (_with(labels=torch.arange(15)), r"queue.labels must be \[16\]"),
+    "ptr of two values": (_with(ptr=torch.tensor([1, 2])), "queue.ptr must hold one value"),
+    "ptr past the end": (_with(ptr=torch.tensor([16])), r"queue.ptr must be in \[0, 16\), got 16"),
+    "nan row": (_with(weights=_nan_row), "queue.weights must be finite, got NaN or infinite values in slot 2"),
+    "short row": (_with(weights=lambda s: s["queue.weights"] * 0.5), "must hold a unit-norm row"),
+    "label below -1": (_with(labels=torch.arange(16) - 2), "must be >= -1"),
+    "label of too many classes": (_with(labels=torch.arange(16) + 40), "num_classes"),
+    "not a tensor": (_with(ptr=[3]), "queue.ptr must be a tensor, got list"),
+}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+def test_a_refused_state_leaves_the_queue_exactly_as_it_was(case, strict):
+    """Every check runs before anything is copied, in strict and non-strict loads (torch
+    copies key by key and raises at the end: labels and a pointer used to load beside
+    refused weights, 16 "filled" slots of zero rows; integer weights loaded as zeros, a
+    float pointer and float labels were truncated, and strict=False skipped the check of a
+    state without its pointer)."""
+    change, words = BAD_STATES[case]
+    loss = _queue_with_state()
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=words):
+        loss.load_state_dict(change(_good_state()), strict=strict)
+    after = loss.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+
+
+def test_a_good_state_still_loads_strict_and_not():
+    for strict in (True, False):
+        loss = _queue_with_state()
+        loss.load_state_dict(_good_state(), strict=strict)
+        assert loss.queue.labels.tolist() == list(range(16)) and int(loss.queue.ptr) == 7
+    # strict=False and no queue at all: nothing to load, the queue stays.
+    loss = _queue_with_state()
+    before = loss.queue.labels.clone()
+    result = loss.load_state_dict({}, strict=False)
+    assert sorted(result.missing_keys) == ["queue.labels", "queue.ptr", "queue.weights"]
+    assert torch.equal(loss.queue.labels, before)
+
+
+# ------------------------------------------------------------------ one rule for a row the queue holds
+
+@pytest.mark.parametrize("validate", ["async", "eager"])
+@pytest.mark.parametrize("scale", [1e-20, 1e-13, 0.0])
+def test_a_row_too_short_to_normalise_never_makes_the_state_unloadable(validate, scale):
+    """A class-weight row with 0 < ||k|| < 1e-12 used to pass the batch check and enter the
+    queue with a norm of 3.7e-8..0.33 (the normalisation divides by max(||k||, 1e-12)),
+    after which load_state_dict(own state_dict()) raised: no later checkpoint resumed."""
+    g = torch.Generator().manual_seed(7)
+    loss = dcq_ops.DCQLoss(embedding_size=8, num_classes=20, queue_size=16, validate=validate)
+    x, k, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.arange(4)
+    k[2] = torch.randn(8, generator=g) * scale
+    if validate == "eager":
+        with pytest.raises(ValueError, match="class_weights rows must be nonzero and normalisable"):
+            loss(x, y, k)
+    else:
+        loss(x, y, k)
+        with pytest.raises(ValueError, match="a class_weights row of zeros, or of a norm below 1e-12"):
+            loss(x, y, torch.randn(4, 8, generator=g))
+    assert (loss.queue.labels == -1).all(), "the batch with the short row was not enqueued"
+    loss(x, y, torch.randn(4, 8, generator=g))  # the run goes on
+    fresh = dcq_ops.DCQLoss(embedding_size=8, num_classes=20, queue_size=16)
+    fresh.load_state_dict(loss.state_dict())  # the module's own state always loads
+    assert torch.equal(fresh.queue.labels, loss.queue.labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_row_the_batch_check_lets_in_enqueues_as_a_row_the_state_check_takes(dtype):
+    """The two checks agree at the boundary: rows just above 1e-12 (and fp32-subnormal
+    entries, huge fp32 entries, float64 beyond float32's range) are either refused by the
+    batch check or enqueued as unit rows that load back."""
+    from dcq_ops.batch_guard import holdable_rows
+    g = torch.Generator().manual_seed(11)
+    direction = torch.nn.functional.normalize(torch.randn(8, 8, generator=g, dtype=torch.float64), dim=1)
+    norms = torch.tensor([1e-12 * (1 + 1e-6), 1e-12 * (1 - 1e-6), 3e-13, 1e-40, 1e-3, 1e30, 1e38, 1e200],
+                         dtype=torch.float64)
+    rows = direction * norms[:, None]
+    held = holdable_rows(rows)
+    assert held.tolist() == [True, False, False, False, True, True, True, False]
+    queue = dcq_ops.ClassQueue(8, 8, dtype=dtype)
+    queue.enqueue(rows[held].float() if dtype != torch.float32 else rows[held], torch.arange(int(held.sum())))
+    dcq_ops.ClassQueue(8, 8, dtype=dtype).load_state_dict(queue.state_dict())
