@@ -63,10 +63,18 @@ def build_models(config: TrainConfig, num_classes: int, channels: int, world_siz
 
 
 def build_optimizer(params: list, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW over ``params``, as ``config.optimizer`` says."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    """SGD (with momentum) or AdamW over ``params``, as ``config.optimizer`` says; fused
+    where the device has the kernels (CPU and CUDA do): one kernel per step, and a fused
+    optimizer skips a bad step's update itself (the bad-step guard's ``found_inf``)."""
+    for fused in (True, False):
+        try:
+            if config.optimizer == "sgd":
+                return torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum,
+                                       weight_decay=config.weight_decay, fused=fused)
+            return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+        except RuntimeError:  # no fused kernels for these parameters' device or dtype
+            if not fused:
+                raise
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int,

@@ -1,13 +1,17 @@
 """The bad-step guard: a step with NaN or inf in its loss, its gradients or the
 head's inputs never reaches the weights. Whether a step is kept is decided on the
-device, with no host sync: :class:`StepUndo` copies what a step changes (the
-trainable parameters, the optimizer state, BatchNorm statistics) before it and puts
-it back where the device-side flag says the step was bad; :class:`StepGuard` makes
-that flag, holds the flags until the loop reads them where it syncs anyway, counts
-the bad steps, logs each one and stops the run (:class:`TrainingError`) past
-``--max-bad-steps``."""
+device, with no host sync. With a fused optimizer (SGD, Adam, AdamW with
+``fused=True``) the optimizer itself skips the update where the device-side flag says
+so (its ``found_inf``, the flag GradScaler hands it), and :class:`StepUndo` copies only
+what the optimizer cannot protect: the BatchNorm statistics that the forward moved.
+Any other optimizer gets the full copy (the trainable parameters and its state as
+well). :class:`StepGuard` makes the flag, holds the flags until the loop reads them
+where it syncs anyway, counts the bad steps, logs each one and stops the run
+(:class:`TrainingError`) past ``--max-bad-steps``."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -121,19 +125,47 @@ def step_tensors(params: list, optimizer: torch.optim.Optimizer, buffers: dict) 
     return tensors
 
 
+def skips_in_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` skips its whole update (parameters and state) on a
+    device-side flag: the fused SGD, Adam and AdamW read ``optimizer.found_inf`` (the
+    attribute GradScaler sets for them) and leave everything as it was where it is 1.
+    Read at every step: a checkpoint's optimizer state written without ``fused`` turns
+    it off on load.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+
+    Returns
+    -------
+    bool
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups)
+
+
 class StepGuard:
     """The bad steps of a run: the flags of the steps since the last read, the count of
     the whole run (``bad_steps``; a resumed run starts from its checkpoint's) and the
     steps this process skipped (``skipped_steps``).
 
-    ``tensors`` returns what a step changes ({key: tensor}, see :class:`StepUndo`);
+    ``tensors`` returns everything a step changes ({key: tensor}, see :class:`StepUndo`:
+    the parameters, the optimizer state, ``buffers``), copied when ``optimizer`` cannot
+    skip an update itself; ``buffers`` ({key: tensor}, the BatchNorm statistics) is what
+    the forward changes, the only copy when it can (:func:`skips_in_optimizer`).
     ``validate`` "off" checks nothing (a bad step reaches the weights); ``grads_checked``
     False leaves the gradients to the fp16 GradScaler, which skips a step whose scaled
     gradients overflowed itself (that tunes its scale, it is no bad step)."""
 
     def __init__(self, tensors, *, validate: str, max_bad_steps: int, grads_checked: bool, device: torch.device,
-                 world_size: int):
-        self.undo = StepUndo(tensors) if validate != "off" else None
+                 world_size: int, optimizer: torch.optim.Optimizer | None = None, buffers: dict | None = None):
+        enabled = validate != "off"
+        self._full_undo = StepUndo(tensors) if enabled else None
+        self._buffer_undo = StepUndo(lambda: buffers) if enabled and optimizer is not None and buffers is not None \
+            else None
+        self.optimizer = optimizer
+        self.undo = self._full_undo  # the copy of this step (save() picks it)
+        self._state_before: set = set()
         self.max_bad_steps = max_bad_steps
         self.grads_checked = grads_checked
         self.device = device
@@ -146,7 +178,60 @@ class StepGuard:
     @property
     def enabled(self) -> bool:
         """Whether steps are checked (validate is not "off")."""
-        return self.undo is not None
+        return self._full_undo is not None
+
+    @property
+    def in_optimizer(self) -> bool:
+        """Whether this step's update is skipped by the optimizer (fused, see
+        :func:`skips_in_optimizer`), with only the BatchNorm statistics copied."""
+        return self.undo is self._buffer_undo and self._buffer_undo is not None
+
+    def save(self) -> None:
+        """Before the step's forward (which moves the BatchNorm statistics): copy what
+        the step may change and the optimizer cannot protect."""
+        if self._buffer_undo is not None and skips_in_optimizer(self.optimizer):
+            self.undo = self._buffer_undo
+            # Parameters with optimizer state now: a state created by this step is reset after a bad one.
+            self._state_before = {id(p) for p in self.optimizer.state}
+        else:
+            self.undo = self._full_undo
+        self.undo.save()
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, kept: torch.Tensor) -> None:
+        """The optimizer step (and the scaler's update), kept where ``kept`` (a device
+        bool from :meth:`kept`), undone everywhere else, with no host sync.
+
+        A fused optimizer gets ``found_inf = not kept`` and skips the whole update (its
+        state and Adam's step counter included) in its own kernel; under fp16 the
+        GradScaler hands it the flag (``kept`` put one NaN into the gradients where
+        the step is bad: see :meth:`kept`). What the step changes besides (the
+        BatchNorm statistics; an optimizer state created by this very step, which
+        fused SGD allocates uninitialised) goes back as :class:`StepUndo` says.
+        Any other optimizer steps as usual and the full copy is put back.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+        scaler : torch.amp.GradScaler
+        kept : torch.Tensor
+            Whether the step is kept, a bool on the device.
+        """
+        if self.in_optimizer and not scaler.is_enabled():
+            optimizer.found_inf = (~kept).to(torch.float32).reshape(())
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        else:
+            scaler.step(optimizer)
+        scaler.update()
+        self.undo.restore(kept)
+        if self.in_optimizer:
+            new = [value for p, state in optimizer.state.items() if id(p) not in self._state_before
+                   for value in state.values() if isinstance(value, torch.Tensor) and value.device == kept.device]
+            for group in _by_device_and_dtype(new).values():
+                group.select_(kept, None)  # a fresh optimizer's state: zeros (SGD's momentum, Adam's moments)
 
     def collect_report(self, head, first_step: int) -> None:
         """Ask the DCQ head for the report of a batch it kept out of its queue (DCQLoss
@@ -174,6 +259,15 @@ class StepGuard:
             flag = kept.to(torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             kept = flag.bool()
+        if self.in_optimizer and not self.grads_checked:
+            # fp16: the GradScaler sets the fused optimizer's found_inf from the gradients
+            # (and lowers its scale): one NaN in one gradient where the step is bad makes
+            # it skip this step too. Here, before clipping unscales them.
+            grad = next((p.grad for p in params if p.grad is not None), None)
+            if grad is not None:
+                while grad.dim():  # its first element, as a view (written through)
+                    grad = grad[0]
+                grad.add_(torch.where(kept, 0.0, math.nan).to(grad.dtype))
         return kept
 
     def _grads_finite(self, params) -> torch.Tensor:

@@ -103,7 +103,7 @@ class Trainer:
         # until the loop reads them where it syncs anyway (_read_bad_steps).
         self.guard = StepGuard(self._undoable, validate=config.validate, max_bad_steps=config.max_bad_steps,
                                grads_checked=not self.scaler.is_enabled(), device=self.device,
-                               world_size=self.world_size)
+                               world_size=self.world_size, optimizer=self.optimizer, buffers=self._buffers)
         # DCQLoss checks a batch's values on the host itself under eager validation and
         # under several ranks (its exchange syncs anyway) and raises: the loop runs that
         # check first, so that a bad batch is a skipped step rather than the end of the run.
@@ -264,7 +264,7 @@ class Trainer:
         self.head.train()
         guard = self.guard
         if guard.enabled:
-            guard.undo.save()  # before the forward, which moves the BatchNorm statistics
+            guard.save()  # before the forward, which moves the BatchNorm statistics
             if not self._host_checks and self.config.head == "dcq":
                 guard.collect_report(self.head, self._first_step)
         with self._autocast():
@@ -290,10 +290,11 @@ class Trainer:
         if self.config.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), self.config.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if guard.enabled:
-            guard.undo.restore(kept)
+        if guard.enabled:  # the update where kept, skipped (by a fused optimizer) or undone elsewhere
+            guard.step(self.optimizer, self.scaler, kept)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self._advance()
         if guard.enabled:
             guard.record(self.step, kept)
