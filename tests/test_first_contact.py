@@ -367,3 +367,242 @@ def test_out_of_memory_in_the_comparison_skips_the_check_with_a_warning(monkeypa
     expected, _ = loss_and_grad(inputs, MARGINS["cosface"], "chunked")  # unchecked, the backend's own rows
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     assert len(first_contact.outcomes()) == 1  # not retried
+
+
+# ----------------------------------------------------------------------------
+# Any exception of the first call demotes (issue 27, hole 1)
+
+
+def first_contact_warnings(caught):
+    return [str(w.message) for w in caught if "first-contact" in str(w.message)]
+
+
+def test_a_launch_error_demotes_triton_with_one_warning_and_chunked_answers(triton_ops, monkeypatch):
+    # What a GPU says when a configuration asks for more registers than it has: the
+    # interpreter's launch raises it here, on the first call of the class.
+    from triton.runtime import interpreter
+
+    inputs = make_inputs(**TINY, seed=40)
+    margin = MARGINS["arcface"]
+    expected_loss, expected_grad = loss_and_grad(inputs, margin, "chunked")
+    first_contact.reset()
+
+    def no_launch(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: too many resources requested for launch\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", no_launch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, grad = loss_and_grad(inputs, margin, "triton")  # the backward of the first call too
+    (message,) = first_contact_warnings(caught)
+    assert "backend 'triton' failed on cpu" in message and "its first call raised RuntimeError: CUDA error: too " \
+        "many resources requested for launch." in message and "run 'chunked' instead" in message, message
+    assert "might be" not in message  # the first line only
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    outcome = [o for o in first_contact.outcomes() if o.backend == "triton"][0]
+    assert outcome.status == "demoted" and outcome.fallback == "chunked" and outcome.comparator is None
+    assert outcome.reason == "RuntimeError: CUDA error: too many resources requested for launch"
+    assert "too many resources requested for launch" in dcq_ops.backends("cpu")["triton"]
+    # The class stays demoted: no second warning, chunked's numbers.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again, again_grad = loss_and_grad(inputs, margin, "triton")
+    torch.testing.assert_close(again, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(again_grad, expected_grad, rtol=0, atol=0)
+
+
+def _compilation_error():
+    import ast
+
+    from triton.compiler.errors import CompilationError
+    return CompilationError("def queue_pass_kernel(...): ...", ast.parse("x").body[0], "shared memory overflow")
+
+
+@pytest.mark.parametrize("error", ["compilation", "ptxas", "out_of_resources"])
+def test_a_compile_error_demotes_triton(triton_ops, monkeypatch, error):
+    # Triton compiles a kernel at its first run (JITFunction.run; the interpreter's
+    # InterpretedFunction.run here): a front-end error, a ptxas failure, or a
+    # configuration that does not fit this GPU's shared memory.
+    from triton.runtime import errors, interpreter
+
+    raised = {"compilation": _compilation_error, "ptxas": lambda: errors.PTXASError("ptxas fatal : Unresolved "
+                                                                                     "extern function 'x'"),
+              "out_of_resources": lambda: errors.OutOfResources(262144, 232448, "shared memory")}[error]
+
+    def no_compile(self, *args, **kwargs):
+        raise raised()
+
+    inputs = make_inputs(**TINY, seed=41)
+    margin = MARGINS["cosface_filtered"]
+    expected, _ = loss_and_grad(inputs, margin, "chunked")
+    first_contact.reset()
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", no_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _ = loss_and_grad(inputs, margin, "triton")
+    (message,) = first_contact_warnings(caught)
+    name = type(raised()).__name__
+    assert f"its first call raised {name}:" in message, message
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert name in dcq_ops.backends("cpu")["triton"]
+
+
+def test_an_exception_of_chunked_demotes_it_to_the_reference(monkeypatch):
+    inputs = make_inputs(seed=42)
+    margin = MARGINS["cosface"]
+    expected_loss, expected_grad = loss_and_grad(inputs, margin, "reference")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(chunked, "dcq_cross_entropy", broken)
+    with pytest.warns(RuntimeWarning, match="its first call raised RuntimeError: CUDA error: no kernel image"):
+        loss, grad = loss_and_grad(inputs, margin, "chunked")
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    (outcome,) = first_contact.outcomes()
+    assert outcome.status == "demoted" and outcome.fallback == "reference"
+
+
+def test_bad_input_still_raises_and_interrupts_and_out_of_memory_are_not_swallowed(monkeypatch):
+    x, k, y, w, yq = make_inputs(seed=43)
+    with pytest.raises(ValueError, match="embeddings"):  # validation, before any backend runs
+        dcq_ops.dcq_cross_entropy(x[:, :10], k, y, w, yq, backend="chunked")
+    with pytest.raises(TypeError):
+        dcq_ops.dcq_cross_entropy(x, k, y.float(), w, yq, backend="chunked")
+    for error in (KeyboardInterrupt(), torch.OutOfMemoryError("CPU out of memory (test)")):
+        def raising(*args, error=error, **kwargs):
+            raise error
+
+        with monkeypatch.context() as patch:
+            patch.setattr(chunked, "dcq_cross_entropy", raising)
+            with pytest.raises(type(error)):
+                loss_and_grad((x, k, y, w, yq), MARGINS["cosface"], "chunked")
+    assert first_contact.outcomes() == [] and demotions() == []
+
+
+# ----------------------------------------------------------------------------
+# Classes keyed on the launch plan; every row of the last row block compared (hole 4)
+
+
+def corrupt_last_partial_block(monkeypatch, module, name, block, which):
+    """Replace ``module.name`` (a (loss, grad) function of the embeddings first) by one whose
+    loss is off on the row ``which`` of the last row block, only when that block is partial."""
+    original = getattr(module, name)
+
+    def wrong(embeddings, *args, **kwargs):
+        loss, grad = original(embeddings, *args, **kwargs)
+        rows = embeddings.shape[0]
+        if rows % block:
+            loss = loss.clone()
+            loss[rows - rows % block + which] += 0.25
+        return loss, grad
+
+    monkeypatch.setattr(module, name, wrong)
+
+
+def test_a_wrong_row_tail_of_chunked_is_caught_in_an_already_checked_bucket(monkeypatch):
+    # 36 rows: register blocks of 6 rows, no tail. 40 rows (same power-of-two bucket, once
+    # unchecked): a tail of 4 rows whose second row is wrong, not among the 16 spread rows.
+    margin = MARGINS["arcface"]
+    corrupt_last_partial_block(monkeypatch, chunked, "dcq_cross_entropy", 6, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss_and_grad(make_inputs(rows=36, seed=44), margin, "chunked")
+    assert 37 not in first_contact.check_rows(40, "cpu").tolist()  # the spread alone misses it
+    inputs = make_inputs(rows=40, seed=45)
+    with pytest.warns(RuntimeWarning, match="first-contact check of backend 'chunked' failed"):
+        loss, _ = loss_and_grad(inputs, margin, "chunked")
+    expected, _ = loss_and_grad(inputs, margin, "reference")
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert [o.status for o in first_contact.outcomes()] == ["passed", "demoted"]
+
+
+def test_a_wrong_row_tail_of_triton_is_caught_in_an_already_checked_bucket(triton_ops, monkeypatch):
+    # BLOCK_M = 16 in the interpreter: 48 rows fill three row blocks; 45 rows (same bucket,
+    # N <= 64) leave a last block of 13 rows, whose second row the kernel gets wrong here.
+    margin = MARGINS["cosface"]
+    tiny = dict(TINY, rows=48)
+    corrupt_last_partial_block(monkeypatch, triton_ops, "forward", 16, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss_and_grad(make_inputs(**tiny, seed=46), margin, "triton")
+    assert 33 not in first_contact.check_rows(45, "cpu").tolist()
+    inputs = make_inputs(**dict(tiny, rows=45), seed=47)
+    with pytest.warns(RuntimeWarning, match="first-contact check of backend 'triton' failed") as caught:
+        loss, _ = loss_and_grad(inputs, margin, "triton")
+    assert len(first_contact_warnings(caught)) == 1
+    expected, _ = loss_and_grad(inputs, margin, "chunked")
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    statuses = [(o.backend, o.status) for o in first_contact.outcomes()]
+    assert ("triton", "demoted") in statuses and statuses[0] == ("triton", "passed")
+    assert "launch plan (13, 16" in [o for o in first_contact.outcomes() if o.status == "demoted"][0].shape_class
+
+
+def test_the_split_plan_is_part_of_the_class(triton_ops):
+    from dcq_ops.triton import launch
+
+    # Same rows, same power-of-two queue bucket, another split of the queue or queue tail.
+    a, b = (launch.launch_plan(20, slots, 16, torch.float32, True, torch.device("cpu")) for slots in (300, 400))
+    assert (a.num_splits, a.queue_tail) != (b.num_splits, b.queue_tail)
+    x, k, _, w, _ = make_inputs(rows=20, dim=16, slots=400)
+    config = first_contact.MarginConfig(**MARGINS["cosface"])
+    keys = {first_contact.shape_class("triton", x, k, w[:slots], config, True) for slots in (300, 400)}
+    assert len(keys) == 2
+
+
+# ----------------------------------------------------------------------------
+# The float64 loss decides, the queue read in blocks (holes 2 and 3)
+
+
+def test_the_float64_loss_matches_the_reference_in_float64():
+    for name, margin in MARGINS.items():
+        x, k, y, w, yq = make_inputs(seed=48)
+        x[2, 0] = float("nan")
+        w[7, 1] = float("inf")
+        yq[::5] = y[0]  # row 0 excludes many slots
+        config = first_contact.MarginConfig(**margin)
+        xd = x.double().requires_grad_(True)
+        expected = reference.loss_rows(xd, k.double(), y, w.double(), yq, config)
+        expected_grad = torch.autograd.grad(expected.sum(), xd)[0]
+        loss, grad = row_check.exact_loss_and_grad(x, k, y, w, yq, config, True, block_slots=16)
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+    yq[:] = -1  # every slot empty: loss 0, gradient 0
+    loss, grad = row_check.exact_loss_and_grad(x, k, y, w, yq, config, True)
+    assert torch.equal(loss[torch.isfinite(loss)], torch.zeros_like(loss[torch.isfinite(loss)]))
+
+
+def test_the_check_never_copies_the_whole_queue():
+    # The largest tensor the comparison allocates: a block of the queue, never a copy of all
+    # of it (the old check converted the whole queue for the reference: 4 K D bytes here).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+            seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:  # not a view
+                    Largest.bytes = max(Largest.bytes, t.untyped_storage().nbytes())
+            return out
+
+    x, k, y, w, yq = make_inputs(rows=20, dim=32, slots=200_000, num_classes=5000, seed=49)
+    original = first_contact._verdict
+
+    def watched(*args, **kwargs):
+        with Largest():
+            return original(*args, **kwargs)
+
+    first_contact._verdict = watched
+    try:
+        loss_and_grad((x, k, y, w, yq), MARGINS["cosface"], "chunked")
+    finally:
+        first_contact._verdict = original
+    assert first_contact.outcomes()[0].status == "passed"
+    queue_bytes = w.numel() * w.element_size()
+    assert 0 < Largest.bytes <= row_check.EXACT_BLOCK_BYTES < queue_bytes / 2, (Largest.bytes, queue_bytes)
