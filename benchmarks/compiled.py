@@ -2,17 +2,31 @@
 """What the compiler makes of the Triton kernels, without a GPU: a stand-in for
 GPU measurements until one is available.
 
-    python benchmarks/compiled.py                    # sm_80/86/90/100, D=512, every dtype and config
-    python benchmarks/compiled.py --targets 90 --dtypes bf16 --dim 512
+    python benchmarks/compiled.py                    # sm_80/86/90/100, D=512, every kernel, dtype and config
+    python benchmarks/compiled.py --targets 90 --dtypes bf16 --dim 512 --cubins /tmp/cubins
     /path/to/venv-with-triton-3.6/bin/python benchmarks/compiled.py --merge   # add another Triton's report
 
-For every target and every configuration that the dispatcher can choose there
-(dcq_ops.triton.configs.tile_configs: the first is the default, the autotuner
-tries them all), it compiles the queue-pass kernel (with and without the
-gradient accumulator) and the merge kernel as a GPU run would, then reads:
+For every target it compiles, as a GPU run would, every kernel and constexpr
+variant that can launch at that D (KERNELS; other modules append theirs to
+EXTRA_KERNELS):
 
-- registers per thread and spill bytes (``ptxas -v`` on the PTX), and the
-  shared memory (Triton's metadata), against the target's limit;
+- the queue pass, for every configuration the dispatcher can choose there
+  (dcq_ops.triton.configs.tile_configs: the first is the default, the autotuner
+  tries them all), with and without the gradient accumulator, with and without
+  inter-class filtering (FILTER: interclass_filtering_threshold > 0);
+- the repair kernel (after a queue pass with the gradient) at the tiles
+  dcq_ops.triton.launch.repair_tile gives each configuration, with and without
+  filtering;
+- the merge kernel, writing merged partials or finalizing (the loss and the
+  gradient), with and without the gradient, at every (BLOCK_R, BLOCK_S) that
+  launch.merge_blocks can choose at that D.
+
+For each it reads:
+
+- registers per thread, spill bytes and ptxas's warnings and performance
+  advisories (C7510/C7515/C7516 ...): Triton's own ptxas command, its log kept
+  (triton_compile.ptxas_log); the shared memory (Triton's metadata) against
+  the target's limit;
 - in the queue-pass loop (the PTX loop that holds the MMAs): the MMA
   instructions per iteration and their FLOPs divided by the ideal, two GEMMs
   of BLOCK_M x BLOCK_K x D done once each (one without the gradient; > 1:
@@ -20,11 +34,17 @@ gradient accumulator) and the merge kernel as a GPU run would, then reads:
 - in the TTGIR: the layout of each of the two dots (``warpsPerCTA`` of the
   cosine product q W^T and of P W; for tcgen05 the tensor-memory block), and
   how Triton specialised the kernel's ``chain_break`` argument (it must stay a
-  run-time value, see dcq_ops/triton/kernels.py).
+  run-time value, see dcq_ops/triton/kernels.py);
+- on sm_90, the SASS of the loop (sass_counts: HGMMA, their waits, TMA and
+  cp.async loads, exponentials, barriers) and the per-tile cycle model of the
+  16-bit queue pass with the gradient (cycle_model.cycle_model).
+
+``--cubins DIR`` writes each kernel's cubin there, named by target, kernel,
+dtype and configuration; its entry holds the path (``cubin``).
 
 Writes benchmarks/results/compiled.json: one report per Triton version
 (``reports``, keyed by version; ``--merge`` keeps the other versions' reports
-of the file), each with one entry per kernel and configuration, and a summary
+of the file), each with one entry per kernel and variant, and a summary
 of each target's default (its ratios and why they are what they are); prints a
 table. Exit status 1 when a kernel does not compile, spills, or needs more
 shared memory than the target has, or when the sm_90 16-bit default exceeds
@@ -36,26 +56,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import multiprocessing
 import re
-import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-
-# The kernels must be decorated for the compiler, not for Triton's CPU interpreter.
-os.environ.pop("TRITON_INTERPRET", None)
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDABackend, get_ptxas  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import triton_compile  # noqa: E402,F401  (first: it takes Triton out of interpreter mode)
+import triton  # noqa: E402
+from triton_compile import compile_kernel, launch_specialization, ptxas_log  # noqa: E402
 from common import cpu_model, meta, write_json  # noqa: E402
+from cycle_model import cycle_model  # noqa: E402
+from ptx_counts import dot_layouts, loop_counts  # noqa: E402
+from sass_counts import count, disassemble, mma_loop  # noqa: E402
 
 from dcq_ops.triton import kernels, launch  # noqa: E402
 from dcq_ops.triton.configs import ARCHITECTURES, block_d_of, mma_family, tile_configs  # noqa: E402
@@ -87,177 +104,246 @@ REASONS = {
                "repeat an MMA; its shape lives in a run-time descriptor, hence no FLOPs ratio",
 }
 
-# FLOPs of one MMA instruction: (regex on the PTX, FLOPs per issue, issued by "warp" or "warpgroup").
-_PRED = r"^\s*(?:@!?%p\d+\s+)?"  # an optional predicate
-_MMA_SYNC = re.compile(_PRED + r"mma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)", re.M)
-_WGMMA = re.compile(_PRED + r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)", re.M)
-_TCGEN05 = re.compile(_PRED + r"tcgen05\.mma\b", re.M)  # shapes live in a runtime descriptor: counted, not sized
-_EX2 = re.compile(_PRED + r"ex2\.approx\.(?:ftz\.)?(f32|f16x2|bf16x2|f16|bf16)\b", re.M)
-_LABEL = re.compile(r"^(\$L__\w+):", re.M)
-_BRANCH = re.compile(r"^\s*(?:@!?%p\d+\s+)?bra(?:\.uni)?\s+(\$L__\w+);", re.M)
 
 
-def launch_specialization(fn, name: str, value):
-    """How Triton's launcher specialises argument ``name`` of ``fn`` for ``value``: its
-    (type, attribute) from the same native function the launcher calls, with the
-    kernel's do_not_specialize flags: ("constexpr", value) when it would be folded."""
-    param = next(p for p in fn.params if p.name == name)
-    return native_specialize_impl(CUDABackend, value, False, not param.do_not_specialize,
-                                  not param.do_not_specialize_on_alignment)
+@dataclass
+class Variant:
+    """One kernel to compile: what identifies it in the report (``entry``: target,
+    kernel, dtype, configuration, variant flags), how to compile it (``build``:
+    () -> (compiled kernel, extra entry fields)), and, for the cycle model, its
+    tile and warps (``model``: keyword arguments of cycle_model.cycle_model) or None."""
+
+    entry: dict
+    build: Callable
+    model: dict | None = None
+    ideal_work: tuple | None = None  # (MMA FLOPs / ideal, exponentials per logit) it must not exceed
+    tags: list = field(default_factory=list)
 
 
-def compile_kernel(fn, signature, constants, aligned, arch, **options):
-    names = list(signature) + list(constants)
-    signature = dict(signature, **{name: "constexpr" for name in constants})
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options=options)
-
-
-def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill bytes) from ``ptxas -v``."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        gpu = f"sm_{arch}a" if arch in (90, 100) else f"sm_{arch}"
-        run = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    text = run.stdout + run.stderr
-    if run.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
-    registers = max(int(n) for n in re.findall(r"Used (\d+) registers", text))
-    spills = max(int(n) for n in re.findall(r"(\d+) bytes spill stores", text))
-    spills = max([spills] + [int(n) for n in re.findall(r"(\d+) bytes spill loads", text)])
-    return registers, spills
-
-
-def main_loop(ptx: str) -> str:
-    """The body of the PTX loop with the most MMA instructions (a backward branch
-    to a label: the loop over queue tiles, software-pipelined by Triton)."""
-    labels = {m.group(1): m.start() for m in _LABEL.finditer(ptx)}
-    best, best_count = "", -1
-    for branch in _BRANCH.finditer(ptx):
-        start = labels.get(branch.group(1))
-        if start is None or start >= branch.start():
-            continue  # a forward branch
-        body = ptx[start:branch.end()]
-        count = sum(len(r.findall(body)) for r in (_MMA_SYNC, _WGMMA, _TCGEN05, _EX2))
-        if count > best_count:
-            best, best_count = body, count
-    return best
-
-
-_LAYOUT_ALIAS = re.compile(r"^(#[\w.]+) = (.+)$", re.M)
-_DOT_RESULT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\s.*->\s*tensor<(\d+)x(\d+)xf32,\s*(#[\w.]+)")
-_TCGEN05_OP = re.compile(r"ttng\.tc_gen5_mma\s.*?:\s*(.*)$")
-_MEMDESC = re.compile(r"!ttg\.memdesc<(\d+)x(\d+)x\w+,\s*(#[\w.]+)")
-
-
-def _layout_name(definition: str) -> str:
-    """A layout's short description: warpsPerCTA (and the MMA version), or a tensor-memory block."""
-    warps = re.search(r"warpsPerCTA = \[([\d, ]+)\]", definition)
-    if "tensor_memory_encoding" in definition:
-        block = re.search(r"blockM = (\d+), blockN = (\d+)", definition)
-        return f"tmem {block.group(1)}x{block.group(2)}" if block else "tmem"
-    kind = "mma v" + re.search(r"versionMajor = (\d+)", definition).group(1) if "nvidia_mma" in definition \
-        else definition.split("<")[0].lstrip("#")
-    return f"{kind} [{warps.group(1)}]" if warps else kind
-
-
-def dot_layouts(ttgir: str, config, block_d: int) -> dict:
-    """The layouts of the queue pass's dots in the TTGIR: the first dot (the cosines
-    q W^T, result [BLOCK_M, BLOCK_K]) and the second (P W, [BLOCK_M, BLOCK_D]); each
-    its warpsPerCTA (and the layout's kind), or None without that dot. Pipelining
-    may peel copies of a dot; all copies must agree (else the layouts are listed)."""
-    aliases = {m.group(1): m.group(2) for m in _LAYOUT_ALIAS.finditer(ttgir)}
-    found = {"first": [], "second": []}
-    warps = {"first": [], "second": []}
-    for line in ttgir.splitlines():
-        dot = _DOT_RESULT.search(line)
-        if dot:
-            shape, layout = (int(dot.group(2)), int(dot.group(3))), dot.group(4)
-        else:
-            tcgen05 = _TCGEN05_OP.search(line)
-            descs = _MEMDESC.findall(tcgen05.group(1)) if tcgen05 else []
-            if len(descs) < 3:
-                continue
-            shape, layout = (int(descs[2][0]), int(descs[2][1])), descs[2][2]  # the accumulator's
-        definition = aliases.get(layout, layout)
-        which = "first" if shape == (config.block_m, config.block_k) and \
-            (config.block_k != block_d or not found["first"]) else "second"
-        name = _layout_name(definition)
-        if name not in found[which]:
-            found[which].append(name)
-            match = re.search(r"warpsPerCTA = \[([\d, ]+)\]", definition)
-            warps[which].append([int(n) for n in match.group(1).split(",")] if match else None)
-    out = {}
-    for which in ("first", "second"):
-        out[f"{which}_dot_layout"] = " | ".join(found[which]) or None
-        out[f"{which}_dot_warps_per_cta"] = warps[which][0] if len(warps[which]) == 1 else None
-    return out
-
-
-def loop_counts(ptx: str, config, block_d: int, gemms: int) -> dict:
-    """MMA FLOPs and exponentials per loop iteration, relative to the ideal
-    (``gemms`` GEMMs of BLOCK_M x BLOCK_K x D, each done once; one exponential per logit)."""
-    body = main_loop(ptx)
-    warps = config.num_warps
-    flops, instructions, kinds = 0, 0, set()
-    for m, n, k in _MMA_SYNC.findall(body):  # one per warp
-        flops += 2 * int(m) * int(n) * int(k) * warps
-        instructions += 1
-        kinds.add(f"mma.sync m{m}n{n}k{k}")
-    for m, n, k in _WGMMA.findall(body):  # one per warpgroup (4 warps)
-        flops += 2 * int(m) * int(n) * int(k) * max(1, warps // 4)
-        instructions += 1
-        kinds.add(f"wgmma m{m}n{n}k{k}")
-    tcgen05 = len(_TCGEN05.findall(body))
-    if tcgen05:
-        instructions += tcgen05
-        kinds.add("tcgen05.mma")
-    exps = 0
-    for kind in _EX2.findall(body):  # per thread; packed forms hold two
-        exps += (2 if kind.endswith("x2") else 1) * 32 * warps
-    ideal = gemms * (2 * config.block_m * config.block_k * block_d)
-    logits = config.block_m * config.block_k
-    return dict(mma_instructions_per_iteration=instructions, mma_kinds=sorted(kinds),
-                mma_flops_over_ideal=round(flops / ideal, 3) if flops and not tcgen05 else None,
-                exponentials_per_logit=round(exps / logits, 3) if body else None)
-
-
-def queue_pass(dtype: str, precision, block_d: int, config, compute_grad: bool, arch: int):
+def _queue_signature(dtype: str, keys: bool):
     pointers = dict(q_ptr=f"*{dtype}", labels_ptr="*i64", w_ptr=f"*{dtype}", queue_labels_ptr="*i64",
                     max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32")
     scalars = dict(num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32",
-                   scale_log2="fp32", interclass_filtering_threshold="fp32", chain_break="i32", row_bucket="i32",
-                   split_bucket="i32")
-    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, INPUT_PRECISION=precision,
-                     BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_D=block_d)
+                   scale_log2="fp32", interclass_filtering_threshold="fp32", chain_break="i32")
+    if keys:  # the queue pass's autotuning keys
+        scalars.update(row_bucket="i32", split_bucket="i32")
+    return pointers, scalars
+
+
+def _compile_queue_kernel(fn, dtype: str, precision, block_d: int, config, flags: dict, arch: int, keys: bool):
+    """A queue-pass-grid kernel (queue pass or repair) as the launches specialise it."""
+    pointers, scalars = _queue_signature(dtype, keys)
+    constants = dict(flags, INPUT_PRECISION=precision, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+                     BLOCK_D=block_d)
     aligned = list(pointers) + ["num_rows", "queue_size", "dim", "split_size"]
     # chain_break as the launcher specialises the value the launches pass (kernels.CHAIN_BREAK).
-    kind, attribute = launch_specialization(kernels.queue_pass_kernel, "chain_break", kernels.CHAIN_BREAK)
+    kind, attribute = launch_specialization(fn, "chain_break", kernels.CHAIN_BREAK)
     if kind == "constexpr":
         del scalars["chain_break"]
         constants = dict(chain_break=kernels.CHAIN_BREAK, **constants)
     elif attribute == "D":
         aligned.append("chain_break")
-    compiled = compile_kernel(kernels.queue_pass_kernel, dict(pointers, **scalars), constants, aligned, arch,
+    compiled = compile_kernel(fn, dict(pointers, **scalars), constants, aligned, arch,
                               num_warps=config.num_warps, num_stages=config.num_stages)
     return compiled, f"{kind}" + (" (divisible by 16)" if attribute == "D" else "")
 
 
-def merge_kernel(block_d: int, finalize: bool, arch: int):
-    block_r, block_s = launch.merge_blocks(4096, 8, block_d, programs=264)
+def queue_pass(dtype: str, precision, block_d: int, config, compute_grad: bool, arch: int, filtering: bool = True):
+    """The queue-pass kernel compiled for ``arch``: (compiled, how chain_break was specialised)."""
+    return _compile_queue_kernel(kernels.queue_pass_kernel, dtype, precision, block_d, config,
+                                 dict(FILTER=filtering, COMPUTE_GRAD=compute_grad), arch, keys=True)
+
+
+def repair(dtype: str, precision, block_d: int, config, arch: int, filtering: bool):
+    """The repair kernel compiled for ``arch`` at ``config`` (a launch.repair_tile)."""
+    return _compile_queue_kernel(kernels.repair_kernel, dtype, precision, block_d, config,
+                                 dict(FILTER=filtering), arch, keys=False)
+
+
+def merge_kernel(block_d: int, finalize: bool, arch: int, compute_grad: bool = True, blocks=None):
+    """The merge kernel (finalizing or not) at (BLOCK_R, BLOCK_S) ``blocks`` (default:
+    the plan of N=4096 rows, 8 splits, 264 programs)."""
+    block_r, block_s = blocks or launch.merge_blocks(4096, 8, block_d, programs=264)
     pointers = {name: "*fp32" for name in ("max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "out_max_ptr", "out_sum_ptr",
                                            "out_acc_ptr", "pos_logit_ptr", "pos_slope_ptr", "q_ptr", "w_ptr",
                                            "inv_norm_ptr", "loss_ptr", "grad_ptr")}
     scalars = dict(num_rows="i32", dim="i32", num_splits="i32", scale="fp32")
-    constants = dict(FINALIZE=finalize, COMPUTE_GRAD=True, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d)
+    constants = dict(FINALIZE=finalize, COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_S=block_s,
+                     BLOCK_D=block_d)
     compiled = compile_kernel(kernels.merge_kernel, dict(pointers, **scalars), constants,
                               list(pointers) + ["dim"], arch, num_warps=4)
     return compiled, dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
+
+
+def merge_block_plans(block_d: int) -> list[tuple[int, int]]:
+    """Every (BLOCK_R, BLOCK_S) launch.merge_blocks can choose at this BLOCK_D (rows and
+    splits over powers of two, one program to a few thousand), the default plan first."""
+    default = launch.merge_blocks(4096, 8, block_d, programs=264)
+    plans = {default}
+    for rows in (2**i for i in range(0, 21)):
+        for splits in (2**i for i in range(0, 18)):
+            for programs in (1, 2 * 16, 2 * 132, 2 * 1024):
+                plans.add(launch.merge_blocks(rows, splits, block_d, programs=programs))
+    return [default] + sorted(plans - {default})
+
+
+def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list[Variant]:
+    """The queue pass of every configuration, with and without the gradient and filtering;
+    the repair kernel at each configuration's repair tiles, with and without filtering."""
+    target = ARCHITECTURES[TARGETS[arch]]
+    block_d = block_d_of(dim)
+    out = []
+    for name in dtypes:
+        dtype, element_size, precision = DTYPES[name]
+        configs = tile_configs(target, element_size, dim, tf32=precision == "tf32")
+        repairs = {}
+        for rank, config in enumerate(configs[:1] if first_only else configs):
+            repairs.setdefault(launch.repair_tile(config), []).append(rank)
+            for compute_grad in (True, False):
+                for filtering in (False, True):
+                    entry = dict(target=target.name, kernel="queue_pass", gradient=compute_grad, filter=filtering,
+                                 dtype=name, default=rank == 0, BLOCK_D=block_d, **config.as_dict(),
+                                 shared_estimate=config.shared_bytes(block_d, element_size,
+                                                                     mma_family(target.capability)))
+
+                    def build(config=config, compute_grad=compute_grad, filtering=filtering):
+                        compiled, chain_break = queue_pass(dtype, precision, block_d, config, compute_grad, arch,
+                                                           filtering)
+                        return compiled, dict(
+                            **loop_counts(compiled.asm["ptx"], config, block_d, 2 if compute_grad else 1),
+                            **dot_layouts(compiled.asm["ttgir"], config, block_d), chain_break=chain_break)
+                    model = (dict(tile_m=config.block_m, tile_n=config.block_k, dim=dim, warps=config.num_warps,
+                                  num_stages=config.num_stages, gemms=2)
+                             if arch == 90 and compute_grad and element_size == 2 else None)
+                    ideal = IDEAL_WORK.get((target.name, name)) if rank == 0 else None
+                    out.append(Variant(entry, build, model, ideal))
+        for tile, ranks in repairs.items():
+            for filtering in (False, True):
+                entry = dict(target=target.name, kernel="repair", gradient=True, filter=filtering, dtype=name,
+                             default=0 in ranks, BLOCK_D=block_d, **tile.as_dict(),
+                             after_configs=[configs[r].as_dict() for r in ranks])
+
+                def build(tile=tile, filtering=filtering):
+                    compiled, chain_break = repair(dtype, precision, block_d, tile, arch, filtering)
+                    return compiled, dict(chain_break=chain_break)
+                out.append(Variant(entry, build))
+    return out
+
+
+def merge_variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list[Variant]:
+    """The merge kernel (fp32 workspaces, whatever the GEMMs' dtype): merging or finalizing,
+    with and without the gradient, at every block plan."""
+    target = ARCHITECTURES[TARGETS[arch]]
+    block_d = block_d_of(dim)
+    out = []
+    for rank, blocks in enumerate(merge_block_plans(block_d)):
+        for finalize in (False, True):
+            for compute_grad in (True, False):
+                entry = dict(target=target.name, kernel="merge_finalize" if finalize else "merge",
+                             gradient=compute_grad, dtype="fp32", default=rank == 0, BLOCK_D=block_d)
+
+                def build(blocks=blocks, finalize=finalize, compute_grad=compute_grad):
+                    return merge_kernel(block_d, finalize, arch, compute_grad, blocks)
+                out.append(Variant(entry, build))
+    return out
+
+
+# The kernels the report compiles: functions (arch, dtypes, dim, first_only) -> [Variant].
+KERNELS: list = [queue_pass_variants, merge_variants]
+
+# Kernels of other modules (e.g. a Hopper-only queue pass) that the report compiles too,
+# the same way: append a function (arch, dtypes, dim, first_only) -> [Variant] that
+# returns [] where the kernel does not apply. Give each Variant.entry a unique "kernel"
+# name, and Variant.model (cycle_model's tile_m, tile_n, dim, warps, ...) to have its
+# cycle model computed; Variant.ideal_work makes the report fail above that work.
+EXTRA_KERNELS: list = []
+
+
+def _cubin_name(e: dict) -> str:
+    config = (f"m{e['BLOCK_M']}k{e['BLOCK_K']}w{e['num_warps']}s{e['num_stages']}" if "BLOCK_M" in e
+              else f"r{e.get('BLOCK_R')}s{e.get('BLOCK_S')}w{e.get('num_warps')}")
+    flags = ("grad" if e.get("gradient", True) else "loss") + ("_filter" if e.get("filter") else "")
+    return f"{e['target']}_{e['kernel']}_{e['dtype']}_{config}_{flags}.cubin"
+
+
+_MODEL_KEYS = ("components", "clocks_per_tile", "clocks_serialized", "clocks_pipelined", "serialized",
+               "fraction_of_peak", "ms_at_benchmark", "load_structure", "assumptions")
+_SASS_KEYS = ("hgmma", "hgmma_shapes", "hgmma_a_in_registers", "warpgroup_depbar", "warpgroup_arrive", "utmaldg",
+              "ldgsts", "mbarrier_waits", "mufu_ex2", "bar_sync", "local_accesses", "instructions", "non_mma")
+
+_JOBS: list = []  # (Variant, arch, cubin directory): read by the workers by index (forked)
+
+
+def _compile_one(index: int) -> dict:
+    """Compile one variant and read it (a worker's task): the entry, or its error."""
+    variant, arch, cubins = _JOBS[index]
+    entry = dict(variant.entry)
+    try:
+        compiled, extra = variant.build()
+        entry.update(extra)
+        entry.update(ptxas_log(compiled, arch), shared=compiled.metadata.shared)
+        if cubins is not None:
+            path = Path(cubins) / _cubin_name(entry)
+            path.write_bytes(compiled.asm["cubin"])
+            entry["cubin"] = str(path)
+        if arch == 90 and entry["kernel"] != "merge" and not entry["kernel"].startswith("merge"):
+            sass = disassemble(compiled.asm["cubin"])
+            loop = mma_loop(sass)
+            if loop is not None:
+                counts = count(loop.body)
+                entry["sass_loop"] = {k: counts[k] for k in _SASS_KEYS}
+            if variant.model and loop is not None:
+                model = cycle_model(sass, **variant.model)
+                entry["cycle_model"] = {k: model[k] for k in _MODEL_KEYS}
+    except Exception as exc:  # noqa: BLE001 - every failure is reported
+        entry.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return entry
+
+
+def compile_all(variants: list[tuple[Variant, int]], cubins: Path | None, jobs: int) -> list[dict]:
+    """Entries of every (variant, arch), compiled by ``jobs`` forked workers (1: in this process)."""
+    _JOBS[:] = [(v, arch, cubins) for v, arch in variants]
+    if jobs <= 1 or len(_JOBS) <= 1:
+        return [_compile_one(i) for i in range(len(_JOBS))]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_one, range(len(_JOBS)), chunksize=1)
+
+
+def judge(entry: dict, ideal) -> bool:
+    """Whether an entry fails: an error, a spill, shared memory over the target's limit,
+    or (``ideal``) more than the ideal work. Sets entry["ok"] (and "error" on the work)."""
+    limit = ARCHITECTURES[entry["target"]].shared_memory_per_block_optin
+    bad = "error" in entry or entry["spill_bytes"] > 0 or entry["shared"] > limit
+    if ideal and not bad:
+        flops, exps = entry["mma_flops_over_ideal"], entry["exponentials_per_logit"]
+        if flops is None or flops > ideal[0] or exps is None or exps > ideal[1] or \
+                entry["chain_break"].startswith("constexpr"):
+            entry["error"] = (f"above the ideal work: MMA FLOPs / ideal {flops} (at most {ideal[0]}), exponentials "
+                              f"per logit {exps} (at most {ideal[1]}), first dot {entry['first_dot_layout']}, "
+                              f"chain_break {entry['chain_break']}")
+            bad = True
+    entry["ok"] = not bad
+    return bad
+
+
+def _line(e: dict) -> str:
+    limit = ARCHITECTURES[e["target"]].shared_memory_per_block_optin
+    if "error" in e and "registers" not in e:
+        return f"FAIL {e['target']} {e['kernel']} {e['dtype']}: {e['error']}"
+    tiles = (f"M{e['BLOCK_M']} K{e['BLOCK_K']} w{e['num_warps']} s{e['num_stages']}" if "BLOCK_M" in e
+             else f"R{e.get('BLOCK_R')} S{e.get('BLOCK_S')}")
+    flags = ("grad" if e.get("gradient", True) else "loss") + ("+filt" if e.get("filter") else "     ")
+    loop = ""
+    if e["kernel"] == "queue_pass":
+        loop = (f" | MMA/iter {e['mma_instructions_per_iteration']} flops/ideal {e['mma_flops_over_ideal']} "
+                f"exp/logit {e['exponentials_per_logit']} | dot1 {e['first_dot_layout']}")
+    if "cycle_model" in e:
+        m = e["cycle_model"]
+        loop += f" | model {m['clocks_per_tile']} clk/tile, {m['fraction_of_peak']:.0%} of peak"
+    warn = f" | ptxas: {len(e['ptxas_warnings'])} advisory" if e.get("ptxas_warnings") else ""
+    return (f"{'ok  ' if e['ok'] else 'FAIL'} {e['target']} {e['kernel']:<14} {e['dtype']:<4} {flags} "
+            f"{tiles:<18} regs {e['registers']:>3} spill {e['spill_bytes']:>4} B shared {e['shared'] >> 10:>3}/"
+            f"{limit >> 10} KiB{loop}{warn}" + (f"\n     {e['error']}" if "error" in e else ""))
 
 
 def default_summary(entries: list[dict]) -> list[dict]:
@@ -265,7 +351,7 @@ def default_summary(entries: list[dict]) -> list[dict]:
     training case): its ratios, the first dot's layout and why."""
     out = []
     for e in entries:
-        if e["kernel"] != "queue_pass" or not e["default"] or not e["gradient"] or "error" in e:
+        if e["kernel"] != "queue_pass" or not e["default"] or not e["gradient"] or e["filter"] or "error" in e:
             continue
         family = mma_family(ARCHITECTURES[e["target"]].capability)
         flops, exps = e["mma_flops_over_ideal"], e["exponentials_per_logit"]
@@ -289,8 +375,11 @@ def default_summary(entries: list[dict]) -> list[dict]:
                       "candidate that fits without spilling")
         out.append(dict(target=e["target"], dtype=e["dtype"], tiles=f"{e['BLOCK_M']}x{e['BLOCK_K']}",
                         num_warps=e["num_warps"], num_stages=e["num_stages"], mma_flops_over_ideal=flops,
-                        exponentials_per_logit=exps, first_dot_layout=layout, reason=reason))
+                        exponentials_per_logit=exps, first_dot_layout=layout, reason=reason,
+                        ptxas_warnings=e.get("ptxas_warnings"), sass_loop=e.get("sass_loop"),
+                        cycle_model=e.get("cycle_model")))
     return out
+
 
 
 def main(argv=None) -> int:
@@ -298,81 +387,48 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="80,86,90,100", help="compute capabilities x10, comma-separated")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32,tf32", help=f"subset of {','.join(DTYPES)}")
     parser.add_argument("--dim", type=int, default=512, help="embedding size D (the kernel benchmark's: 512)")
-    parser.add_argument("--first-only", action="store_true", help="only the default configuration of each")
+    parser.add_argument("--first-only", action="store_true",
+                        help="only the default configuration of each queue pass (and its repair)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cubins", type=Path, default=None, help="write each kernel's cubin into this directory")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--merge", action="store_true",
                         help="keep the reports of other Triton versions already in --out (this version's is replaced)")
     args = parser.parse_args(argv)
     run_meta = meta("compiled.py", sys.argv[1:] if argv is None else argv, note="compiled without a GPU")
+    try:
+        arches = [int(t) for t in args.targets.split(",")]
+        unknown = [t for t in arches if t not in TARGETS]
+    except ValueError:
+        unknown = [args.targets]
+    if unknown:
+        parser.error(f"--targets must be among {','.join(map(str, TARGETS))}, got {args.targets!r}")
+    dtypes = args.dtypes.split(",")
+    if any(d not in DTYPES for d in dtypes):
+        parser.error(f"--dtypes must be among {','.join(DTYPES)}, got {args.dtypes!r}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be positive, got {args.jobs}")
+    if args.cubins is not None:
+        args.cubins.mkdir(parents=True, exist_ok=True)
 
-    block_d = block_d_of(args.dim)
-    entries, failures = [], 0
     print(f"triton {triton.__version__}, D={args.dim}")
-    for arch in (int(t) for t in args.targets.split(",")):
-        target = ARCHITECTURES[TARGETS[arch]]
-        limit = target.shared_memory_per_block_optin
-        for name in args.dtypes.split(","):
-            dtype, element_size, precision = DTYPES[name]
-            configs = tile_configs(target, element_size, args.dim, tf32=precision == "tf32")
-            for rank, config in enumerate(configs[:1] if args.first_only else configs):
-                for compute_grad in (True, False):
-                    entry = dict(target=target.name, kernel="queue_pass", gradient=compute_grad, dtype=name,
-                                 default=rank == 0, BLOCK_D=block_d, **config.as_dict(),
-                                 shared_estimate=config.shared_bytes(block_d, element_size,
-                                                                     mma_family(target.capability)))
-                    try:
-                        compiled, chain_break = queue_pass(dtype, precision, block_d, config, compute_grad, arch)
-                        registers, spills = ptxas_report(compiled.asm["ptx"], arch)
-                        entry.update(registers=registers, spill_bytes=spills, shared=compiled.metadata.shared,
-                                     **loop_counts(compiled.asm["ptx"], config, block_d, 2 if compute_grad else 1),
-                                     **dot_layouts(compiled.asm["ttgir"], config, block_d),
-                                     chain_break=chain_break)
-                    except Exception as exc:  # noqa: BLE001 - every failure is reported
-                        entry.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                    entries.append(entry)
-        for finalize in (False, True):
-            entry = dict(target=target.name, kernel="merge_finalize" if finalize else "merge", dtype="fp32",
-                         BLOCK_D=block_d)
-            try:
-                compiled, launch = merge_kernel(block_d, finalize, arch)
-                registers, spills = ptxas_report(compiled.asm["ptx"], arch)
-                entry.update(launch, registers=registers, spill_bytes=spills, shared=compiled.metadata.shared)
-            except Exception as exc:  # noqa: BLE001
-                entry.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            entries.append(entry)
-
-    for e in entries:
-        limit = ARCHITECTURES[e["target"]].shared_memory_per_block_optin
-        bad = "error" in e or e["spill_bytes"] > 0 or e["shared"] > limit
-        ideal = IDEAL_WORK.get((e["target"], e["dtype"])) if e["kernel"] == "queue_pass" and e["default"] else None
-        if ideal and not bad:
-            flops, exps = e["mma_flops_over_ideal"], e["exponentials_per_logit"]
-            if flops is None or flops > ideal[0] or exps is None or exps > ideal[1] or \
-                    e["chain_break"].startswith("constexpr"):
-                e["error"] = (f"above the ideal work: MMA FLOPs / ideal {flops} (at most {ideal[0]}), exponentials "
-                              f"per logit {exps} (at most {ideal[1]}), first dot {e['first_dot_layout']}, "
-                              f"chain_break {e['chain_break']}")
-                bad = True
-        e["ok"] = not bad
-        failures += bad
-        if "error" in e and "registers" not in e:
-            print(f"FAIL {e['target']} {e['kernel']} {e['dtype']}: {e['error']}")
-            continue
-        tiles = (f"M{e['BLOCK_M']} K{e['BLOCK_K']} w{e['num_warps']} s{e['num_stages']}"
-                 if e["kernel"] == "queue_pass" else f"R{e['BLOCK_R']} S{e['BLOCK_S']}")
-        loop = ""
-        if e["kernel"] == "queue_pass":
-            loop = (f" | MMA/iter {e['mma_instructions_per_iteration']} flops/ideal {e['mma_flops_over_ideal']} "
-                    f"exp/logit {e['exponentials_per_logit']} | dot1 {e['first_dot_layout']}")
-        print(f"{'ok  ' if e['ok'] else 'FAIL'} {e['target']} {e['kernel']:<14} {e['dtype']:<4} "
-              f"{'grad' if e.get('gradient', True) else 'loss'} {tiles:<18} regs {e['registers']:>3} "
-              f"spill {e['spill_bytes']:>4} B shared {e['shared'] >> 10:>3}/{limit >> 10} KiB{loop}"
-              + (f"\n     {e['error']}" if "error" in e else ""))
+    variants = [(v, arch) for arch in arches for family in KERNELS + EXTRA_KERNELS
+                for v in family(arch, dtypes, args.dim, args.first_only)]
+    entries = compile_all(variants, args.cubins, args.jobs)
+    failures = 0
+    for (variant, _), e in zip(variants, entries):
+        failures += judge(e, variant.ideal_work)
+        print(_line(e))
     summary = default_summary(entries)
     print("defaults with the gradient (the training case):")
     for s in summary:
         print(f"  {s['target']:<6} {s['dtype']:<4} {s['tiles']:<6} w{s['num_warps']} s{s['num_stages']}: "
               f"flops/ideal {s['mma_flops_over_ideal']}, exp/logit {s['exponentials_per_logit']}; {s['reason']}")
+        if s.get("cycle_model"):
+            m = s["cycle_model"]
+            print(f"         cycle model: {m['clocks_per_tile']} clocks a tile ({m['components']}), "
+                  f"{'serialized' if m['serialized'] else 'pipelined'}, {m['fraction_of_peak']:.0%} of bf16 peak, "
+                  f"{m['ms_at_benchmark']} ms at N=4096, K=2^20, D=512")
     report = dict(meta=run_meta, triton=triton.__version__, dim=args.dim, host=cpu_model(),
                   note="compiled without a GPU; FLOPs/ideal > 1 means warps repeat each other's MMAs",
                   defaults=summary, entries=entries)
@@ -386,7 +442,8 @@ def main(argv=None) -> int:
     reports = dict(sorted(reports.items(), key=lambda kv: [int(p) for p in re.findall(r"\d+", kv[0])[:3]],
                           reverse=True))
     write_json(args.out, dict(triton_versions=list(reports), dim=args.dim, reports=reports), run_meta)
-    print(f"{failures} failure(s); wrote {args.out} (reports of Triton {', '.join(reports)})")
+    print(f"{failures} failure(s) in {len(entries)} kernels; wrote {args.out} (reports of Triton "
+          f"{', '.join(reports)})")
     return 1 if failures else 0
 
 

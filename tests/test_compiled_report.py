@@ -117,3 +117,102 @@ def test_cycle_model_pipelined_when_waits_are_few():
 def test_cycle_model_needs_an_mma_loop():
     with pytest.raises(ValueError, match="no loop with MMA"):
         cycle_model.cycle_model("        /*0000*/                   EXIT ;\n", 64, 64, 512)
+
+
+# ----------------------------------------------------------------------------
+# The report, on the sm_90 bf16 default (compiled as a GPU run would; no GPU needed)
+
+
+def _run_report(tmp_path, patch: str, *args):
+    """benchmarks/compiled.py's main in a fresh process (this one may hold Triton in
+    interpreter mode, which cannot compile), after ``patch`` (Python source run with the
+    module imported as ``compiled``), on the sm_90 bf16 default's queue pass and repair."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    import os
+    import subprocess
+
+    root = BENCHMARKS.parent
+    out = tmp_path / "compiled.json"
+    script = tmp_path / "report.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(BENCHMARKS)!r}, {str(root)!r}]\n"
+        "import compiled\n"
+        "compiled.KERNELS = [compiled.queue_pass_variants]\n"
+        f"{patch}\n"
+        f"sys.exit(compiled.main(['--targets', '90', '--dtypes', 'bf16', '--first-only', '--out', {str(out)!r}]"
+        f" + {list(args)!r}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    import json
+    report = json.loads(out.read_text()) if out.exists() else None
+    return run, report
+
+
+def _entries(report):
+    (version_report,) = report["reports"].values()
+    return version_report["entries"]
+
+
+def test_report_fails_on_a_spill_of_the_repair_kernel(tmp_path):
+    """The repair kernel at the queue pass's own tiles (as launched before
+    launch.repair_tile: 64 x 64, 8 warps, 2 stages on sm_90) spills, and the report exits 1 on it."""
+    run, report = _run_report(tmp_path, "compiled.launch.repair_tile = lambda tile: tile")
+    assert run.returncode == 1, run.stdout + run.stderr
+    repairs = [e for e in _entries(report) if e["kernel"] == "repair"]
+    assert len(repairs) == 2 and {e["filter"] for e in repairs} == {False, True}
+    assert all(e["spill_bytes"] > 0 and not e["ok"] for e in repairs), repairs
+    assert all(e["ok"] for e in _entries(report) if e["kernel"] == "queue_pass")
+
+
+def test_report_keeps_ptxas_warnings_cubins_and_the_cycle_model(tmp_path):
+    """Every variant of the sm_90 bf16 default compiles without a spill (the repair at
+    launch.repair_tile's tiles); ptxas's C7515 advisory on the queue pass with the
+    gradient is recorded; --cubins writes each kernel's cubin, named by target, kernel,
+    dtype and configuration, and its entry holds the path; the cycle model is applied."""
+    cubins = tmp_path / "cubins"
+    run, report = _run_report(tmp_path, "", "--cubins", str(cubins))
+    assert run.returncode == 0, run.stdout + run.stderr
+    entries = _entries(report)
+    kinds = sorted((e["kernel"], e["gradient"], e["filter"]) for e in entries)
+    assert kinds == sorted([("queue_pass", g, f) for g in (True, False) for f in (True, False)]
+                           + [("repair", True, False), ("repair", True, True)])
+    names = set()
+    for e in entries:
+        assert e["ok"] and e["spill_bytes"] == 0, e
+        assert isinstance(e["ptxas_warnings"], list)
+        path = Path(e["cubin"])
+        assert path.parent == cubins and path.read_bytes()[:4] == b"\x7fELF", e
+        assert path.name.startswith(f"sm_90_{e['kernel']}_bf16_m{e['BLOCK_M']}k{e['BLOCK_K']}w{e['num_warps']}")
+        names.add(path.name)
+    assert len(names) == len(entries)  # one file each
+    with_grad = [e for e in entries if e["kernel"] == "queue_pass" and e["gradient"]]
+    for e in with_grad:
+        assert any("C7515" in w for w in e["ptxas_warnings"]), e["ptxas_warnings"]
+        assert e["sass_loop"]["hgmma"] == 36 and e["sass_loop"]["mufu_ex2"] == 18, e["sass_loop"]
+        model = e["cycle_model"]
+        assert model["serialized"] and 0 < model["fraction_of_peak"] < 1
+        assert model["components"]["mma_ideal"] == 2048
+    # The cubin is the kernel the report measured: its SASS gives the entry's counts again.
+    e = with_grad[0]
+    sass = sass_counts.disassemble(Path(e["cubin"]).read_bytes())
+    assert sass_counts.count(sass_counts.mma_loop(sass).body)["hgmma"] == e["sass_loop"]["hgmma"]
+
+
+def test_ptxas_log_parsing():
+    import triton_compile
+
+    log = """ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized
+ptxas warning : Registers are spilled to local memory in function 'k', 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : Function properties for k
+    0 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+ptxas info    : Compile time = 392.014 ms
+"""
+    parsed = triton_compile.parse_ptxas_log(log)
+    assert parsed["registers"] == 255 and parsed["spill_bytes"] == 24
+    assert parsed["ptxas_warnings"] == [
+        "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized",
+        "Registers are spilled to local memory in function 'k', 8 bytes spill stores, 8 bytes spill loads"]
