@@ -397,8 +397,10 @@ def test_compiled_report_runs_without_a_gpu(tmp_path):
     report = json.loads(out.read_text())
     entries = report["reports"][triton.__version__]["entries"]
     main = [e for e in entries if e["kernel"] == "queue_pass"]
-    assert len(main) == 2 and all(e["ok"] and e["spill_bytes"] == 0 for e in entries)
-    with_grad = next(e for e in main if e["gradient"])
+    # With and without the gradient and filtering; the repair kernel too.
+    assert len(main) == 4 and all(e["ok"] and e["spill_bytes"] == 0 for e in entries)
+    assert {e["filter"] for e in entries if e["kernel"] == "repair"} == {False, True}
+    with_grad = next(e for e in main if e["gradient"] and not e["filter"])
     assert with_grad["mma_instructions_per_iteration"] > 0 and with_grad["mma_flops_over_ideal"] >= 1.0
     # The sm_90 default at the ideal work (the script fails otherwise): the first dot
     # split between the two warpgroups, chain_break a run-time argument.

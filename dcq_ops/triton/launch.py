@@ -145,6 +145,17 @@ def queue_pass_grid(rows: int, block_m: int, num_splits: int) -> tuple[int]:
     return (programs,)
 
 
+def repair_tile(tile: TileConfig) -> TileConfig:
+    """The repair kernel's configuration after a queue pass run with ``tile``: at most
+    32 x 32, 8 warps, one stage. The repair holds the queue tile in registers (its
+    non-finite values zeroed for the second GEMM), which spills at the queue pass's
+    own tiles (sm_90's 64 x 64: 468 B under Triton 3.8, 830 B under 3.6; sm_86's 16 x
+    32 at 4 warps too); it runs only when the queue holds a non-finite value. It
+    recomputes whole rows of a split, so its tiles need not be the queue pass's. The
+    interpreter's tiles (16 x 32, 32 x 16) are kept, and with them its results."""
+    return TileConfig(min(tile.block_m, 32), min(tile.block_k, 32), num_warps=8, num_stages=1)
+
+
 def merge_blocks(rows: int, num_splits: int, block_d: int, programs: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_S) of the merge kernel: rows per program so that about
     `programs` programs run, then as many splits per tile as fit _MERGE_TILE."""
@@ -306,6 +317,8 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
     tile, candidates = _tile_plan(q_gemm, config)
     split_size, num_splits = _split_plan(rows, queue_size, dim, tile, compute_grad, device, split_size)
     grid = queue_pass_grid(rows, tile.block_m, num_splits)  # checked before the workspace is allocated
+    repair = repair_tile(tile)
+    repair_grid = queue_pass_grid(rows, repair.block_m, num_splits) if compute_grad else None
     f32 = dict(dtype=torch.float32, device=device)
     workspace = Workspace(torch.empty((rows, num_splits), **f32), torch.empty((rows, num_splits), **f32),
                           torch.empty((rows, num_splits, dim) if compute_grad else (1,), **f32), dim, compute_grad)
@@ -332,8 +345,8 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
             queue_pass_kernel[grid](*args, *buckets, **flags, COMPUTE_GRAD=compute_grad, BLOCK_K=tile.block_k,
                                     num_warps=tile.num_warps, num_stages=tile.num_stages)
         if compute_grad:  # a no-op unless the queue holds a non-finite value (see queue_pass_kernel)
-            repair_kernel[grid](*args, **flags, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
-                                num_stages=tile.num_stages)
+            repair_kernel[repair_grid](*args, **dict(flags, BLOCK_M=repair.block_m), BLOCK_K=repair.block_k,
+                                       num_warps=repair.num_warps, num_stages=repair.num_stages)
     return workspace
 
 
