@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import dcq_ops
 from dcq_ops import first_contact, rounding_bound
+from dcq_ops.atomic_write import write_text
 from dcq_ops.backends import select_backend, why_unavailable
 from dcq_ops.margin import MarginConfig
 from dcq_ops.validation import positive_int_argument
@@ -399,8 +400,7 @@ def _write(data: dict, out: str) -> None:
     if out == "-":
         print(text)
     else:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        write_text(out, text + "\n")  # replaced whole: a time limit mid-write keeps the last report
 
 
 def run(args) -> dict:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
+from dcq_ops.atomic_write import atomic_write
 from dcq_ops.training import trainer as trainer_module
 from dcq_ops.training.config import CHOICES, FIELD_BOUNDS, ConfigError, TrainConfig, parse_device
 from dcq_ops.training.step_guard import TrainingError
@@ -139,7 +140,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                        "bad_steps": result["bad_steps"], "skipped_steps": result["skipped_steps"]}
             if "final_eval_generator" in result:
                 summary["final_eval_generator"] = result["final_eval_generator"]
-            with open(os.path.join(config.output, "result.json"), "w") as f:
+            with atomic_write(os.path.join(config.output, "result.json"), "w") as f:  # replaced whole
                 json.dump({**summary, "elapsed_s": result["elapsed_s"]}, f, indent=2)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcq_ops.atomic_write import atomic_write
 from dcq_ops.validation import check_int, check_positive_int
 
 DEFAULT_FARS = (1e-3, 1e-4)
@@ -364,5 +365,5 @@ def write_bin(path: str | os.PathLike, images: Sequence, issame: Sequence[bool],
         buffer = io.BytesIO()
         image.save(buffer, format=format)
         encoded.append(buffer.getvalue())
-    with open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:  # replaced whole: a failure leaves the old file
         pickle.dump((encoded, [bool(x) for x in issame]), f, protocol=pickle.HIGHEST_PROTOCOL)

@@ -28,6 +28,8 @@ import warnings
 
 import numpy as np
 
+from dcq_ops.atomic_write import atomic_write
+
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 FRAME = struct.Struct("<II")        # magic, cflag << 29 | length
@@ -106,10 +108,8 @@ def build_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None 
                 lines.append(f"{len(lines)}\t{record_start}\n")
     if inside:
         raise ValueError(f"{rec_path}: the last record (at byte {record_start}) lacks its final part")
-    tmp = idx_path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(idx_path, "w") as f:  # never a half-written index under the final name
         f.writelines(lines)
-    os.replace(tmp, idx_path)  # never a half-written index under the final name
     return {"rec": rec_path, "idx": idx_path, "records": len(lines)}
 
 
