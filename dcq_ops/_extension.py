@@ -10,16 +10,48 @@ import torch
 
 EXTENSION_ERROR: str | None = None
 
+# How to rebuild the extension against the torch that runs it.
+REINSTALL_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+# An op the extension registers (TORCH_LIBRARY in csrc/dcq_ops.cpp): present once it loaded.
+_PROBE_OP = "dcq_ops::dcq_cross_entropy"
+
+
+def load_error(exc: BaseException) -> str:
+    """What to tell a user whose ``dcq_ops._C`` failed to load with ``exc``: the error (its type
+    and first line), what it most likely means, and the fix.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the import raised: an ImportError (not built; "undefined symbol": built against
+        another torch), an OSError (a library that does not load), or anything raised while
+        the library registers its ops.
+
+    Returns
+    -------
+    str
+    """
+    text = str(exc).strip()
+    first = f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+    mismatch = ("undefined symbol" in text or "symbol not found" in text or "version" in text.lower()
+                or not isinstance(exc, ImportError))
+    why = (f"it was most likely built against another torch than the one running it (torch {torch.__version__} "
+           "here, CUDA " f"{torch.version.cuda or 'none'})" if mismatch else "it is not built")
+    return (f"the compiled extension dcq_ops._C could not be loaded ({first}): {why}. It must be built against the "
+            "torch that runs it: install that torch first, then reinstall from the source tree with "
+            f"`{REINSTALL_COMMAND}` (with CUDA_HOME set for the CUDA kernels). Until then the 'chunked' backend is "
+            "unavailable and the queue uses its pure-PyTorch fallback.")
+
+
 try:
     from dcq_ops import _C  # noqa: F401  (registers torch.ops.dcq_ops.*)
-except ImportError as exc:  # not built, or built against another torch
-    EXTENSION_ERROR = (
-        f"the compiled extension dcq_ops._C could not be loaded ({exc}). "
-        f"It must be built against the torch that runs it (torch {torch.__version__} here): "
-        "install torch first, then reinstall with `pip install --no-build-isolation .` "
-        "(with CUDA_HOME set for the CUDA kernels). Until then the 'chunked' backend is "
-        "unavailable and the queue uses its pure-PyTorch fallback."
-    )
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE_OP, "CPU"):
+        raise ImportError(f"dcq_ops._C loaded but did not register {_PROBE_OP} (undefined symbol or version "
+                          "mismatch while registering)")
+except Exception as exc:  # noqa: BLE001 - not built, built against another torch, or failed registering ops
+    EXTENSION_ERROR = load_error(exc)
 
 
 def extension_loaded() -> bool:

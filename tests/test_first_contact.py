@@ -606,3 +606,63 @@ def test_the_check_never_copies_the_whole_queue():
     assert first_contact.outcomes()[0].status == "passed"
     queue_bytes = w.numel() * w.element_size()
     assert 0 < Largest.bytes <= row_check.EXACT_BLOCK_BYTES < queue_bytes / 2, (Largest.bytes, queue_bytes)
+
+
+# ----------------------------------------------------------------------------
+# An extension built for another torch (issue 27, hole 1): reported with the fix, never a crash
+
+_FAILING_EXTENSION = r"""
+import importlib.abc, importlib.machinery, sys, warnings
+
+class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name == "dcq_ops._C":
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise {error}
+
+sys.meta_path.insert(0, Broken())
+import torch
+import dcq_ops
+print("ERROR:", dcq_ops.EXTENSION_ERROR)
+print("CHUNKED:", dcq_ops.backends("cpu")["chunked"])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(8, 16, generator=g, requires_grad=True)
+w = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # auto's fallback to the reference warns
+    loss = dcq_ops.dcq_cross_entropy(x, torch.randn(8, 16, generator=g), torch.arange(8), w, torch.arange(40) % 11)
+    loss.backward()
+    queue = dcq_ops.ClassQueue(40, 16)
+    queue.enqueue(torch.randn(8, 16, generator=g), torch.arange(8))
+print("LOSS:", float(loss), bool(torch.isfinite(x.grad).all()))
+"""
+
+
+@pytest.mark.parametrize("error", [
+    'ImportError("/site-packages/dcq_ops/_C.abi3.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")',
+    'OSError("libc10_cuda.so: cannot open shared object file: No such file or directory")',
+    'RuntimeError("Tried to register an operator (dcq_ops::dcq_cross_entropy) with the same name and overload '
+    'name multiple times")',
+], ids=["undefined_symbol", "oserror", "registration"])
+def test_an_extension_that_does_not_load_is_reported_with_the_fix_and_never_crashes(error):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", _FAILING_EXTENSION.replace("{error}", error)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    kind = error.split("(")[0]
+    assert f"could not be loaded ({kind}: " in out, out
+    assert "pip install --no-build-isolation --force-reinstall --no-deps ." in out, out
+    if kind != "ImportError" or "undefined symbol" in error:
+        assert "built against another torch" in out, out
+    assert "CHUNKED: unavailable: the compiled extension" in out, out
+    assert "LOSS:" in out and out.strip().endswith("True"), out
