@@ -13,7 +13,8 @@ the most HGMMA (the loop over queue tiles) it counts, per iteration and per
 thread: HGMMA (and their FLOPs over the ideal two GEMMs of 64 x 64 x D),
 WARPGROUP.DEPBAR (the wgmma waits), UTMALDG (TMA loads), LDGSTS (cp.async),
 MUFU.EX2 (exponentials per logit), BAR.SYNC, FMUL and all instructions; and
-whether the loop issues a UTMALDG before its first HGMMA.
+which exponentials and TMA loads are issued while a wgmma group is still in
+flight (after a wait that leaves one outstanding, before the next full wait).
 Compile-only: no statement here is a GPU timing.
 """
 
@@ -41,6 +42,9 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 DTYPES = {"bf16": gl.bfloat16, "fp16": gl.float16}
+# OVERLAP_SOFTMAX: False, the load of tile i+2 issued a tile ahead and the softmax
+# after both GEMMs; True, FA3's order (the softmax of tile i+1 under P_i W_i).
+SCHEDULES = {False: "load-ahead", True: "softmax-overlap"}
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
 _LABEL = re.compile(r"^(\.L_x_\d+):", re.M)
 _BRANCH = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
@@ -49,7 +53,8 @@ _COUNTED = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "UTMALDG", "LDGSTS"
 
 
 def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
-                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH):
+                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH,
+                   overlap_softmax: bool = hopper_launch.OVERLAP_SOFTMAX):
     """The Gluon kernel compiled for sm_90 (as a launch with these operands would)."""
     block_d = max(16, 1 << (dim - 1).bit_length())
     gl_dtype = DTYPES[dtype]
@@ -61,7 +66,8 @@ def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hoppe
         labels_ptr="*i64", queue_labels_ptr="*i64", max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32",
         num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32", scale_log2="fp32",
         interclass_filtering_threshold="fp32")
-    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages, RESCALE_ON_GROWTH=rescale_on_growth)
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages, RESCALE_ON_GROWTH=rescale_on_growth,
+                     OVERLAP_SOFTMAX=overlap_softmax)
     names = list(signature) + list(constants)
     signature.update({name: "constexpr" for name in constants})
     aligned = ["labels_ptr", "queue_labels_ptr", "max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "dim", "split_size"]
@@ -131,23 +137,34 @@ def loop_counts(sass: str, block_m: int, block_k: int, block_d: int, gemms: int)
     flops = sum(2 * int(m) * int(n) * int(k) * 2  # two warpgroups issue the loop's stream each
                 for m, n, k in _HGMMA.findall(body))
     ideal = gemms * 2 * block_m * block_k * block_d
-    first_tma = next((i for i, ins in enumerate(instructions) if "UTMALDG" in ins), None)
-    first_mma = next((i for i, ins in enumerate(instructions) if "HGMMA" in ins), None)
+    # What is issued while a wgmma group is still in flight: between a wait that
+    # leaves one group outstanding (DEPBAR.LE gsb0, 0x1) and the next full wait.
+    in_flight, under = False, {"MUFU.EX2": 0, "UTMALDG": 0}
+    for ins in instructions:
+        if "WARPGROUP.DEPBAR" in ins:
+            in_flight = ins.rstrip().endswith("0x1")
+        for name in under:
+            under[name] += in_flight and name in ins
     return dict(
         loop_instructions=len(instructions), per_iteration={k.lower(): v for k, v in counts.items()},
         hgmma_shapes=sorted(set("x".join(s) for s in _HGMMA.findall(body))),
         mma_flops_over_ideal=round(flops / ideal, 3) if ideal else None,
         exponentials_per_logit=round(counts["MUFU.EX2"] * 32 * hopper.NUM_WARPS / (block_m * block_k), 3),
         depbar_at_most_quarter_of_hgmma=counts["WARPGROUP.DEPBAR"] * 4 <= counts["HGMMA"],
-        tma_before_first_hgmma=first_tma is not None and first_mma is not None and first_tma < first_mma,
+        ex2_under_mma=under["MUFU.EX2"], utmaldg_under_mma=under["UTMALDG"],
     )
 
 
-def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES) -> dict:
+def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
+           rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH,
+           overlap_softmax: bool = hopper_launch.OVERLAP_SOFTMAX) -> dict:
     block_d = max(16, 1 << (dim - 1).bit_length())
     entry = dict(kernel="hopper_queue_pass", target="sm_90", dtype=dtype, gradient=compute_grad, BLOCK_M=hopper.BLOCK_M,
-                 BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d, num_warps=hopper.NUM_WARPS, stages=stages)
-    compiled = compile_hopper(dtype, dim, compute_grad, stages)
+                 BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d, num_warps=hopper.NUM_WARPS, stages=stages,
+                 schedule=SCHEDULES[overlap_softmax], rescale_on_growth=rescale_on_growth,
+                 default=(rescale_on_growth, overlap_softmax) == (hopper_launch.RESCALE_ON_GROWTH,
+                                                                  hopper_launch.OVERLAP_SOFTMAX))
+    compiled = compile_hopper(dtype, dim, compute_grad, stages, rescale_on_growth, overlap_softmax)
     entry.update(ptxas_report(compiled.asm["ptx"]), shared=compiled.metadata.shared)
     entry.update(loop_counts(sass_of(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, block_d,
                              2 if compute_grad else 1))
@@ -159,29 +176,42 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--json", type=Path, help="write the entries there")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the launch's variant (with and without the gradient)")
     args = parser.parse_args(argv)
     entries = []
+    # The launch's choice with and without the gradient; with the gradient also the
+    # other schedule and the other rescale rule, for the comparison.
+    variants = [(True, hopper_launch.RESCALE_ON_GROWTH, hopper_launch.OVERLAP_SOFTMAX),
+                (False, hopper_launch.RESCALE_ON_GROWTH, hopper_launch.OVERLAP_SOFTMAX)]
+    if not args.defaults_only:
+        variants += [(True, hopper_launch.RESCALE_ON_GROWTH, not hopper_launch.OVERLAP_SOFTMAX),
+                     (True, not hopper_launch.RESCALE_ON_GROWTH, hopper_launch.OVERLAP_SOFTMAX)]
     for dtype in args.dtypes.split(","):
-        for compute_grad in (True, False):
+        for compute_grad, rescale_on_growth, overlap_softmax in variants:
             try:
-                entries.append(report(dtype, args.dim, compute_grad))
+                entries.append(report(dtype, args.dim, compute_grad, rescale_on_growth=rescale_on_growth,
+                                      overlap_softmax=overlap_softmax))
             except Exception as exc:  # noqa: BLE001 - every failure is reported
                 entries.append(dict(kernel="hopper_queue_pass", dtype=dtype, gradient=compute_grad,
+                                    schedule=SCHEDULES[overlap_softmax], rescale_on_growth=rescale_on_growth,
                                     error=f"{type(exc).__name__}: {str(exc)[:600]}"))
     print(f"triton {triton.__version__}, sm_90, D={args.dim}")
     failures = 0
     for e in entries:
+        name = (f"{e['dtype']} {'grad' if e['gradient'] else 'loss'} {e['schedule']} "
+                f"{'rescale-on-growth' if e['rescale_on_growth'] else 'rescale-always'}")
         if "error" in e:
             failures += 1
-            print(f"FAIL {e['dtype']} {'grad' if e['gradient'] else 'loss'}: {e['error']}")
+            print(f"FAIL {name}: {e['error']}")
             continue
         c = e["per_iteration"]
-        print(f"{e['dtype']} {'grad' if e['gradient'] else 'loss'}: regs {e['registers']} spill {e['spill_bytes']} B "
+        print(f"{name}: regs {e['registers']} spill {e['spill_bytes']} B "
               f"shared {e['shared'] >> 10} KiB | per iteration: HGMMA {c['hgmma']} ({','.join(e['hgmma_shapes'])}) "
               f"DEPBAR {c['warpgroup.depbar']} UTMALDG {c['utmaldg']} LDGSTS {c['ldgsts']} EX2 {c['mufu.ex2']} "
               f"BAR {c['bar.sync']} FMUL {c['fmul']} all {e['loop_instructions']} | flops/ideal "
-              f"{e['mma_flops_over_ideal']} exp/logit {e['exponentials_per_logit']} | TMA before HGMMA "
-              f"{e['tma_before_first_hgmma']} | ptxas warnings: {e['ptxas_warnings'] or 'none'}")
+              f"{e['mma_flops_over_ideal']} exp/logit {e['exponentials_per_logit']} | under a wgmma in flight: EX2 "
+              f"{e['ex2_under_mma']} UTMALDG {e['utmaldg_under_mma']} | ptxas warnings: {e['ptxas_warnings'] or 'none'}")
     if args.json:
         args.json.write_text(json.dumps(dict(triton=triton.__version__, entries=entries), indent=1) + "\n")
     return 1 if failures else 0

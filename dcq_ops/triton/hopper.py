@@ -116,6 +116,7 @@ if AVAILABLE:
         num_rows, queue_size, dim, num_splits, split_size,
         scale_log2, interclass_filtering_threshold,
         FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, STAGES: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
+        OVERLAP_SOFTMAX: gl.constexpr,
     ):
         """queue_pass_kernel's program (same grid, same workspace) on descriptors:
         q_desc [N, D] with block [BLOCK_M, BLOCK_D], w_desc [K, D] with block
@@ -147,7 +148,9 @@ if AVAILABLE:
 
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], q_desc.layout)
         w_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_D], w_desc.layout)
-        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_K], p_layout)
+        # OVERLAP_SOFTMAX writes P_{i+1} while P_i W_i runs: two buffers of P.
+        P_BUFFERS: gl.constexpr = 2 if OVERLAP_SOFTMAX else 1
+        p_smem = gl.allocate_shared_memory(dtype, [P_BUFFERS, BLOCK_M, BLOCK_K], p_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
@@ -177,37 +180,71 @@ if AVAILABLE:
         s_tok = warpgroup_mma(q_smem, w_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         m_new, l_i, alpha = _softmax_tile(cos, m_i, l_i, labels, queue_labels_ptr, k_begin, k_end, scale_log2,
-                                          interclass_filtering_threshold, p_smem, FILTER, COMPUTE_GRAD, BLOCK_K,
-                                          cols_layout)
-        for i in range(num_tiles - 1):
-            stage = i % STAGES
-            nxt = (i + 1) % STAGES
-            if COMPUTE_GRAD:
-                acc = _rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
-                acc_tok = warpgroup_mma(p_smem, w_smem.index(stage), acc, is_async=True)
-            mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
-            # use_acc=False: the accumulator's input is ignored; passing the dead
-            # cosines of tile i spares the registers of a zero tile.
-            s_tok = warpgroup_mma(q_smem, w_smem.index(nxt).permute((1, 0)), cos, use_acc=False,
-                                  is_async=True)
-            if COMPUTE_GRAD:
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc_tok])
-            if i + STAGES < num_tiles:
-                # Each warpgroup waits for its own wgmma: both must be done with
-                # tile i's buffer before one thread's copy overwrites it.
-                _cta_barrier()  # tile i's buffer is free: tile i + STAGES into it
-                mbarrier.expect(ready.index(stage), w_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(w_desc, [k_begin + (i + STAGES) * BLOCK_K, 0], ready.index(stage),
-                                                w_smem.index(stage))
-            cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-            m_i = m_new
-            m_new, l_i, alpha = _softmax_tile(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + (i + 1) * BLOCK_K,
-                                              k_end, scale_log2, interclass_filtering_threshold, p_smem, FILTER,
-                                              COMPUTE_GRAD, BLOCK_K, cols_layout)
+                                          interclass_filtering_threshold, p_smem.index(0), FILTER, COMPUTE_GRAD,
+                                          BLOCK_K, cols_layout)
+        # Every softmax reduces each row's max across the two warpgroups (their
+        # column halves), a CTA barrier: no warpgroup writes P_{i+1} before the
+        # other has waited for its P_i W_i.
+        if not OVERLAP_SOFTMAX:
+            for i in range(num_tiles - 1):
+                stage = i % STAGES
+                nxt = (i + 1) % STAGES
+                if COMPUTE_GRAD:
+                    acc = _rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
+                    acc_tok = warpgroup_mma(p_smem.index(0), w_smem.index(stage), acc, is_async=True)
+                mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
+                # use_acc=False: the accumulator's input is ignored; passing the dead
+                # cosines of tile i spares the registers of a zero tile.
+                s_tok = warpgroup_mma(q_smem, w_smem.index(nxt).permute((1, 0)), cos, use_acc=False,
+                                      is_async=True)
+                if COMPUTE_GRAD:
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc_tok])
+                if i + STAGES < num_tiles:
+                    # Each warpgroup waits for its own wgmma: both must be done with
+                    # tile i's buffer before one thread's copy overwrites it.
+                    _cta_barrier()  # tile i's buffer is free: tile i + STAGES into it
+                    mbarrier.expect(ready.index(stage), w_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(w_desc, [k_begin + (i + STAGES) * BLOCK_K, 0], ready.index(stage),
+                                                    w_smem.index(stage))
+                cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+                m_i = m_new
+                m_new, l_i, alpha = _softmax_tile(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + (i + 1) * BLOCK_K,
+                                                  k_end, scale_log2, interclass_filtering_threshold, p_smem.index(0),
+                                                  FILTER, COMPUTE_GRAD, BLOCK_K, cols_layout)
+        else:
+            # FA3's order instead: the softmax of tile i + 1 runs while P_i W_i is on
+            # the tensor cores; the load of tile i + 2 waits for P_i W_i, so it is
+            # issued at the end of iteration i, just before S_{i+2} needs it.
+            for i in range(num_tiles - 1):
+                stage = i % STAGES
+                nxt = (i + 1) % STAGES
+                if COMPUTE_GRAD:
+                    acc = _rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
+                mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, w_smem.index(nxt).permute((1, 0)), cos, use_acc=False,
+                                      is_async=True)
+                if COMPUTE_GRAD:
+                    acc_tok = warpgroup_mma(p_smem.index(i % 2), w_smem.index(stage), acc, is_async=True)
+                    cos = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+                else:
+                    cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+                m_i = m_new
+                m_new, l_i, alpha = _softmax_tile(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + (i + 1) * BLOCK_K,
+                                                  k_end, scale_log2, interclass_filtering_threshold,
+                                                  p_smem.index((i + 1) % 2), FILTER, COMPUTE_GRAD, BLOCK_K,
+                                                  cols_layout)
+                if COMPUTE_GRAD:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok])
+                if i + STAGES < num_tiles:
+                    _cta_barrier()  # both warpgroups done with tile i's buffer
+                    mbarrier.expect(ready.index(stage), w_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(w_desc, [k_begin + (i + STAGES) * BLOCK_K, 0], ready.index(stage),
+                                                    w_smem.index(stage))
         # The last tile's second GEMM.
         if COMPUTE_GRAD:
             acc = _rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
-            acc_tok = warpgroup_mma(p_smem, w_smem.index((num_tiles - 1) % STAGES), acc, is_async=True)
+            acc_tok = warpgroup_mma(p_smem.index((num_tiles - 1) % P_BUFFERS), w_smem.index((num_tiles - 1) % STAGES),
+                                    acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok])
         m_i = m_new
         mbarrier.invalidate(q_bar)

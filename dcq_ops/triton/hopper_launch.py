@@ -30,6 +30,12 @@ CHOICES = ("classic", "pipelined")
 # benchmarks/hopper_sass.py. Both give the same bits.
 RESCALE_ON_GROWTH = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
 
+# The schedule of the loop (dcq_ops.triton.hopper): False issues each tile's load
+# a tile ahead and runs the softmax after both GEMMs; True is FA3's order (the
+# softmax of tile i+1 under P_i W_i, the load of tile i+2 exposed). Until a GPU
+# times them, the load-ahead order (benchmarks/NOTES.md, "The pipelined sm_90 kernel").
+OVERLAP_SOFTMAX = False
+
 
 def selected_kernel() -> str:
     """The sm_90 queue-pass kernel that DCQ_OPS_SM90_KERNEL asks for."""
@@ -92,4 +98,4 @@ def launch(grid, q_gemm, labels, queue_weights, queue_labels, workspace, rows, q
     hopper.hopper_queue_pass_kernel[grid](
         q_desc, w_desc, labels, queue_labels, *workspace[:3], *scalars, FILTER=threshold > 0,
         COMPUTE_GRAD=compute_grad, STAGES=hopper.STAGES, RESCALE_ON_GROWTH=RESCALE_ON_GROWTH,
-        num_warps=hopper.NUM_WARPS)
+        OVERLAP_SOFTMAX=OVERLAP_SOFTMAX, num_warps=hopper.NUM_WARPS)
