@@ -4,6 +4,7 @@ skipped (the GPU parts without a GPU) with the reason, exits 0 when every check 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_the_command_on_the_cpu(tmp_path):
         assert case["grad_error"] <= case["grad_bound"], case
     outcomes = data["first_contact"]["outcomes"]
     assert {o["status"] for o in outcomes} == {"passed"} and {o["backend"] for o in outcomes} == {"chunked"}
-    assert len(outcomes) == 6  # three queue dtypes, with and without the gradient
+    assert len(outcomes) == 12  # three queue dtypes, with and without the gradient, two batch sizes
+    assert {o["comparator"] for o in outcomes} == {"float64"}
+    assert {c["against"] for c in cases} == {"float64"}
     assert "[dcq_ops.check] passed" in result.stderr
 
 
@@ -88,6 +91,28 @@ def test_a_bad_argument_exits_2_from_the_shell(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("where,message", [
+    ("missing_dir/x.json", "argument --out: the folder .*missing_dir' does not exist"),
+    (".", "argument --out: expected a file path or -, got the folder"),
+])
+def test_an_out_path_that_cannot_be_written_exits_2_before_any_check_runs(tmp_path, monkeypatch, capsys, where,
+                                                                          message):
+    ran = []
+    monkeypatch.setattr(check.command, "run", lambda args: ran.append(args))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(["--out", where])
+    assert exit_info.value.code == 2 and ran == []
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_out_path_is_checked_before_the_checks_from_the_shell(tmp_path):
+    result = run_command("--out", "missing_dir/x.json", cwd=tmp_path)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "numerics ..." not in result.stderr  # nothing ran
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not dcq_ops.extension_loaded(), reason=dcq_ops.EXTENSION_ERROR or "no extension")
 def test_a_numerics_failure_exits_1(tmp_path, monkeypatch, capsys):
     original = chunked.dcq_cross_entropy
@@ -104,5 +129,25 @@ def test_a_numerics_failure_exits_1(tmp_path, monkeypatch, capsys):
     data = json.loads(out.read_text())
     failed = {f["part"] for f in data["failures"]}
     assert "numerics/chunked/float32/arcface" in failed and "first_contact/chunked/float32" in failed, failed
+    demoted = [o for o in data["first_contact"]["outcomes"] if o["status"] == "demoted"]
+    assert demoted and all(o["reason"].startswith("loss error") for o in demoted)
     assert not any(p.startswith("numerics/reference") for p in failed)
     assert "demoted by the first-contact check" in data["first_contact"]["backends_after"]["chunked"]
+
+
+@pytest.mark.skipif(not dcq_ops.extension_loaded(), reason=dcq_ops.EXTENSION_ERROR or "no extension")
+def test_a_backend_that_raises_is_reported_demoted_with_its_error(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(chunked, "dcq_cross_entropy", broken)
+    out = tmp_path / "check.json"
+    with pytest.warns(RuntimeWarning, match="its first call raised RuntimeError: CUDA error: an illegal memory"):
+        code = check.main(["--out", str(out), "--device", "cpu", "--skip", "numerics"])
+    assert code == 1
+    data = json.loads(out.read_text())
+    outcomes = data["first_contact"]["outcomes"]
+    assert outcomes and {o["status"] for o in outcomes} == {"demoted"}
+    assert {o["reason"] for o in outcomes} == {"RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert {o["fallback"] for o in outcomes} == {"reference"}
+    assert "illegal memory access" in data["first_contact"]["backends_after"]["chunked"]
