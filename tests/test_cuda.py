@@ -302,7 +302,7 @@ def test_first_contact_passes_on_cuda(backend, queue_dtype, fresh_first_contact)
         outcomes = dcq_ops.warmup([512, 100], 512, 1 << 16, queue_dtype=queue_dtype, device="cuda", backend=backend,
                                   evaluation=True)
     assert len(outcomes) == 4 and {o.status for o in outcomes} == {"passed"}, outcomes
-    assert {o.comparator for o in outcomes} == {"chunked" if backend == "triton" else "reference"}
+    assert {o.comparator for o in outcomes} == {"chunked" if backend == "triton" else "float64"}
 
 
 def test_a_wrong_triton_kernel_on_cuda_falls_back_to_chunked(monkeypatch, fresh_first_contact):
