@@ -1,8 +1,10 @@
-"""Checkpoints of a run: what they hold (a trainer's state, every rank's RNG
-states), written atomically (a kill leaves the old file or the new one, never half
-of one), found again on resume (``--resume auto`` falls back to the newest readable
-step checkpoint) and checked against the run that resumes them. :func:`load_backbone` reads the feature extractor
-back out of one.
+"""Checkpoints of a run: what they hold (a trainer's state, every rank's RNG states,
+as tensors and plain values that torch.load's default ``weights_only=True`` reads), and
+how a trainer loads one (:func:`load_trainer_state`). The files themselves (written whole
+with two distinct copies, checksums verified on read) are :mod:`.checkpoint_files`'s;
+which file a run resumes, all or nothing, falling back past any file that fails to read,
+verify or load, is :mod:`.resume`'s.
+:func:`load_backbone` reads the feature extractor back out of one.
 
 A checkpoint does not depend on the topology: rank 0 writes one file, whose DCQ
 queue is the global FIFO (``DCQLoss.global_state_dict``: a sharded run gathers it
@@ -15,11 +17,8 @@ the data order is the new world's (docs/distributed.md, "Checkpoints")."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import random
-import re
 
 import numpy as np
 import torch
@@ -27,127 +26,54 @@ import torch.distributed as dist
 from torch import nn
 
 from dcq_ops.training.backbones import build_backbone
+from dcq_ops.training.checkpoint_files import CheckpointWriteError, read_checkpoint, write_checkpoint
 from dcq_ops.training.config import RESUME_NEUTRAL, ConfigError, TrainConfig
-from dcq_ops.training.step_guard import TrainingError
 
 CHECKPOINT_FORMAT = 1
-STEP_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt")
-LATEST = "checkpoint.pt"
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+class SettingsDiffer(ConfigError):
+    """The checkpoint was written by a run with other settings: the user's mistake, not a
+    damaged file (``--resume auto`` does not fall back past it: every file of the run
+    would differ the same way)."""
 
 
 def rng_state() -> dict:
-    """This process's RNG states (torch, numpy, Python, CUDA when it is in use)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (torch, numpy, Python, CUDA when it is in use), as tensors
+    and plain values: a checkpoint of them loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Put back the RNG states :func:`rng_state` returned."""
+    """Put back the RNG states :func:`rng_state` returned (or the tuples of checkpoints
+    written before they were stored as tensors)."""
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, dict):
+        keys = numpy_state["keys"]
+        if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.shape != (624,):
+            raise ValueError(f"the numpy RNG state's keys must be an int64 tensor [624], got {keys!r:.80}")
+        numpy_state = (numpy_state["kind"], keys.cpu().numpy().astype(np.uint32), int(numpy_state["pos"]),
+                       int(numpy_state["has_gauss"]), float(numpy_state["cached_gaussian"]))
+    if isinstance(python_state, dict):
+        internal = python_state["state"]
+        if not isinstance(internal, torch.Tensor) or internal.dtype != torch.int64:
+            raise ValueError(f"the Python RNG state must be an int64 tensor, got {internal!r:.80}")
+        python_state = (int(python_state["version"]), tuple(int(v) for v in internal.tolist()),
+                        python_state["gauss_next"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_checkpoint(state: dict, output: str, step: int, keep: int) -> str:
-    """Write OUTPUT/checkpoint_<step>.pt and OUTPUT/checkpoint.pt (the latest), and keep
-    the newest ``keep`` step checkpoints; returns the step checkpoint's path.
-
-    Neither is ever written in place: each is written (or hard-linked) under a
-    temporary name and renamed over the final one, so a kill leaves the old file or
-    the new one, never half of one. A temporary left by a kill is removed first: it
-    may be a hard link to an older step checkpoint, and writing through it would
-    overwrite that checkpoint."""
-    os.makedirs(output, exist_ok=True)
-    path = os.path.join(output, f"checkpoint_{step:07d}.pt")
-    tmp = path + ".tmp"
-    _remove(tmp)
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint under the final name
-    latest = os.path.join(output, LATEST)
-    latest_tmp = latest + ".tmp"
-    _remove(latest_tmp)  # a kill between link and replace leaves it linked to an older checkpoint
-    try:
-        os.link(path, latest_tmp)  # the latest shares the step file's bytes: no second write
-    except OSError:  # a file system without hard links: a copy, into a file just created
-        _remove(latest_tmp)
-        torch.save(state, latest_tmp)
-    os.replace(latest_tmp, latest)
-    steps = sorted(f for f in os.listdir(output) if STEP_CHECKPOINT.fullmatch(f))
-    for old in steps[:-keep]:
-        os.remove(os.path.join(output, old))
-    return path
-
-
-def read_checkpoint(path: str, map_location):
-    """(state, None) of a checkpoint this application wrote, or (None, why it cannot be read)."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # a truncated or corrupt file fails in the zip reader or the unpickler
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if not isinstance(state, dict) or "step" not in state:
-        return None, "not a dcq_ops.train checkpoint"
-    return state, None
-
-
-def find_checkpoint(path: str, output: str | None, map_location) -> tuple[dict | None, list[str]]:
-    """The checkpoint ``--resume`` names: (its state, or None for a fresh run; messages
-    for the progress output and the log).
-
-    ``path`` is a checkpoint (ConfigError when it is missing or unreadable) or "auto":
-    it reads OUTPUT/checkpoint.pt and also the step checkpoints newer than it (a kill
-    between writing a step checkpoint and renaming it to checkpoint.pt leaves the newer
-    one only there); when checkpoint.pt cannot be read (truncated, corrupt) it falls
-    back to the newest readable step checkpoint and says so (TrainingError when none is
-    readable)."""
-    if path != "auto":
-        if not os.path.exists(path):
-            raise ConfigError(f"--resume must be an existing checkpoint or 'auto', got {path!r} (no such file)")
-        state, why = read_checkpoint(path, map_location)
-        if state is None:
-            raise ConfigError(f"--resume {path}: cannot read the checkpoint ({why})")
-        return state, []
-    if not output or not os.path.isdir(output):
-        return None, []  # nothing to resume: a fresh run
-    latest = os.path.join(output, LATEST)
-    steps = sorted((f for f in os.listdir(output) if STEP_CHECKPOINT.fullmatch(f)), reverse=True)
-    if not steps and not os.path.exists(latest):
-        return None, []
-    failures, state, source = [], None, None
-    if os.path.exists(latest):
-        state, why = read_checkpoint(latest, map_location)
-        if state is None:
-            failures.append(f"{LATEST} ({why})")
-        else:
-            source = LATEST
-    for name in steps:
-        if state is not None and int(STEP_CHECKPOINT.fullmatch(name).group(1)) <= int(state["step"]):
-            break  # checkpoint.pt is at least as new
-        candidate, why = read_checkpoint(os.path.join(output, name), map_location)
-        if candidate is None:
-            failures.append(f"{name} ({why})")
-            continue
-        state, source = candidate, name
-        break
-    if state is None:
-        raise TrainingError(f"--resume auto: no readable checkpoint in {output}: could not read "
-                            f"{', '.join(failures)}")
-    messages = []
-    if failures:
-        messages.append(f"resume: could not read {', '.join(failures)}; resuming from {source} "
-                        f"(step {int(state['step'])})")
-    elif source != LATEST:
-        messages.append(f"resume: {source} (step {int(state['step'])}) is newer than {LATEST}"
-                        + ("" if os.path.exists(latest) else " (which is missing)") + "; resuming from it")
-    return state, messages
 
 
 def check_resumable(state: dict, config: TrainConfig, world_size: int) -> None:
@@ -157,14 +83,19 @@ def check_resumable(state: dict, config: TrainConfig, world_size: int) -> None:
     global one (see :func:`load_trainer_state` for what differs then)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"checkpoint format must be {CHECKPOINT_FORMAT}, got {state.get('format')!r}")
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(f"the checkpoint's config must be a dict, got {type(state.get('config')).__name__}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"the checkpoint's step must be an int >= 0, got {step!r}")
     # A field the checkpoint's version did not have yet ran at its default.
     saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
     mine = dataclasses.asdict(config)
     differ = {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUME_NEUTRAL and saved.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
-        raise ConfigError(f"the checkpoint was written with different settings, which would not resume the "
-                          f"same run: {details}")
+        raise SettingsDiffer(f"the checkpoint was written with different settings, which would not resume the "
+                             f"same run: {details}")
     if not isinstance(state.get("world_size"), int) or state["world_size"] < 1:
         raise ConfigError(f"the checkpoint's world_size must be a positive int, got {state.get('world_size')!r}")
 
@@ -320,7 +251,7 @@ def load_trainer_state(trainer, state: dict) -> list[str]:
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
-    step = int(state["step"])
+    step = state["step"]
     trainer.guard.bad_steps = int(state.get("bad_steps", 0))  # checkpoints before bad-step counting had none
     messages = []
     saved_mode = state.get("queue_mode", "gathered" if saved_world > 1 else "none")
@@ -361,8 +292,10 @@ def load_backbone(path: str, map_location="cpu") -> nn.Module:
     torch.nn.Module
         The backbone its config names, with the checkpoint's weights, in eval mode.
     """
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    state, why = read_checkpoint(path, map_location)
+    if state is None:
+        raise ValueError(f"{path!r}: {why}")
+    if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path!r} is not a dcq_ops.train checkpoint (format {CHECKPOINT_FORMAT})")
     c = TrainConfig(**state["config"])
     channels = next(v for k, v in state["backbone"].items() if v.dim() == 4).shape[1]  # the first conv's input
@@ -370,3 +303,8 @@ def load_backbone(path: str, map_location="cpu") -> nn.Module:
                            image_size=c.image_size, width=c.width, dropout=c.dropout)
     model.load_state_dict(state["backbone"])
     return model.eval()
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointWriteError", "SettingsDiffer", "check_resumable", "head_state",
+           "load_backbone", "load_trainer_state", "resumed_step", "rng_state", "set_rng_state", "trainer_state",
+           "write_checkpoint"]

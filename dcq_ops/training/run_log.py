@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from dcq_ops.atomic_write import atomic_write
 from dcq_ops.training.verification import DEFAULT_FARS
 
 
@@ -75,15 +76,14 @@ class RunLog:
                         pass  # a line cut short by a kill
             else:
                 records = [(None, row) for row in csv.DictReader(f)]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        # Replaced whole (fsynced, renamed): a kill or a full disk leaves the old log.
+        with atomic_write(self.path, "w", newline="") as f:
             if self.fmt == "json":
                 f.writelines(line + "\n" for line, record in records if kept(record))
             else:
                 writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(record for _, record in records if kept(record))
-        os.replace(tmp, self.path)
 
 
 class TrainWindow:

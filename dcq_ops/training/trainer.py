@@ -17,7 +17,8 @@ verification (:mod:`.periodic_eval`) and checkpoints that resume exactly
 run does after step s). Under ``torchrun`` (WORLD_SIZE > 1) the backbone (and a
 head with parameters) runs in DistributedDataParallel, every epoch is sharded
 across ranks, DCQLoss shares one queue across ranks and the weight generator
-runs with MoCo's shuffle-BN. The other parts: :mod:`.schedules`, :mod:`.run_log`,
+runs with MoCo's shuffle-BN. The other parts: :mod:`.loop` (the loop of
+:meth:`Trainer.fit`), :mod:`.preflight`, :mod:`.schedules`, :mod:`.run_log`,
 :mod:`.runtime`, :mod:`.levers`, :mod:`.build`. See docs/training.md.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 
 import torch
 from torch import nn
@@ -34,13 +34,16 @@ from torch import nn
 from dcq_ops.momentum import MomentumEncoder
 from dcq_ops.parallel import shuffled_forward
 from dcq_ops.training.build import build_data, build_models, build_optimizer, build_scheduler
-from dcq_ops.training.checkpoint import find_checkpoint, load_trainer_state, trainer_state, write_checkpoint
+from dcq_ops.training.checkpoint import load_trainer_state, trainer_state, write_checkpoint
 from dcq_ops.training.config import ConfigError, TrainConfig
-from dcq_ops.training.data import TwoViewBatchSampler, batch_loader
-from dcq_ops.training.periodic_eval import Verifier, log_eval
+from dcq_ops.training.data import TwoViewBatchSampler
+from dcq_ops.training.loop import fit
+from dcq_ops.training.resume import resume_trainer
+from dcq_ops.training.periodic_eval import Verifier
 from dcq_ops.training.levers import set_generator_bn, update_generator, warm_queue
-from dcq_ops.training.run_log import Progress, RunLog, TrainWindow
-from dcq_ops.training.runtime import start_process, wrap_distributed
+from dcq_ops.training.run_log import Progress, RunLog
+from dcq_ops.training.preflight import preflight
+from dcq_ops.training.runtime import resolve_device, start_process, wrap_distributed
 from dcq_ops.training.step_guard import StepGuard, step_tensors
 
 
@@ -48,10 +51,12 @@ class Trainer:
     """Everything of one run; :meth:`fit` trains, :meth:`evaluate` verifies,
     :meth:`state_dict` / :meth:`load_state_dict` checkpoint.
 
-    Building it resolves the device, joins the process group under torchrun, reads
-    the data and builds the backbone, the head, the weight generator (DCQ), the
-    optimizer and the schedule; ConfigError for settings found wrong then (the data,
-    the device, a queue smaller than a global batch).
+    Building it resolves the device, checks the settings against this machine
+    (:mod:`.preflight`: the output directory, the ``--eval-bin`` sets, the backend),
+    joins the process group under torchrun, reads the data and builds the backbone,
+    the head, the weight generator (DCQ), the optimizer and the schedule; ConfigError
+    for settings found wrong then (the data, the device, a queue smaller than a global
+    batch).
 
     Parameters
     ----------
@@ -61,7 +66,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.device, self.rank, self.world_size = start_process(config)
+        # Every setting that can be checked against this machine is, before any work.
+        device = resolve_device(config.device)
+        bins = preflight(config, device)
+        self.device, self.rank, self.world_size = start_process(config, device)
         try:
             self.dataset, self.num_classes, channels, self.verification_sets = build_data(config)
         except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
@@ -92,7 +100,7 @@ class Trainer:
         self.step = 0
         self.log = RunLog(config.output, config.log_format, enabled=self.rank == 0)
         self._verifier = Verifier(self.verification_sets, config.eval_bin, config.image_size, config.eval_pairs,
-                                  config.seed, self.device)
+                                  config.seed, self.device, bins=bins)
         self._first_step = 0              # the step this process started at (DCQLoss counts from there)
         self._resumed_from = None         # (step, total steps) of the checkpoint resumed, in its own steps
         self._params = params
@@ -213,7 +221,8 @@ class Trainer:
 
     def resume(self, path: str) -> list[str]:
         """Load a checkpoint (``path``, or "auto": the newest readable one in OUTPUT,
-        see :func:`~dcq_ops.training.checkpoint.find_checkpoint`).
+        see :func:`~dcq_ops.training.resume.resume_trainer`: all or nothing, past
+        any file that fails to read, verify or load).
 
         Parameters
         ----------
@@ -225,10 +234,7 @@ class Trainer:
         list of str
             Messages for the progress output and the log (which checkpoint, and why).
         """
-        state, messages = find_checkpoint(path, self.config.output, self.device)
-        if state is not None:
-            messages = messages + self.load_state_dict(state)
-        return messages
+        return resume_trainer(self, path)
 
     # ----------------------------------------------------------------- training
 
@@ -357,16 +363,10 @@ class Trainer:
             return {}
         return self._verifier(self.backbone if model == "backbone" else self.generator.module)
 
-    def _evaluate_and_log(self, progress: Progress, start: float) -> dict:
-        """{model: {set: report}} for every model of ``eval_model``, logged."""
-        results = {model: self.evaluate(model) for model in self.eval_models()}
-        for model, sets in results.items():
-            log_eval(sets, self.log, progress, step=self.step, epoch=self.step / self.steps_per_epoch, start=start,
-                     model=model)
-        return results
-
     def fit(self) -> dict:
-        """Train to the end (or ``stop_after``), resuming first when ``resume`` says so.
+        """Train to the end (or ``stop_after``), resuming first when ``resume`` says so
+        (the loop: :func:`~dcq_ops.training.loop.fit`). Under several ranks every rank
+        meets after the final checkpoint, before rank 0's final verification.
 
         Returns
         -------
@@ -377,64 +377,7 @@ class Trainer:
             (those of this process), "last" (the last train record), "elapsed_s"}.
             Raises TrainingError past max_bad_steps.
         """
-        config = self.config
-        messages = []
-        if config.resume:
-            self._resumed_from = None
-            messages = self.resume(config.resume)
-            # The steps after the checkpoint run again: their old records go. Another world
-            # size renumbers the steps (step s of T resumes as s' of T'): the records after
-            # min(s, s') go, so that the step column neither repeats nor goes back.
-            saved_step, saved_total = self._resumed_from or (self.step, self.total_steps)
-            self.log.truncate(*min((saved_step, saved_total), (self.step, self.total_steps)))
-        self._first_step = self.step
-        stop = self.total_steps if config.stop_after is None else min(self.total_steps, config.stop_after)
-        progress = Progress(config.progress, self.total_steps, self.step, enabled=self.rank == 0)
-        for text in messages:
-            progress.message(text)
-            self.log.write({"kind": "message", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                            "message": text})
-        start = time.perf_counter()
-        window = TrainWindow(config.validate != "off", config.batch_size * self.world_size, start)
-        if self.step == 0:
-            self.warm_queue()  # a fresh run (a resumed one restored its queue); timed with the first steps
-        last = {}
-        try:
-            while self.step < stop:
-                epoch, first_batch = divmod(self.step, self.steps_per_epoch)
-                for batch in batch_loader(self.dataset, self.sampler, epoch, first_batch, config.num_workers):
-                    loss, grad_norm = self.train_step(batch)
-                    window.add(loss)
-                    if config.validate == "eager":
-                        window.skipped += self._read_bad_steps(progress)
-                    if self.step % config.log_every == 0 or self.step == stop:
-                        window.skipped += self._read_bad_steps(progress)
-                        last = window.record(self.step, self.step / self.steps_per_epoch,
-                                             self.optimizer.param_groups[0]["lr"], grad_norm, start)
-                        self.log.write(last)
-                        progress.update(last, window.steps, self.total_steps)
-                        window.reset()
-                    if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
-                        self._evaluate_and_log(progress, start)
-                        window.start = time.perf_counter()  # keep evaluation out of samples/s
-                    if config.save_every and self.step % config.save_every == 0 and self.step < stop:
-                        # The checkpoint holds the bad-step count and the log every skipped step before it.
-                        window.skipped += self._read_bad_steps(progress)
-                        self.save()
-                    if self.step >= stop:
-                        break
-            self._read_bad_steps(progress)
-            self.save(final=True)
-            finals = self._evaluate_and_log(progress, start) if self.step >= self.total_steps else {}
-        finally:
-            progress.close()
-        result = {"steps": self.step, "total_steps": self.total_steps, "final_eval": finals.get("backbone", {}),
-                  "history": [r for r in self.log.records if r["kind"] == "train"],
-                  "bad_steps": self.bad_steps, "skipped_steps": list(self.skipped_steps),
-                  "last": last, "elapsed_s": time.perf_counter() - start}
-        if "generator" in self.eval_models():
-            result["final_eval_generator"] = finals.get("generator", {})
-        return result
+        return fit(self)
 
 
 def train(config: TrainConfig | None = None, **overrides) -> dict:
