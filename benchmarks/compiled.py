@@ -258,6 +258,12 @@ KERNELS: list = [queue_pass_variants, merge_variants]
 # cycle model computed; Variant.ideal_work makes the report fail above that work.
 EXTRA_KERNELS: list = []
 
+# The pipelined sm_90 queue pass in Gluon (dcq_ops/triton/hopper.py; selected by
+# DCQ_OPS_SM90_KERNEL=pipelined, never the default): its variants and SASS reading live
+# in benchmarks/hopper_sass.py.
+from hopper_sass import variants_for as _hopper_variants  # noqa: E402
+EXTRA_KERNELS.append(_hopper_variants(Variant))
+
 
 def _cubin_name(e: dict) -> str:
     config = (f"m{e['BLOCK_M']}k{e['BLOCK_K']}w{e['num_warps']}s{e['num_stages']}" if "BLOCK_M" in e

@@ -171,6 +171,44 @@ def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES
     return entry
 
 
+def variants_for(variant_class):
+    """The pipelined kernel's entries of benchmarks/compiled.py (its EXTRA_KERNELS): a
+    function (arch, dtypes, dim, first_only) -> [variant_class(...)], on sm_90 and 16-bit
+    dtypes only: the launch's variant with and without the gradient, and with the
+    gradient the other schedule. Each carries the cycle model's tile (the model reads
+    from the SASS how far ahead of its wait each load is issued) and the ideal work it
+    must not exceed."""
+    from ptx_counts import loop_counts as ptx_loop_counts  # benchmarks/ptx_counts.py
+
+    def variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list:
+        if arch != 90 or not hopper.AVAILABLE:
+            return []
+        block_d = max(16, 1 << (dim - 1).bit_length())
+        tile = type("Tile", (), dict(block_m=hopper.BLOCK_M, block_k=hopper.BLOCK_K, num_warps=hopper.NUM_WARPS))
+        out = []
+        for dtype in (d for d in dtypes if d in DTYPES):
+            for compute_grad, overlap in ((True, hopper_launch.OVERLAP_SOFTMAX), (False, hopper_launch.OVERLAP_SOFTMAX),
+                                          (True, not hopper_launch.OVERLAP_SOFTMAX)):
+                if first_only and overlap != hopper_launch.OVERLAP_SOFTMAX:
+                    continue
+                entry = dict(target="sm_90", kernel="hopper_queue_pass_" + SCHEDULES[overlap].replace("-", "_"),
+                             gradient=compute_grad, filter=True, dtype=dtype,
+                             default=overlap == hopper_launch.OVERLAP_SOFTMAX, BLOCK_D=block_d,
+                             BLOCK_M=hopper.BLOCK_M, BLOCK_K=hopper.BLOCK_K, num_warps=hopper.NUM_WARPS,
+                             num_stages=hopper.STAGES, rescale_on_growth=hopper_launch.RESCALE_ON_GROWTH)
+
+                def build(dtype=dtype, compute_grad=compute_grad, overlap=overlap):
+                    compiled = compile_hopper(dtype, dim, compute_grad, overlap_softmax=overlap)
+                    return compiled, dict(**ptx_loop_counts(compiled.asm["ptx"], tile, block_d, 2 if compute_grad else 1),
+                                          chain_break="none (Gluon: the layouts are explicit)")
+                model = (dict(tile_m=hopper.BLOCK_M, tile_n=hopper.BLOCK_K, dim=dim, warps=hopper.NUM_WARPS,
+                              num_stages=hopper.STAGES, gemms=2) if compute_grad else None)
+                out.append(variant_class(entry, build, model, (1.0, 1.125)))
+        return out
+
+    return variants
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="bf16,fp16")

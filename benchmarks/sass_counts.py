@@ -90,15 +90,20 @@ class Loop:
 
 
 def loops(sass: str) -> list[Loop]:
-    """Every loop of the SASS: a branch back to an earlier label closes one."""
+    """Every loop of the SASS: a branch back to an earlier label closes one, except a
+    branch from after the kernel's last unpredicated EXIT to before it: ptxas places
+    the retry loops of mbarrier waits there, each returning into the middle of the
+    code (that is no loop: it would run from before the first wait to the end)."""
     labels = {m.group(1): m.start() for m in _LABEL.finditer(sass)}
+    exits = [m.start() for m in _INSTRUCTION.finditer(sass) if m.group("op") == "EXIT" and not m.group("pred")]
+    end = exits[-1] if exits else len(sass)
     found = []
     for m in _INSTRUCTION.finditer(sass):
         if not m.group("op").startswith("BRA"):
             continue
         target = _BRANCH_TARGET.search(m.group("args"))
         start = labels.get(target.group(1)) if target else None
-        if start is not None and start < m.start():
+        if start is not None and start < m.start() and not start < end < m.start():
             found.append(Loop(target.group(1), start, m.end(), sass[start:m.end()]))
     return found
 

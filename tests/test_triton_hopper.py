@@ -232,3 +232,52 @@ def test_gluon_kernel_compiles_for_sm90_at_ideal_work_without_serialized_wgmma(t
             assert e["utmaldg_under_mma"] >= 1, e
         else:
             assert e["ex2_under_mma"] == counts["mufu.ex2"], e
+
+
+# The shape of the Gluon kernel's SASS (Triton 3.8, sm_90a, abridged): tile 0's
+# cosines before the loop, the loop over tiles (.L_x_9), the last tile's P W after
+# it, and, after the final EXIT, ptxas's out-of-line retry loops of the mbarrier
+# waits, each returning into the middle of the code with a BRA back.
+_GLUON_SASS = """
+.L_x_12:
+        /*0a80*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR60+0x32200], RZ ;
+        /*0bb0*/              @!P0 BRA `(.L_x_2) ;
+.L_x_13:
+        /*0d20*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;
+        /*0d60*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+.L_x_9:
+        /*42b0*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*4540*/                   HGMMA.64x32x16.F32.BF16 R152, gdesc[UR56], RZ, !UPT, gsb0 ;
+        /*4b70*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*4d10*/                   UTMALDG.2D [UR56], [UR4] ;
+        /*5060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*5e50*/                   MUFU.EX2 R163, R154 ;
+        /*6540*/              @!P0 BRA `(.L_x_8) ;
+        /*6570*/                   BRA `(.L_x_9) ;
+.L_x_8:
+        /*7ac0*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*7c30*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*9890*/              @!P4 EXIT ;
+        /*98c0*/                   EXIT ;
+.L_x_2:
+        /*9900*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR60+0x32200], RZ ;
+        /*9910*/              @!P0 BRA `(.L_x_2) ;
+        /*9920*/                   BRA `(.L_x_13) ;
+.L_x_15:
+        /*9960*/                   BRA `(.L_x_15);
+"""
+
+
+def test_sass_loops_ignore_the_retry_loops_after_exit():
+    """benchmarks/sass_counts.loops: the back-edges after the last EXIT (mbarrier
+    retry loops) are not loops of the kernel, so the MMA loop is the loop over tiles
+    (before the fix it was .L_x_13 -> the end: 4 HGMMA instead of 2, and the cycle
+    model counted the prologue and the epilogue as one iteration)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_counts
+
+    # The loop over tiles; the retry loop and the trap, each a branch to itself, hold no MMA.
+    assert [loop.label for loop in sass_counts.loops(_GLUON_SASS)] == [".L_x_9", ".L_x_2", ".L_x_15"]
+    loop = sass_counts.mma_loop(_GLUON_SASS)
+    counts = sass_counts.count(loop.body)
+    assert (loop.label, counts["hgmma"], counts["warpgroup_depbar"], counts["utmaldg"]) == (".L_x_9", 2, 2, 1)
