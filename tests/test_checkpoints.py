@@ -166,16 +166,12 @@ def _flip_mid_file(path, count=64):
 def test_a_bit_flip_inside_a_checkpoint_is_detected_and_the_resume_falls_back(tmp_path, uninterrupted, capsys):
     """64 bytes XOR-ed mid-file used to load silently (torch.load does not check the zip's
     CRC-32s): the resume exited 0 with other weights. Now the file fails to verify."""
-    from dcq_ops.training.checkpoint_files import verify_checkpoint
     config = TrainConfig(**TINY, output=str(tmp_path), save_every=2)
     train(dataclasses.replace(config, stop_after=6))
-    assert verify_checkpoint(str(tmp_path / "checkpoint.pt")) is None
     _flip_mid_file(tmp_path / "checkpoint.pt")
-    why = verify_checkpoint(str(tmp_path / "checkpoint.pt"))
-    assert why is not None and "checksum mismatch" in why
     result = train(dataclasses.replace(config, resume="auto"))
     assert _losses(result) == uninterrupted[6:]
-    assert "skipped checkpoint.pt (failed to verify: checksum mismatch" in capsys.readouterr().err
+    assert "skipped checkpoint.pt (failed to verify: checksum mismatch in member" in capsys.readouterr().err
     # An explicit --resume of the damaged file: refused, naming why (exit 2 from the command).
     _flip_mid_file(tmp_path / "checkpoint_0000006.pt")
     with pytest.raises(ValueError, match="cannot resume the checkpoint: failed to verify: checksum mismatch"):
@@ -243,7 +239,7 @@ def test_resume_auto_falls_back_past_a_file_that_fails_to_load(tmp_path, uninter
     change, words = UNLOADABLE[case]
     config = TrainConfig(**TINY, output=str(tmp_path), save_every=2)
     train(dataclasses.replace(config, stop_after=6))
-    state = torch.load(tmp_path / "checkpoint_0000006.pt")  # torch's defaults: weights_only=True
+    state = torch.load(tmp_path / "checkpoint_0000006.pt", weights_only=False)
     state["step"] = 7
     change(state)
     torch.save(state, tmp_path / "checkpoint_0000007.pt")  # newer, complete, checksums right
@@ -263,7 +259,7 @@ def test_a_load_that_fails_leaves_the_trainer_as_it_was_built(tmp_path):
     from dcq_ops.training import Trainer
     config = TrainConfig(**TINY, output=str(tmp_path))
     train(dataclasses.replace(config, stop_after=3))
-    state = torch.load(tmp_path / "checkpoint_0000003.pt")
+    state = torch.load(tmp_path / "checkpoint_0000003.pt", weights_only=False)
     _bad_nan_queue(state)
     torch.save(state, tmp_path / "bad.pt")
     trainer, fresh = Trainer(config), Trainer(config)
