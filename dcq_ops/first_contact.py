@@ -72,7 +72,8 @@ class Outcome:
     device, shape_class : str
         Where, and the shape class in words.
     status : str
-        "passed", "demoted" or "skipped".
+        "passed", "demoted", "skipped", or "failed" (failed with no other backend to run:
+        the sharded queue's partials when only one fused backend runs).
     comparator : str or None
         What it was compared with at the end: "chunked", or "float64" (the loss computed in
         float64 from the same inputs); None when skipped or when the call itself failed.
@@ -171,9 +172,13 @@ def shape_class(backend: str, embeddings, class_weights, queue_weights, margin: 
             plan)
 
 
+_KEY_FIELDS = ("backend", "device", "embeddings dtype", "class weights dtype", "queue dtype", "D", "gradient",
+               "filtering", "float32 matmul precision", "launch plan")
+
+
 def describe(key: tuple, rows: int | None = None, slots: int | None = None) -> str:
     """A shape-class key in words (with the N and K of the call that met it, if given)."""
-    _, device, x_dtype, k_dtype, q_dtype, dim, grad, filtered, precision, plan = key
+    _, device, x_dtype, k_dtype, q_dtype, dim, grad, filtered, precision, plan = key[-len(_KEY_FIELDS):]
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     size = "" if rows is None else f"N={rows}, K={slots}, "
     return (f"embeddings {name(x_dtype)}, class weights {name(k_dtype)}, queue {name(q_dtype)}, {size}D={dim}, "
@@ -211,33 +216,48 @@ def fallback_of(backend: str, device: torch.device) -> str:
     return "reference"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception in a line: its type and the first line of its message."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
 
 
-def _demote(backend, key, words, where, reason, comparator, numbers, signature, device, call_failed):
-    """Record and say (once) that ``backend`` is demoted for the class ``key``; returns the
-    fallback's name."""
-    fallback = fallback_of(backend, device)
+def record_pass(key, backend, device, words, comparator, numbers) -> None:
+    """Record that the class ``key`` passed."""
+    _OUTCOMES[key] = Outcome(backend, str(device), words, "passed", comparator, **numbers)
+
+
+def record_skip(key, backend, device, reason, *, warn: bool = False, words: str | None = None) -> None:
+    """Record that the check of the class ``key`` was skipped (and say so, with ``warn``)."""
+    where = str(device)
+    words = words if words is not None else describe(key[-len(_KEY_FIELDS):])
+    _OUTCOMES[key] = Outcome(backend, where, words, "skipped", reason=reason)
+    if warn:
+        warnings.warn(f"dcq_ops: the first-contact check of backend {backend!r} on {where} for {words} was "
+                      f"{reason}; the call runs unchecked. Run dcq_ops.warmup (or DCQLoss.prepare) before the "
+                      "model takes the memory.", RuntimeWarning, stacklevel=5)
+
+
+def record_demotion_of(key, backend, device, words, reason, comparator, numbers, fallback, *, call_failed: bool,
+                       signature=None) -> None:
+    """Record and say (one ``RuntimeWarning``) that ``backend`` failed its first contact for the
+    class ``key``: demoted to ``fallback``, or, with no fallback, "failed" (it keeps running)."""
+    where = str(device)
     what = (f"its first call raised {reason}" if call_failed else
             f"{reason}, on {numbers['rows_compared']} rows compared with {comparator!r}")
+    then = (f"This call and every later call of this shape class run {fallback!r} instead (dcq_ops.backends() "
+            "reports it)." if fallback else
+            "No other backend can run it here: it keeps running, unchecked.")
     message = (f"dcq_ops: the first-contact check of backend {backend!r} failed on {where} for {words}: {what}. "
-               f"This call and every later call of this shape class run {fallback!r} instead "
-               "(dcq_ops.backends() reports it). Please report it with the output of `python -m dcq_ops.check`; "
-               f"{SKIP_ENV}=1 skips the check.")
-    _OUTCOMES[key] = Outcome(backend, where, words, "demoted", comparator, fallback, reason=reason, **numbers)
-    record_demotion(key, Demotion(backend, fallback, where, words, reason, message))
-    _TRACED_DEMOTIONS[signature] = fallback
+               f"{then} Please report it with the output of `python -m dcq_ops.check`; {SKIP_ENV}=1 skips the "
+               "check.")
+    status = "demoted" if fallback else "failed"
+    _OUTCOMES[key] = Outcome(backend, where, words, status, comparator, fallback, reason=reason, **numbers)
+    if fallback:
+        record_demotion(key, Demotion(backend, fallback, where, words, reason, message))
+        if signature is not None:
+            _TRACED_DEMOTIONS[signature] = fallback
     warnings.warn(message, RuntimeWarning, stacklevel=5)
-    return fallback
-
-
-def _skip(backend, key, words, where, reason):
-    _OUTCOMES[key] = Outcome(backend, where, words, "skipped", reason=reason)
-    warnings.warn(f"dcq_ops: the first-contact check of backend {backend!r} on {where} for {words} was {reason}; "
-                  "the call runs unchecked. Run dcq_ops.warmup (or DCQLoss.prepare) before the model takes the "
-                  "memory.", RuntimeWarning, stacklevel=5)
 
 
 def say_once(what: str, message: str) -> None:
@@ -301,7 +321,7 @@ def _run_check(backend, key, signature, embeddings, class_weights, labels, queue
     failure demotes the backend for the class and the fallback answers this call."""
     arguments = (embeddings, class_weights, labels, queue_weights, queue_labels, margin)
     device = embeddings.device
-    where, words = str(device), describe(key, embeddings.shape[0], queue_weights.shape[0])
+    words = describe(key, embeddings.shape[0], queue_weights.shape[0])
     try:
         rows, grad = entry_point(backend, "loss_and_grad")(*arguments)
         if device.type == "cuda":  # an asynchronous launch error surfaces here, as the fused call's
@@ -309,24 +329,30 @@ def _run_check(backend, key, signature, embeddings, class_weights, labels, queue
     except torch.OutOfMemoryError:
         raise  # the run's memory, not the backend's fault: the fallbacks need more, not less
     except Exception as exc:  # noqa: BLE001 - a compile or launch error: demoted, not the user's problem
-        fallback = _demote(backend, key, words, where, _first_line(exc), None, {}, signature, device, True)
+        fallback = fallback_of(backend, device)
+        record_demotion_of(key, backend, device, words, first_line(exc), None, {}, fallback, call_failed=True,
+                           signature=signature)
         return loss_rows(fallback, *arguments)
     try:
         with no_autocast(device.type):
             verdict, comparator = _verdict(backend, key[-1][0], rows, grad, *arguments, compute_grad)
     except torch.OutOfMemoryError as exc:
-        _skip(backend, key, words, where, f"skipped: out of memory for the comparison ({_first_line(exc)})")
+        record_skip(key, backend, device, f"skipped: out of memory for the comparison ({first_line(exc)})",
+                    warn=True, words=words)
         return rows
     except Exception as exc:  # noqa: BLE001 - the check's own failure must not stop the training
-        _skip(backend, key, words, where, f"skipped: the comparison itself failed ({_first_line(exc)})")
+        record_skip(key, backend, device, f"skipped: the comparison itself failed ({first_line(exc)})", warn=True,
+                    words=words)
         return rows
     numbers = dict(rows_compared=verdict.rows_compared, rows_near_threshold=verdict.rows_near_threshold,
                    loss_error=verdict.loss_error, loss_bound=verdict.loss_bound, grad_error=verdict.grad_error,
                    grad_bound=verdict.grad_bound)
     if verdict.ok:
-        _OUTCOMES[key] = Outcome(backend, where, words, "passed", comparator, **numbers)
+        record_pass(key, backend, device, words, comparator, numbers)
         return rows
-    fallback = _demote(backend, key, words, where, verdict.reason, comparator, numbers, signature, device, False)
+    fallback = fallback_of(backend, device)
+    record_demotion_of(key, backend, device, words, verdict.reason, comparator, numbers, fallback, call_failed=False,
+                       signature=signature)
     return loss_rows(fallback, *arguments)
 
 
@@ -389,7 +415,7 @@ def loss_rows(backend: str, embeddings, class_weights, labels, queue_weights, qu
             return _run_check(backend, key, signature, *arguments, compute_grad)
         reason, remember = not_now
         if remember:
-            _OUTCOMES[key] = Outcome(backend, str(embeddings.device), describe(key), "skipped", reason=reason)
+            record_skip(key, backend, embeddings.device, reason)
     elif outcome.status == "demoted":
         return loss_rows(outcome.fallback, *arguments)
     return entry_point(backend, "loss_rows")(*arguments)

@@ -666,3 +666,84 @@ def test_an_extension_that_does_not_load_is_reported_with_the_fix_and_never_cras
         assert "built against another torch" in out, out
     assert "CHUNKED: unavailable: the compiled extension" in out, out
     assert "LOSS:" in out and out.strip().endswith("True"), out
+
+
+# ----------------------------------------------------------------------------
+# The sharded queue's partials and finalize (hole 4), through the hook that
+# dcq_ops.parallel.sharded calls on each rank (here: rank 1 of 2, one process)
+
+
+def sharded_call(kernels, inputs, other_rows=11, compute_grad=True):
+    """sharded_partials for rank 1 of two ranks: the gathered rows are rank 0's (random)
+    then this rank's; the queue is this rank's shard."""
+    from dcq_ops.first_contact_sharded import sharded_partials
+    from dcq_ops.parallel.strategy import Batch
+
+    x, k, y, w, yq = inputs
+    g = torch.Generator().manual_seed(99)
+    others = torch.randn(other_rows, x.shape[1], generator=g, dtype=x.dtype)
+    gathered = torch.cat([others, x])
+    gathered_labels = torch.cat([torch.randint(0, 60, (other_rows,), generator=g), y])
+    batch = Batch(x, y, k, rank=1, world=2, capacity=x.shape[0], compute_grad=compute_grad)
+    return sharded_partials(kernels, gathered, gathered_labels, w, yq, batch, other_rows)
+
+
+def test_sharded_partials_and_finalize_are_checked_once():
+    from dcq_ops.loss_kernels import LossKernels
+
+    kernels = LossKernels(first_contact.MarginConfig(**MARGINS["arcface"]), "chunked")
+    inputs = make_inputs(seed=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        part, used = sharded_call(kernels, inputs)
+        sharded_call(kernels, make_inputs(seed=51))
+    assert used is kernels
+    (outcome,) = first_contact.outcomes()
+    assert outcome.status == "passed" and outcome.comparator == "float64"
+    assert outcome.shape_class.startswith("sharded partials and finalize")
+    # What the hook returned is the partials of every gathered row, as the backend computes them.
+    x, k, y, w, yq = inputs
+    expected = chunked.partials(torch.cat([torch.zeros(11, x.shape[1]), x])[11:], y, w, yq, kernels.margin, True)
+    torch.testing.assert_close(part.row_sum[11:], expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_sharded_partials_are_caught(monkeypatch):
+    from dcq_ops.loss_kernels import LossKernels
+
+    original = chunked.dcq_cross_entropy_partials
+
+    def wrong(*args, **kwargs):
+        row_max, row_sum, acc = original(*args, **kwargs)
+        return row_max, row_sum * 1.2, acc
+
+    monkeypatch.setattr(chunked, "dcq_cross_entropy_partials", wrong)
+    kernels = LossKernels(first_contact.MarginConfig(**MARGINS["cosface"]), "chunked")
+    with pytest.warns(RuntimeWarning, match="first-contact check of backend 'chunked' failed on cpu for sharded "
+                                            "partials and finalize.*No other backend can run it here"):
+        sharded_call(kernels, make_inputs(seed=52))
+    (outcome,) = first_contact.outcomes()
+    assert outcome.status == "failed" and "loss error" in outcome.reason
+
+
+def test_a_sharded_triton_failure_demotes_to_chunked(triton_ops, monkeypatch):
+    from triton.runtime import interpreter
+
+    from dcq_ops.loss_kernels import LossKernels
+
+    def no_launch(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: misaligned address")
+
+    kernels = LossKernels(first_contact.MarginConfig(**MARGINS["cosface"]), "triton")
+    inputs = make_inputs(**TINY, seed=53)
+    expected, _ = sharded_call(LossKernels(kernels.margin, "chunked"), inputs)
+    first_contact.reset()
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", no_launch)
+    with pytest.warns(RuntimeWarning, match="its first call raised RuntimeError: CUDA error: misaligned address"):
+        part, used = sharded_call(kernels, inputs)
+    assert used.backend == "chunked"
+    torch.testing.assert_close(part.row_sum, expected.row_sum, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, again = sharded_call(kernels, inputs)  # the class stays demoted
+    assert again.backend == "chunked"
+    assert "sharded partials and finalize" in dcq_ops.backends("cpu")["triton"]

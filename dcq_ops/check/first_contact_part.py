@@ -34,7 +34,7 @@ def first_contact_check(report: Report, device: torch.device, seed: int) -> None
                                           backend=backend, evaluation=True, seed=seed):
                 cases.append({key: (finite(value) if isinstance(value, float) else value)
                               for key, value in outcome.as_dict().items()})
-                if outcome.status == "demoted":
+                if outcome.status in ("demoted", "failed"):
                     report.fail(f"first_contact/{backend}/{name(queue_dtype)}", outcome.reason)
     report.data["first_contact"] = {"rows": rows, "dim": dim, "queue_size": slots, "batch_sizes": [rows, rows - 3], "outcomes": cases,
                                     "backends_after": dcq_ops.backends(device)}

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dcq_ops.ops.fused_autograd import rows_with_gradient
 from dcq_ops.backends import enqueue_function
+from dcq_ops.first_contact_sharded import sharded_partials
 from dcq_ops.parallel.collectives import (all_reduce, gather_padded, initialized, reduce_scatter_single, trim,
                                           world_size_and_rank)
 from dcq_ops.parallel.padded import enqueue_padded
@@ -269,9 +270,10 @@ class ShardedQueue(HeaderExchangeQueue):
         all_x = gather_padded(batch.embeddings.detach(), rows, group, world)
         all_labels = gather_padded(batch.labels, rows, group, world, fill=-1)
         batch.gathered_labels = all_labels  # the enqueue needs them too
-        # 2. Partials of every row over this rank's shard.
-        part = kernels.partials(all_x, all_labels, self.queue.weights, self.queue.labels,
-                                compute_grad=batch.compute_grad)
+        # 2. Partials of every row over this rank's shard; the first call of a class checks them
+        #    and the finalize, and a demoted class runs its fallback's (dcq_ops.first_contact_sharded).
+        part, kernels = sharded_partials(kernels, all_x, all_labels, self.queue.weights, self.queue.labels, batch,
+                                         rank * rows)
         # 3. Merge across ranks: all-reduce the maxima, rescale, reduce-scatter the
         #    sums and accumulators so that each rank receives its own rows only.
         global_max = part.row_max.clone()
