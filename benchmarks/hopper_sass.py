@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dcq_ops.triton import hopper, hopper_launch  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
@@ -168,6 +169,13 @@ def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES
     entry.update(ptxas_report(compiled.asm["ptx"]), shared=compiled.metadata.shared)
     entry.update(loop_counts(sass_of(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, block_d,
                              2 if compute_grad else 1))
+    if compute_grad:  # benchmarks/cycle_model.py's per-tile estimate (H100 rates), as compiled.py applies it
+        from cycle_model import cycle_model
+        from sass_counts import disassemble
+        model = cycle_model(disassemble(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, dim,
+                            hopper.NUM_WARPS, num_stages=stages, gemms=2)
+        entry["cycle_model"] = {k: model[k] for k in ("clocks_per_tile", "clocks_serialized", "clocks_pipelined",
+                                                      "serialized", "fraction_of_peak", "components")}
     return entry
 
 
@@ -250,6 +258,10 @@ def main(argv=None) -> int:
               f"BAR {c['bar.sync']} FMUL {c['fmul']} all {e['loop_instructions']} | flops/ideal "
               f"{e['mma_flops_over_ideal']} exp/logit {e['exponentials_per_logit']} | under a wgmma in flight: EX2 "
               f"{e['ex2_under_mma']} UTMALDG {e['utmaldg_under_mma']} | ptxas warnings: {e['ptxas_warnings'] or 'none'}")
+        if "cycle_model" in e:
+            m = e["cycle_model"]
+            print(f"    cycle model: {m['clocks_per_tile']} clocks a tile ({m['fraction_of_peak']:.0%} of bf16 peak), "
+                  f"serialized {m['clocks_serialized']}, pipelined {m['clocks_pipelined']}; {m['components']}")
     if args.json:
         args.json.write_text(json.dumps(dict(triton=triton.__version__, entries=entries), indent=1) + "\n")
     return 1 if failures else 0

@@ -31,7 +31,8 @@ _LABEL = re.compile(r"^(\.L_[\w]+):", re.M)
 _BRANCH_TARGET = re.compile(r"`?\(?(\.L_[\w]+)\)?")
 # "HGMMA.64x32x16.F32.BF16 R152, gdesc[UR56], RZ, !UPT, gsb0" (both operands in shared memory)
 # "HGMMA.64x256x16.F32.BF16 R24, R216, gdesc[UR8].tnspB, R24, gsb0" (A from registers)
-_HGMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)\.(\w+)")
+# fp16 operands print no operand type: "HGMMA.64x32x16.F32 R152, gdesc[UR4], RZ, !UPT".
+_HGMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)(?:\.(\w+))?")
 _WIDTH = re.compile(r"\.(128|64|32|16|U8|S8|U16|S16)\b")
 _WIDTH_BYTES = {"128": 16, "64": 8, "32": 4, "16": 2, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 _ELEMENT_BYTES = {"F16": 2, "BF16": 2, "E4M3": 1, "E5M2": 1, "TF32": 4, "S8": 1, "U8": 1}

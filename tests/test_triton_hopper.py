@@ -281,3 +281,24 @@ def test_sass_loops_ignore_the_retry_loops_after_exit():
     loop = sass_counts.mma_loop(_GLUON_SASS)
     counts = sass_counts.count(loop.body)
     assert (loop.label, counts["hgmma"], counts["warpgroup_depbar"], counts["utmaldg"]) == (".L_x_9", 2, 2, 1)
+
+
+def test_sass_counts_read_fp16_hgmma():
+    """nvdisasm prints an fp16 HGMMA without its operand type ("HGMMA.64x32x16.F32"):
+    benchmarks/sass_counts.hgmma_shape must still size it (before the fix the cycle
+    model gave the fp16 kernels 0 tensor-core clocks)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_counts
+
+    fp16 = """
+.L_x_0:
+        /*0010*/                   HGMMA.64x32x16.F32 R152, gdesc[UR4], RZ, !UPT ;
+        /*0020*/                   HGMMA.64x256x16.F32 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0040*/              @!P0 BRA `(.L_x_0) ;
+        /*0050*/                   EXIT ;
+"""
+    counts = sass_counts.count(sass_counts.mma_loop(fp16).body)
+    assert counts["hgmma"] == 2
+    assert counts["hgmma_flops"] == 2 * 64 * 32 * 16 + 2 * 64 * 256 * 16
+    assert counts["hgmma_smem_bytes"] == (64 * 16 + 32 * 16) * 2 + (64 * 16 + 256 * 16) * 2
