@@ -8,6 +8,7 @@ import io
 import os
 from typing import Sequence
 
+from dcq_ops.atomic_write import AtomicFile
 from dcq_ops.training.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_failure, image_size_pair
 from dcq_ops.training.recordio.format import (FLOAT32_EXACT, FRAME, LENGTH_BITS, LENGTH_MASK, MAGIC, MAGIC_BYTES,
                                               pack_payload)
@@ -16,7 +17,12 @@ from dcq_ops.training.recordio.format import (FLOAT32_EXACT, FRAME, LENGTH_BITS,
 class RecordIOWriter:
     """Writes ``PREFIX.rec`` and ``PREFIX.idx``: ``write(key, payload)`` appends a
     record (split at aligned magic numbers as MXNet's reader expects) and its
-    index line. A context manager."""
+    index line. A context manager.
+
+    Both files are written under temporary names (``PREFIX.rec.tmp``,
+    ``PREFIX.idx.tmp``) and replace the final names only at :meth:`close`, fsynced
+    (:mod:`dcq_ops.atomic_write`); a ``with`` block that raises (a bad image) or
+    :meth:`discard` removes them: an existing set under the same prefix stays whole."""
 
     def __init__(self, prefix: str | os.PathLike):
         prefix = os.fspath(prefix)
@@ -26,18 +32,46 @@ class RecordIOWriter:
         parent = os.path.dirname(self.rec_path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        self._rec = open(self.rec_path, "wb")
-        self._idx = open(self.idx_path, "w")
+        self._rec_file = AtomicFile(self.rec_path, "wb")
+        try:
+            self._idx_file = AtomicFile(self.idx_path, "w")
+        except BaseException:
+            self._rec_file.discard()
+            raise
+        self._rec, self._idx = self._rec_file.file, self._idx_file.file
+        self._open = True
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
     def close(self) -> None:
-        self._rec.close()
-        self._idx.close()
+        """Publish the set: both files fsynced, then renamed over the final names (the .idx
+        last: a reader never finds a new index beside an old, shorter .rec). A failure
+        discards both."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self._rec_file.sync()
+            self._idx_file.sync()
+            self._rec_file.publish(sync_directory=False)
+            self._idx_file.publish()
+        except BaseException:
+            self._rec_file.discard()
+            self._idx_file.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop what was written: the temporaries are removed, the final names untouched."""
+        self._open = False
+        self._rec_file.discard()
+        self._idx_file.discard()
 
     def _part(self, cflag: int, data: bytes) -> None:
         if len(data) > LENGTH_MASK:
