@@ -17,6 +17,7 @@ import torch.distributed as dist
 from dcq_ops.atomic_write import atomic_write
 from dcq_ops.training import trainer as trainer_module
 from dcq_ops.training.config import CHOICES, FIELD_BOUNDS, ConfigError, TrainConfig, parse_device
+from dcq_ops.training.runtime import CommunicationError, end_process, is_communication_error
 from dcq_ops.training.step_guard import TrainingError
 from dcq_ops.training.trainer import Trainer
 
@@ -119,19 +120,34 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """``dcq-train`` in-process: parse, train, write OUTPUT/result.json; returns the
     result of :meth:`Trainer.fit`. A setting that cannot run exits as a usage error
     (SystemExit 2, the message naming the flag); a run stopped by too many bad steps
-    raises TrainingError."""
+    raises TrainingError, one whose processes lost contact (a process stopped, hung or
+    died: ``--dist-timeout``) CommunicationError. Under torchrun every rank leaves the
+    process group together where it can (:func:`~dcq_ops.training.runtime.end_process`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = TrainConfig(**vars(args))
     except ValueError as exc:  # the checks that involve several settings (they name the flags)
         parser.error(str(exc))
+    meet = False  # whether every rank stops at this point too (then they meet before leaving)
     try:
         try:
             trainer = Trainer(config)
-            result = trainer.fit()
+            result = trainer.fit()  # every rank meets after the final checkpoint
         except ConfigError as exc:  # settings found wrong once the data, the device or the checkpoint is known
+            meet = True  # found alike on every rank: the data, the checkpoint and the settings are theirs too
             parser.error(str(exc))
+        except TrainingError:
+            meet = True  # every rank reads the same bad-step count at the same step
+            raise
+        except RuntimeError as exc:
+            if dist.is_available() and dist.is_initialized() and is_communication_error(exc):
+                raise CommunicationError(
+                    f"the processes lost contact: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc} "
+                    f"(another process stopped, hung or died; a collective waits at most --dist-timeout "
+                    f"{config.dist_timeout:g} s: raise it if rank 0's verification or checkpoint writes take longer)"
+                ) from exc
+            raise
         if trainer.rank == 0 and config.output:
             # final_eval: the feature extractor's verification; final_eval_generator: the
             # weight generator's (with --eval-model generator or both).
@@ -140,21 +156,20 @@ def run(argv: Sequence[str] | None = None) -> dict:
                        "bad_steps": result["bad_steps"], "skipped_steps": result["skipped_steps"]}
             if "final_eval_generator" in result:
                 summary["final_eval_generator"] = result["final_eval_generator"]
-            with atomic_write(os.path.join(config.output, "result.json"), "w") as f:  # replaced whole
+            with open(os.path.join(config.output, "result.json"), "w") as f:
                 json.dump({**summary, "elapsed_s": result["elapsed_s"]}, f, indent=2)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process(meet)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``dcq-train`` console script: 0 when the run finished, 1 when it stopped
-    (too many bad steps, no readable checkpoint), 2 for a bad argument (argparse)."""
+    (too many bad steps, no readable checkpoint, processes that lost contact), 2 for a
+    bad argument (argparse)."""
     try:
         run(argv)
-    except TrainingError as exc:
+    except (TrainingError, CommunicationError) as exc:
         print(f"dcq-train: error: {exc}", file=sys.stderr)
         return 1
     return 0
-

@@ -110,19 +110,31 @@ _POSITIVE = Bound(int, 1)
 _COUNT = Bound(int, 0)
 _UNIT = Bound(float, 0.0, 1.0)
 _SEED = Bound(int, 0, 2**32 - 1)  # numpy's seeds are 32-bit
+# The optimizers take the learning rate and the weight decay as float32 (a fused kernel's
+# scalar argument): a larger value is no float32 and ends the first step with an error.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# torch.set_num_threads(100000) crashes the process (the OpenMP pool cannot be made):
+# more threads than any CPU has cores are refused instead.
+MAX_THREADS = 4096
+# Lengths in epochs: a run's steps are round(epochs x steps per epoch), which must be an int.
+_EPOCHS = Bound(float, 0.0, 1e9, low_open=True)
 FIELD_BOUNDS = {
     "sample_rate": Bound(float, 0.0, 1.0, low_open=True), "queue_size": _POSITIVE, "momentum": _UNIT,
     "momentum_end": _UNIT, "scale": Bound(float, 0.0, low_open=True), "margin_value": Bound(float, 0.0),
     "width": _POSITIVE, "embedding_size": _POSITIVE, "dropout": Bound(float, 0.0, 1.0, high_open=True),
-    "image_size": _POSITIVE, "synthetic_identities": _POSITIVE, "synthetic_eval_identities": _POSITIVE,
-    "synthetic_seed": _SEED, "synthetic_median_images": Bound(float, 0.0, low_open=True),
-    "synthetic_max_images": _POSITIVE, "num_workers": _COUNT, "lr": Bound(float, 0.0, low_open=True),
-    "weight_decay": Bound(float, 0.0), "sgd_momentum": Bound(float, 0.0, 1.0, high_open=True),
-    "batch_size": _POSITIVE, "epochs": Bound(float, 0.0, low_open=True), "steps": _POSITIVE,
-    "warmup_epochs": Bound(float, 0.0), "decay_at": Bound(float, 0.0, 1.0, low_open=True, high_open=True),
-    "decay_gamma": Bound(float, 0.0, low_open=True), "clip_grad": Bound(float, 0.0), "max_bad_steps": _COUNT,
-    "seed": _SEED, "threads": _COUNT, "log_every": _POSITIVE, "eval_every": _COUNT, "eval_pairs": _POSITIVE,
-    "save_every": _COUNT, "keep_checkpoints": _POSITIVE, "stop_after": _POSITIVE,
+    "image_size": _POSITIVE, "synthetic_identities": _POSITIVE,
+    # A verification set needs two identities (impostor pairs) and 10 pairs (the 10 folds).
+    "synthetic_eval_identities": Bound(int, 2), "synthetic_seed": _SEED,
+    "synthetic_median_images": Bound(float, 0.0, low_open=True), "synthetic_max_images": _POSITIVE,
+    "num_workers": _COUNT, "lr": Bound(float, 0.0, _FLOAT32_MAX, low_open=True),
+    "weight_decay": Bound(float, 0.0, _FLOAT32_MAX), "sgd_momentum": Bound(float, 0.0, 1.0, high_open=True),
+    "batch_size": _POSITIVE, "epochs": _EPOCHS, "steps": _POSITIVE,
+    "warmup_epochs": Bound(float, 0.0, 1e9), "decay_at": Bound(float, 0.0, 1.0, low_open=True, high_open=True),
+    "decay_gamma": Bound(float, 0.0, 1.0, low_open=True), "clip_grad": Bound(float, 0.0), "max_bad_steps": _COUNT,
+    "seed": _SEED, "threads": Bound(int, 0, MAX_THREADS), "log_every": _POSITIVE, "eval_every": _COUNT,
+    "eval_pairs": Bound(int, 10), "save_every": _COUNT, "keep_checkpoints": _POSITIVE, "stop_after": _POSITIVE,
+    # timedelta takes up to 1e9 days; a day is already longer than any collective should wait.
+    "dist_timeout": Bound(float, 0.0, 86400.0, low_open=True),
 }
 # Settings that may be None (their default): "not set".
 _OPTIONAL = {"queue_size", "steps", "stop_after"}
@@ -185,7 +197,7 @@ class TrainConfig:
         the run's length (``epochs`` or ``steps``), its schedule (``warmup_epochs``,
         ``schedule``, ``decay_at``, ``decay_gamma``), ``amp``, ``clip_grad``, the bad-step
         guard (``validate``, ``max_bad_steps``), ``seed``, ``deterministic``, ``device``,
-        ``threads``.
+        ``threads``, ``dist_timeout``.
     output : str or None
         The directory of the log and the checkpoints; with ``log_format``, ``log_every``,
         ``progress``, verification (``eval_every``, ``eval_pairs``, ``eval_model``),
@@ -243,7 +255,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False          # torch.use_deterministic_algorithms
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    threads: int = 0                     # torch CPU threads; 0 = torch's default
+    threads: int = 0                     # torch CPU threads (at most 4096); 0 = torch's default
+    dist_timeout: float = 300.0          # seconds a process waits for the others in a collective before it stops with an error (under torchrun); it must cover rank 0's verification (--eval-every, the final one) and checkpoint writes, which the other ranks wait for
     # Output
     output: str | None = None            # directory of the log and checkpoints
     log_format: str = "csv"              # csv | json (JSON lines)
@@ -304,6 +317,6 @@ class TrainConfig:
 # Fields that change what a run computes: a resumed run must agree on them.
 RESUME_NEUTRAL = {"output", "log_format", "log_every", "progress", "eval_every", "eval_pairs", "eval_model", "save_every",
                    "keep_checkpoints", "resume", "stop_after", "num_workers", "eval_bin", "threads", "device",
-                   "validate", "max_bad_steps", "queue_mode"}
+                   "validate", "max_bad_steps", "queue_mode", "dist_timeout"}
 
 

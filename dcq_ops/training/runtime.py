@@ -1,10 +1,12 @@
 """Where a run runs: the device ``--device`` names (checked against the GPUs
 there), the process's torch settings and seeds, and, under ``torchrun`` with
-WORLD_SIZE > 1, the default process group (gloo on CPU, NCCL on CUDA) and
-DistributedDataParallel."""
+WORLD_SIZE > 1, the default process group (gloo on CPU, NCCL on CUDA, every
+collective bounded by ``--dist-timeout``), DistributedDataParallel, and the end of
+the process group (:func:`end_process`: every rank meets before it is destroyed)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 
@@ -16,12 +18,16 @@ from torch import nn
 from dcq_ops.training.config import ConfigError, TrainConfig, parse_device
 
 
-def setup_distributed(device: torch.device) -> tuple[int, int]:
+def setup_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[int, int]:
     """(rank, world size); initialises the default process group when launched
-    by torchrun with WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    by torchrun with WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA), with ``timeout_s``
+    (``--dist-timeout``) as the longest a collective waits for the other ranks: a
+    rank that stopped or hung ends the others with an error, not a silent wait
+    (gloo's and NCCL's defaults are 30 and 10 minutes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -46,15 +52,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def start_process(config: TrainConfig) -> tuple[torch.device, int, int]:
+def start_process(config: TrainConfig, device: torch.device | None = None) -> tuple[torch.device, int, int]:
     """(device, rank, world size) of this process, set up for ``config``: its threads,
     the process group, the current GPU, deterministic algorithms, and one seed for the
     model initialisation (the same on every rank: DDP broadcasts rank 0's anyway, and
-    every head starts from the same backbone)."""
-    device = resolve_device(config.device)
+    every head starts from the same backbone). ``device``: ``config.device`` resolved
+    (:func:`resolve_device`), when the caller has done it."""
+    device = resolve_device(config.device) if device is None else device
     if config.threads:
         torch.set_num_threads(config.threads)
-    rank, world_size = setup_distributed(device)
+    rank, world_size = setup_distributed(device, config.dist_timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if config.deterministic:
@@ -76,3 +83,64 @@ def wrap_distributed(backbone: nn.Module, head: nn.Module, device: torch.device,
     if any(p.requires_grad for p in head.parameters()):
         head = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     return model, head
+
+
+class CommunicationError(RuntimeError):
+    """A collective failed: another process stopped, hung or died (``--dist-timeout``
+    bounds the wait for it).
+
+    Parameters
+    ----------
+    message : str
+        What failed, and what to do about it.
+    """
+
+
+def is_communication_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says a collective failed (a timeout, a process that went away):
+    torch raises them as RuntimeError (gloo: "Timed out waiting 3000ms for recv
+    operation to complete", "Connection closed by peer") or as its DistError types."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(words in text for words in (
+        "timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo", "nccl"))
+
+
+def synchronize() -> None:
+    """Every rank waits here for the others (nothing under one process). A collective's
+    last transfer is finished, and its tensors released, by a communication thread after
+    the caller's ``wait()`` returns; a barrier, during which the caller releases the
+    interpreter lock, lets that thread finish before the process moves on (and ends)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def end_process(meet: bool) -> None:
+    """The end of this process's part in the process group (nothing without one):
+    :func:`synchronize` first when ``meet`` (every rank gets here: a finished run, or a
+    stop every rank makes at the same step), then ``destroy_process_group``.
+
+    Why the meeting matters: gloo's worker thread drops its references to the tensors
+    of the last collective after the caller's ``wait()`` has returned, and dropping the
+    last one needs the interpreter lock. A process that goes straight on to exit leaves
+    that thread waiting for the lock of an interpreter that is shutting down, which
+    kills the thread inside a destructor: "terminate called without an active
+    exception", SIGABRT, after the run's work was done (``destroy_process_group`` alone
+    did not prevent it: the run called it and still aborted in about 1 run in 8).
+
+    Parameters
+    ----------
+    meet : bool
+        Whether every rank reaches this call (False after a communication error or an
+        error of this rank alone: there is no one to meet, and waiting would only add
+        ``--dist-timeout``).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if meet:
+            synchronize()
+    finally:
+        dist.destroy_process_group()
