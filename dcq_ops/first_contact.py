@@ -111,7 +111,7 @@ class Outcome:
 
 
 _OUTCOMES: dict = {}  # shape-class key -> Outcome
-_TRACED_DEMOTIONS: dict = {}  # call signature (exact N and K) -> fallback, for calls traced by torch.compile
+_TRACED_DEMOTIONS: dict = {}  # _signature (no N, K) -> fallback, for calls traced by torch.compile
 _SAID: set = set()  # what cannot be checked, said once: "compiled", "capture"
 
 
@@ -187,11 +187,10 @@ def describe(key: tuple, rows: int | None = None, slots: int | None = None) -> s
 
 
 def _signature(backend, embeddings, class_weights, queue_weights, margin, compute_grad) -> tuple:
-    """What a traced call can read of its class without running Python outside the graph:
-    exact N and K instead of the launch plan."""
-    rows, dim = embeddings.shape
-    return (backend, str(embeddings.device), embeddings.dtype, class_weights.dtype, queue_weights.dtype, rows,
-            queue_weights.shape[0], dim, bool(compute_grad), margin.interclass_filtering_threshold > 0)
+    """What a call traced by torch.compile can read of its class as constants: the key without
+    N, K and the launch plan (a graph may serve many N), i.e. ``key[:8]``."""
+    return (backend, str(embeddings.device), embeddings.dtype, class_weights.dtype, queue_weights.dtype,
+            embeddings.shape[1], bool(compute_grad), margin.interclass_filtering_threshold > 0)
 
 
 # ----------------------------------------------------------------------------
@@ -357,13 +356,13 @@ def _run_check(backend, key, signature, embeddings, class_weights, labels, queue
 
 
 def _traced_fallback(signature: tuple) -> str:
-    """For a call traced by torch.compile: the fallback of a demoted class ("" if none), and
-    once per process a warning that traced calls are not checked (none if some class of the
-    same backend, dtypes, D, gradient and filtering was checked, e.g. by warmup). Run by
-    Dynamo while tracing, its result a constant of the graph."""
+    """For a call traced by torch.compile: the fallback if any class of this signature
+    (``_signature``: backend, device, dtypes, D, gradient, filtering; any N and K) was
+    demoted ("" if none), and once per process a warning that traced calls are not checked
+    (none if a class of the signature was checked, e.g. by warmup). Run by Dynamo while
+    tracing, its result a constant of the graph."""
     fallback = _TRACED_DEMOTIONS.get(signature, "")
-    coarse = signature[:5] + signature[7:]  # without N and K: (backend, device, dtypes, D, gradient, filtering)
-    checked = any(key[:8] == coarse for key in _OUTCOMES)
+    checked = any(key[:8] == signature for key in _OUTCOMES)
     if not fallback and not checked:
         say_once("compiled", f"dcq_ops: backend {signature[0]!r} is called inside a torch.compile graph for a shape "
                  "class that the first-contact check has not checked, and cannot check there (it reads numbers on "
@@ -400,11 +399,8 @@ def loss_rows(backend: str, embeddings, class_weights, labels, queue_weights, qu
         return entry_point(backend, "loss_rows")(*arguments)
     compute_grad = embeddings.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():  # traced: no check, but a demoted class stays demoted
-        rows, dim = embeddings.shape
-        signature = _signature(backend, embeddings, class_weights, queue_weights, margin, compute_grad)
-        if not all(isinstance(v, int) for v in (rows, queue_weights.shape[0], dim)):  # dynamic shapes
-            signature = signature[:5] + (None, None) + signature[7:]
-        fallback = _traced_fallback(signature)
+        fallback = _traced_fallback(_signature(backend, embeddings, class_weights, queue_weights, margin,
+                                               compute_grad))
         return loss_rows(fallback, *arguments) if fallback else entry_point(backend, "loss_rows")(*arguments)
     key = shape_class(backend, embeddings, class_weights, queue_weights, margin, compute_grad)
     outcome = _OUTCOMES.get(key)

@@ -1,6 +1,12 @@
 """``warmup``: compile, autotune and first-contact-check the loss's kernels before training,
 so that no training step compiles, autotunes, checks or synchronises (e.g. before
-capturing CUDA graphs). ``DCQLoss.prepare`` does the same for a module's queue."""
+capturing CUDA graphs). ``DCQLoss.prepare`` does the same for a module's queue.
+
+It is what covers the calls the first-contact check cannot check: calls traced by
+``torch.compile`` and calls under CUDA-graph capture (they cannot read a number on the
+host; the first of them of a class never checked warns once). A shape class includes the
+launch plan (dcq_ops.launch_plans), so give every batch size the run will see: a last,
+smaller batch has another row tail, and another class."""
 
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ def warmup(batch_sizes, embedding_size: int, queue_size: int, *, margin=None, dt
     Parameters
     ----------
     batch_sizes : iterable of int
-        The numbers of rows N the loss will see (e.g. the batch and a smaller last batch).
+        The numbers of rows N the loss will see (e.g. the batch and a smaller last batch:
+        each N with another launch plan is another shape class).
     embedding_size : int
         D.
     queue_size : int
@@ -52,7 +59,8 @@ def warmup(batch_sizes, embedding_size: int, queue_size: int, *, margin=None, dt
     -------
     list of Outcome
         The outcome of each shape class touched (fused backends only; "skipped" with the
-        reason where the check did not run).
+        reason where the check did not run; "demoted" with the mismatch or the exception
+        of a fused call that failed: the warm-up itself never raises for it).
     """
     from dcq_ops.backends import select_backend
     from dcq_ops.functional import dcq_cross_entropy

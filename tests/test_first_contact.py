@@ -747,3 +747,28 @@ def test_a_sharded_triton_failure_demotes_to_chunked(triton_ops, monkeypatch):
         _, again = sharded_call(kernels, inputs)  # the class stays demoted
     assert again.backend == "chunked"
     assert "sharded partials and finalize" in dcq_ops.backends("cpu")["triton"]
+
+
+def test_a_compiled_call_of_an_unchecked_class_warns_once_and_warmup_covers_it():
+    margin = MARGINS["cosface"]
+    inputs = make_inputs(rows=9, seed=54)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: dcq_ops.dcq_cross_entropy(*t, **margin, reduction="none", backend="chunked"),
+                             backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            compiled(*inputs)
+            compiled(*make_inputs(rows=12, seed=55))  # another trace: said once only
+    said = [str(w.message) for w in caught if "torch.compile graph" in str(w.message)]
+    assert len(said) == 1 and "DCQLoss.prepare" in said[0], said
+    assert first_contact.outcomes() == []  # nothing could be checked there
+    first_contact.reset()
+    torch._dynamo.reset()
+    dcq_ops.warmup([9], 45, 203, margin=first_contact.MarginConfig(**margin), backend="chunked", training=False,
+                   evaluation=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.no_grad():
+            compiled(*inputs)
+    torch._dynamo.reset()
