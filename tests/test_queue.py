@@ -254,3 +254,22 @@ def test_every_row_the_batch_check_lets_in_enqueues_as_a_row_the_state_check_tak
     queue = dcq_ops.ClassQueue(8, 8, dtype=dtype)
     queue.enqueue(rows[held].float() if dtype != torch.float32 else rows[held], torch.arange(int(held.sum())))
     dcq_ops.ClassQueue(8, 8, dtype=dtype).load_state_dict(queue.state_dict())
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("queue.ptr", torch.tensor([2.7]), r"states\[1\]: queue.ptr must be an integer tensor"),
+    ("queue.labels", torch.zeros(4), r"states\[1\]: queue.labels must be an integer tensor"),
+    ("queue.weights", torch.ones(4, 3, dtype=torch.int32), r"states\[1\]: queue.weights must be a floating point"),
+])
+def test_assembling_blocks_refuses_values_it_would_truncate(key, value, words):
+    """assemble_queue_state read each block's pointer with int(): a float pointer was truncated."""
+    from dcq_ops.parallel import assemble_queue_state
+    states = []
+    for rank in range(2):
+        rows = torch.nn.functional.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(rank)), dim=1)
+        states.append({"queue.weights": rows, "queue.labels": torch.arange(4) + 4 * rank, "queue.ptr": torch.tensor([2]),
+                       "queue.shard": torch.tensor([8, 4 * rank, 4 * rank + 4, 2, rank])})
+    assert int(assemble_queue_state(states)["queue.ptr"]) == 2
+    states[1][key] = value
+    with pytest.raises((TypeError, ValueError), match=words):
+        assemble_queue_state(states)

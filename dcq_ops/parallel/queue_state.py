@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from dcq_ops.parallel.collectives import gather_padded, world_size_and_rank
 from dcq_ops.parallel.sharded import SHARD_KEY, ShardedClassQueue, shard_range
-from dcq_ops.queue import ClassQueue, check_queue_state
+from dcq_ops.queue import ClassQueue, check_queue_state, check_queue_state_types
 from dcq_ops.validation import check_int
 
 _QUEUE_KEYS = ("weights", "labels", "ptr")
@@ -199,6 +199,9 @@ def assemble_queue_state(states: Sequence[Mapping], prefix: str = "queue.") -> d
         missing = [prefix + k for k in _QUEUE_KEYS if prefix + k not in state]
         if missing:
             raise ValueError(f"states[{i}] has no queue: missing {missing} (saved with save_queue=False?)")
+        # Before any value is read: a float pointer or float labels would be truncated.
+        check_queue_state_types(*(state[prefix + k] for k in _QUEUE_KEYS), what=f"assemble_queue_state: states[{i}]",
+                                names=tuple(prefix + k for k in _QUEUE_KEYS))
     metas = [_shard_meta(s, prefix) for s in states]
     world = len(states)
     if all(m is None for m in metas):  # older per-rank files: rank order, the blocks of shard_range
