@@ -156,7 +156,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                        "bad_steps": result["bad_steps"], "skipped_steps": result["skipped_steps"]}
             if "final_eval_generator" in result:
                 summary["final_eval_generator"] = result["final_eval_generator"]
-            with open(os.path.join(config.output, "result.json"), "w") as f:
+            with atomic_write(os.path.join(config.output, "result.json"), "w") as f:  # replaced whole
                 json.dump({**summary, "elapsed_s": result["elapsed_s"]}, f, indent=2)
     finally:
         end_process(meet)
