@@ -401,3 +401,56 @@ def test_a_bin_image_that_does_not_decode_names_the_file(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"toy\.bin: image 3 \(pair 1\): cannot decode the image "
                                                r"\(40 bytes, starting 00 00"):
         load_bin(path, (8, 8))
+
+
+def test_eval_command_refuses_bad_sets_checkpoints_and_devices_with_exit_2(tmp_path, capsys):
+    """Each of these was a traceback (exit 1), some after other sets were evaluated:
+    now a usage error naming the file or the flag, before any set is evaluated."""
+    pytest.importorskip("PIL")
+    import dataclasses
+    from dcq_ops.training import TrainConfig
+    from dcq_ops.training.backbones import build_backbone
+    from dcq_ops.training.checkpoint import CHECKPOINT_FORMAT
+    good = str(_toy_bin(tmp_path / "toy.bin", 16))
+    r18 = tmp_path / "r18.pth"
+    torch.save(_iresnet(image_size=16, embedding_size=8).state_dict(), r18)
+    checkpoint = ["--checkpoint", str(r18), "--device", "cpu"]
+
+    def bad_bin(name, content):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(content, f)
+        return str(tmp_path / name)
+
+    few = str(_toy_bin(tmp_path / "few.bin", 16, n_pairs=3))
+    cases = [
+        (["--bin", few], ["--bin", "few.bin", "holds 3 pairs", "at least 10"]),
+        (["--bin", bad_bin("none.bin", ([], []))], ["--bin", "none.bin", "holds 0 pairs"]),
+        (["--bin", bad_bin("int.bin", 7)], ["--bin", "int.bin", "is not an insightface .bin"]),
+        (["--bin", bad_bin("items.bin", ([1, 2] * 10, [True] * 10))], ["--bin", "items.bin", "not an insightface .bin",
+                                                                     "encoded bytes"]),
+        (["--bin", good, "--bin", str(tmp_path / "." / "toy.bin")], ["--bin", "is given twice"]),
+        (["--bin", good, "--device", "meta"], ["--device meta", "must be auto, cpu, cuda or cuda:N"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--bin", good, "--device", "cuda"], ["--device cuda", "CUDA is not available"]))
+    for args, words in cases:
+        err = _exit_message(capsys, checkpoint + args)
+        assert all(w in err for w in words) and "Traceback" not in err, (args, err)
+
+    # Checkpoints: NaN weights, a dcq_ops.train checkpoint with missing keys or an unknown backbone.
+    nan = _iresnet(image_size=16, embedding_size=8).state_dict()
+    nan["fc.weight"][0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pth")
+    err = _exit_message(capsys, ["--checkpoint", str(tmp_path / "nan.pth"), "--bin", good])
+    assert "nan.pth: the weights hold NaN or infinite values (fc.weight)" in err, err
+    config = dataclasses.asdict(TrainConfig(backbone="small_cnn", width=4, embedding_size=8, image_size=16))
+    small = build_backbone("small_cnn", embedding_size=8, image_size=16, width=4).state_dict()
+    missing = dict(list(small.items())[:-2])
+    for name, state, words in (
+            ("missing.pt", {"config": config, "backbone": missing}, ["does not load into 'small_cnn'", "missing keys"]),
+            ("unknown.pt", {"config": {**config, "backbone": "resnet9"}, "backbone": small},
+             ["backbone 'resnet9' (its config), which is none of"]),
+            ("nobackbone.pt", {"config": config, "backbone": None}, ["'backbone' is not a state dict"])):
+        torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "world_size": 1, **state}, tmp_path / name)
+        err = _exit_message(capsys, ["--checkpoint", str(tmp_path / name), "--bin", good])
+        assert all(w in err for w in words) and "Traceback" not in err, (name, err)

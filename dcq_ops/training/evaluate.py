@@ -14,8 +14,10 @@ The backbone is read from either
     python -m dcq_ops.eval --checkpoint backbone.pth --bin lfw.bin --bin cfp_fp.bin
 
 Bad arguments (a missing file, a state dict that names no known network and no
-``--network``, a network that does not match the weights) exit with status 2
-and a message naming the problem.
+``--network``, a network that does not match the weights, weights that are not
+finite, a ``.bin`` that is no insightface set or holds fewer than 10 pairs, a
+device that is not here) exit with status 2 and a message naming the problem,
+before any set is evaluated.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dcq_ops.training.backbones import IRESNET_DEPTHS, IResNet, build_backbone, infer_iresnet
+from dcq_ops.training.backbones import BACKBONES, IRESNET_DEPTHS, IResNet, build_backbone, infer_iresnet
 from dcq_ops.training.checkpoint import CHECKPOINT_FORMAT
 from dcq_ops.training.config import TrainConfig
 from dcq_ops.validation import positive_int_argument
@@ -111,10 +113,26 @@ def _from_train_checkpoint(path: str, state: dict, network: str | None, embeddin
         raise CheckpointError(f"{path}: a dcq_ops.train checkpoint of embedding size {config['embedding_size']} "
                               f"(its config), but --embedding-size says {embedding_size}")
     weights = state["backbone"]
-    channels = next(v for v in weights.values() if v.dim() == 4).shape[1]  # the first conv's input
-    model = build_backbone(backbone, in_channels=channels, embedding_size=config["embedding_size"],
-                           image_size=config["image_size"], width=config["width"], dropout=config["dropout"])
-    model.load_state_dict(weights)
+    if not _is_state_dict(weights):
+        raise CheckpointError(f"{path}: a dcq_ops.train checkpoint whose 'backbone' is not a state dict (names -> "
+                              f"tensors), got {type(weights).__name__}")
+    if backbone not in BACKBONES:
+        raise CheckpointError(f"{path}: a dcq_ops.train checkpoint of backbone {backbone!r} (its config), which is "
+                              f"none of {BACKBONES}")
+    convs = [v for v in weights.values() if v.dim() == 4]
+    if not convs:
+        raise CheckpointError(f"{path}: the checkpoint's backbone has no convolution weights: not a {backbone}")
+    try:
+        model = build_backbone(backbone, in_channels=convs[0].shape[1], embedding_size=config["embedding_size"],
+                               image_size=config["image_size"], width=config["width"], dropout=config["dropout"])
+    except (ValueError, TypeError) as exc:  # a config this version cannot build
+        raise CheckpointError(f"{path}: cannot build the checkpoint's backbone {backbone!r} from its config: "
+                              f"{exc}") from exc
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the checkpoint's backbone does not load into {backbone!r} (as its config "
+                              f"describes it): {_mismatch(model, weights)}") from exc
     return model, {"kind": "dcq_ops.train checkpoint", "network": backbone,
                    "embedding_size": config["embedding_size"], "image_size": config["image_size"]}
 
@@ -180,7 +198,17 @@ def load_model(path: str | os.PathLike, network: str | None = None,
             raise CheckpointError(f"{path}: expected a dcq_ops.train checkpoint or a state dict (names -> tensors) "
                                   f"of an arcface_torch IResNet, got {what}")
         model, info = _from_state_dict(path, _without_module_prefix(state), network, embedding_size)
+    _check_finite(path, model)
     return model.eval(), info
+
+
+def _check_finite(path: str, model: nn.Module) -> None:
+    """CheckpointError naming the tensors of ``model`` that hold NaN or inf: such a
+    network's embeddings are not finite, and its verification would fail on them."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
+        raise CheckpointError(f"{path}: the weights hold NaN or infinite values ({shown}): nothing to evaluate")
 
 
 # --------------------------------------------------------------------------- command line
@@ -200,15 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedding-size", type=positive_int_argument,
                         help="the embedding size, when the state dict does not tell")
     parser.add_argument("--batch-size", type=positive_int_argument, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (a GPU that is there)")
     return parser
 
 
 def evaluate(argv: Sequence[str] | None = None) -> dict:
     """Run the command line; returns {set name: evaluate_bin's result} (the
-    name is the .bin's file name, or its path when two share a name). Bad
-    arguments exit with status 2 (argparse's error)."""
-    from dcq_ops.training.verification import evaluate_bin, load_bin
+    name is the .bin's file name, or the path as given when two share a name). Bad
+    arguments exit with status 2 (argparse's error), before any set is evaluated: a
+    missing or unreadable file, a .bin that is no insightface set or holds fewer than
+    10 pairs, a set given twice, a checkpoint that builds no network or holds NaN or
+    infinite weights, a device that is not here."""
+    from dcq_ops.training.periodic_eval import bin_set_names, load_eval_bin
+    from dcq_ops.training.runtime import resolve_device
+    from dcq_ops.training.verification import evaluate_bin
     parser = build_parser()
     args = parser.parse_args(argv)
     # Every file is checked before the model is built or a set decoded.
@@ -218,26 +252,29 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         if not os.path.isfile(path):
             parser.error(f"--bin {path}: no such file")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
+        names = bin_set_names(args.bin)
+    except ValueError as exc:
+        parser.error(f"--bin {exc}")
+    try:
+        device = resolve_device(args.device)  # cpu, cuda or cuda:N, and that GPU exists
+    except ValueError as exc:
+        parser.error(f"--device {args.device}: {str(exc).removeprefix(f'--device {args.device}: ')}")
     try:
         model, info = load_model(args.checkpoint, args.network, args.embedding_size)
     except CheckpointError as exc:
         parser.error(str(exc))
+    # Every set is read and checked before the first is evaluated: a bad one is a usage error, not a late failure.
+    sets = {}
+    for name, path in zip(names, args.bin):
+        try:
+            sets[name] = load_eval_bin(path, info["image_size"])
+        except ValueError as exc:  # not a .bin, too few pairs, an image that does not decode: the message names the file
+            parser.error(f"--bin {exc}")
     model = model.to(device)
     print(f"{args.checkpoint}: {info['kind']}, {info['network']}, embedding {info['embedding_size']}, "
           f"input {info['image_size']}x{info['image_size']}", flush=True)
-    size = (info["image_size"], info["image_size"])
     results = {}
-    for path in args.bin:
-        name = os.path.basename(path)
-        if name in results:
-            name = path
-        try:
-            data = load_bin(path, size)
-        except ValueError as exc:  # not a .bin, an image that does not decode: the message names the file
-            parser.error(str(exc))
+    for name, data in sets.items():
         results[name] = evaluate_bin(model, data, args.batch_size, device=device)
         print(f"{name}: " + json.dumps(results[name]), flush=True)
     return results
