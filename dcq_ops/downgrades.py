@@ -39,14 +39,15 @@ CONSERVATIVE_OPTIN = min(a.shared_memory_per_block_optin for a in ARCHITECTURES.
 @dataclass(frozen=True)
 class Downgrade:
     """One downgrade: the missing ``feature``, ``what`` the package does instead, its
-    ``consequence``, the ``fix``, and the ``device`` it concerns ("cuda:0", a device
-    type such as "cuda", or None for the whole process)."""
+    ``consequence``, the ``fix``, the ``device`` it concerns ("cuda:0", a device type
+    such as "cuda", or None for the whole process) and the ``backend`` it slows down."""
 
     feature: str
     what: str
     consequence: str
     fix: str
     device: str | None = None
+    backend: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +61,7 @@ class Downgrade:
 _RECORD: dict = {}  # (feature, device) -> Downgrade, in the order they were noted
 
 
-def note(feature: str, what: str, consequence: str, fix: str, *, device=None) -> Downgrade:
+def note(feature: str, what: str, consequence: str, fix: str, *, device=None, backend: str | None = None) -> Downgrade:
     """Record a downgrade and say it, once per (feature, device): a ``RuntimeWarning``
     on the first note, nothing on the later ones.
 
@@ -76,6 +77,8 @@ def note(feature: str, what: str, consequence: str, fix: str, *, device=None) ->
         How to get the full path back.
     device : torch.device or str, optional
         The device (or device type) concerned; None for the whole process.
+    backend : str, optional
+        The backend that takes the slower path ("triton", "chunked").
 
     Returns
     -------
@@ -85,7 +88,7 @@ def note(feature: str, what: str, consequence: str, fix: str, *, device=None) ->
     device = None if device is None else str(device)
     key = (feature, device)
     if key not in _RECORD:
-        _RECORD[key] = Downgrade(feature, what, consequence, fix, device)
+        _RECORD[key] = Downgrade(feature, what, consequence, fix, device, backend)
         warnings.warn(_RECORD[key].message(), RuntimeWarning, stacklevel=3)
     return _RECORD[key]
 
@@ -100,7 +103,7 @@ def _concerns(record: Downgrade, device: torch.device) -> bool:
 
 def downgrades(device=None) -> list[dict]:
     """The downgrades of this process, as dicts with the keys feature, what,
-    consequence, fix and device. With a CUDA ``device``, its features are probed
+    consequence, fix, device and backend. With a CUDA ``device``, its features are probed
     first (so that a downgrade shows before the first call that takes it).
 
     Parameters
@@ -121,19 +124,20 @@ def downgrades(device=None) -> list[dict]:
     return [d.as_dict() for d in _RECORD.values() if _concerns(d, device)]
 
 
-def summary(device=None) -> str | None:
-    """The downgrades of ``downgrades(device)`` in one line (what ``dcq_ops.backends()``
-    shows), or None when there is none.
+def summary(device=None, backend: str | None = None) -> str | None:
+    """The downgrades of ``downgrades(device)`` (those of ``backend`` only, when given) in
+    one line (what ``dcq_ops.backends()`` shows), or None when there is none.
 
     Parameters
     ----------
     device : torch.device or str, optional
+    backend : str, optional
 
     Returns
     -------
     str or None
     """
-    found = downgrades(device)
+    found = [d for d in downgrades(device) if backend is None or d["backend"] == backend]
     if not found:
         return None
     return "; ".join(f"{d['feature']} missing{' on ' + d['device'] if d['device'] else ''}: {d['what']} "
@@ -192,7 +196,7 @@ def note_chunked_gemm(device, gemm_dtype: torch.dtype) -> None:
          "the same cosines, but fp32 (or TF32) GEMMs instead of 16-bit tensor-core GEMMs, several times "
          "slower, and an fp32 copy of each queue chunk",
          f"a torch that has aten::mm.dtype_out (torch {torch.__version__} here; torch 2.11 and later have it)",
-         device="cuda")
+         device="cuda", backend="chunked")
 
 
 # ----------------------------------------------------------------------------
@@ -223,5 +227,5 @@ def shared_memory_per_block_optin(props, device=None) -> int:
                        "1.5x the tensor-core work of the queue pass)")
     note(OPTIN_FEATURE, what, consequence,
          f"a torch whose device properties report shared_memory_per_block_optin (torch {torch.__version__} "
-         "here; torch 2.11 and later report it)", device=device or "cuda")
+         "here; torch 2.11 and later report it)", device=device or "cuda", backend="triton")
     return value

@@ -45,7 +45,8 @@ def test_missing_optin_on_sm90_is_said_once_recorded_and_keeps_64x64_tiles(launc
     records = downgrades.downgrades()
     assert [r["feature"] for r in records] == [downgrades.OPTIN_FEATURE]
     assert records[0]["device"] == "cuda:0"
-    assert set(records[0]) == {"feature", "what", "consequence", "fix", "device"}
+    assert set(records[0]) == {"feature", "what", "consequence", "fix", "device", "backend"}
+    assert records[0]["backend"] == "triton"
     # Said once: a second device lookup (cache cleared) records nothing new and stays silent.
     launch.device_architecture.cache_clear()
     with warnings.catch_warnings():
@@ -111,6 +112,8 @@ def test_summary_is_one_line_for_backends(monkeypatch):
         downgrades.note_chunked_gemm(torch.device("cuda"), torch.bfloat16)
     line = downgrades.summary()
     assert line.startswith("aten::mm.dtype_out missing on cuda: ") and "\n" not in line
+    assert downgrades.summary("cuda", backend="chunked") == line
+    assert downgrades.summary("cuda", backend="triton") is None
 
 
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cuda", torch.float32),

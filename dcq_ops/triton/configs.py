@@ -148,7 +148,7 @@ def tile_configs(architecture: Architecture, element_size: int, dim: int, tf32: 
              f"the smallest tile {smallest.as_dict()} is used, with {smallest.accumulator_registers(block_d)} "
              f"accumulator registers a thread (of {ACCUMULATOR_REGISTERS} budgeted)",
              "register spills: the same results, a slower queue pass",
-             "backend='chunked' for embeddings this wide, or a smaller embedding size")
+             "backend='chunked' for embeddings this wide, or a smaller embedding size", backend="triton")
     return [smallest]
 
 
