@@ -27,8 +27,8 @@ def _step(path) -> int:
 
 
 def _truncate(path) -> None:
-    """Cut a file in half as a kill during a copy would; a new file, so that a hard link
-    to it (checkpoint.pt shares the latest step checkpoint's bytes) keeps its own."""
+    """Cut a file in half as a kill during a copy would (a new file under the same name;
+    test_checkpoint_pt_is_a_distinct_file_and_survives_truncation_in_place truncates in place)."""
     data = open(path, "rb").read()
     os.remove(path)
     with open(path, "wb") as f:
