@@ -306,12 +306,45 @@ def entry_point(backend: str, which: str) -> Callable:
     return BACKENDS[backend].entry(which)
 
 
+_ENQUEUE_CHECKED: set = set()  # device types whose compiled enqueue ran once
+_ENQUEUE_FAILED: dict = {}  # device type -> why its compiled enqueue failed (the pure-PyTorch one runs)
+
+
+def _first_enqueue(weights, labels, ptr, class_weights, class_labels, bad_reasons=None) -> None:
+    """The compiled enqueue's first run on a device type: an exception of the kernel itself (a
+    launch error, an extension built for another GPU) warns once and hands this write and every
+    later one to the pure-PyTorch enqueue, instead of stopping the training. Bad input is
+    refused before (ClassQueue validates it): ValueError and TypeError are raised as they are."""
+    compiled, fallback = BACKENDS["chunked"].entry("enqueue"), BACKENDS["reference"].entry("enqueue")
+    if torch.compiler.is_compiling():
+        return compiled(weights, labels, ptr, class_weights, class_labels, bad_reasons)
+    kind = weights.device.type
+    try:
+        compiled(weights, labels, ptr, class_weights, class_labels, bad_reasons)
+    except (ValueError, TypeError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the kernel failed: the write is done in plain PyTorch
+        text = str(exc).strip()
+        _ENQUEUE_FAILED[kind] = f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+        warnings.warn(f"dcq_ops: the compiled queue enqueue failed on its first call on {kind} "
+                      f"({_ENQUEUE_FAILED[kind]}); this write and every later one use the pure-PyTorch enqueue "
+                      "(dcq_ops.backends() reports it). Please report it with the output of "
+                      "`python -m dcq_ops.check`.", RuntimeWarning, stacklevel=3)
+        return fallback(weights, labels, ptr, class_weights, class_labels, bad_reasons)
+    _ENQUEUE_CHECKED.add(kind)
+    return None
+
+
 def enqueue_function(device: torch.device | str) -> Callable:
     """The FIFO write for a queue on ``device``, whatever backend computes the loss: the compiled
-    kernel (chunked's) where it runs, else plain PyTorch (reference's)."""
+    kernel (chunked's) where it runs, else plain PyTorch (reference's). The compiled kernel's
+    first call on a device type falls back to plain PyTorch if it raises (``_first_enqueue``)."""
     device = torch.device(device)
-    name = "chunked" if BACKENDS["chunked"].why_unavailable(device) is None else "reference"
-    return BACKENDS[name].entry("enqueue")
+    if BACKENDS["chunked"].why_unavailable(device) is not None or device.type in _ENQUEUE_FAILED:
+        return BACKENDS["reference"].entry("enqueue")
+    if device.type in _ENQUEUE_CHECKED:
+        return BACKENDS["chunked"].entry("enqueue")
+    return _first_enqueue
 
 
 @dataclass(frozen=True)
@@ -384,8 +417,11 @@ def demotions(device: torch.device | str | None = None) -> list[Demotion]:
 
 
 def clear_demotions() -> None:
-    """Forget every demotion (dcq_ops.first_contact.reset calls this)."""
+    """Forget every demotion, and the compiled enqueue's first call (dcq_ops.first_contact.reset
+    calls this)."""
     _DEMOTIONS.clear()
+    _ENQUEUE_CHECKED.clear()
+    _ENQUEUE_FAILED.clear()
 
 
 def backends(device: torch.device | str | None = None) -> dict[str, str]:
@@ -401,8 +437,11 @@ def backends(device: torch.device | str | None = None) -> dict[str, str]:
     -------
     dict
         ``{"triton": ..., "chunked": ..., "reference": ..., "auto": "-> <backend>"}``; e.g.
-        ``"available; demoted to 'chunked' by the first-contact check for 1 shape class:
-        ..."``.
+        ``"available; demoted by the first-contact check for 1 shape class: <class> ->
+        'chunked' (<reason>)"``, the reason being the mismatch with its numbers or the
+        exception of the first call ("RuntimeError: CUDA error: ..."); "unavailable: ..."
+        with what failed and the fix (an extension that did not load: the reinstall
+        command).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -416,5 +455,8 @@ def backends(device: torch.device | str | None = None) -> dict[str, str]:
             classes = "; ".join(f"{d.shape_class} -> {d.fallback!r} ({d.reason})" for d in demoted)
             report[name] += (f"; demoted by the first-contact check for {len(demoted)} shape "
                              f"class{'es' if len(demoted) > 1 else ''}: {classes}")
+        if name == "chunked" and device.type in _ENQUEUE_FAILED:
+            report[name] += (f"; its queue enqueue failed on its first call ({_ENQUEUE_FAILED[device.type]}): "
+                             "the pure-PyTorch enqueue runs")
     report["auto"] = f"-> {select_backend(device, warn=False)}"  # a report, not a call: no warning
     return report

@@ -772,3 +772,35 @@ def test_a_compiled_call_of_an_unchecked_class_warns_once_and_warmup_covers_it()
         with torch.no_grad():
             compiled(*inputs)
     torch._dynamo.reset()
+
+
+def test_a_compiled_enqueue_that_raises_falls_back_to_plain_pytorch_once(monkeypatch):
+    import dataclasses
+    import importlib
+
+    backends = importlib.import_module("dcq_ops.backends")  # the module (dcq_ops.backends is the function)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setitem(backends.BACKENDS, "chunked", dataclasses.replace(backends.BACKENDS["chunked"],
+                                                                          enqueue=broken))
+    g = torch.Generator().manual_seed(56)
+    queue, expected = dcq_ops.ClassQueue(30, 8), dcq_ops.ClassQueue(30, 8)
+    batches = [(torch.randn(7, 8, generator=g), torch.randint(0, 50, (7,), generator=g)) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match="compiled queue enqueue failed on its first call on cpu .RuntimeError: "
+                                            "CUDA error: no kernel image"):
+        queue.enqueue(*batches[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for batch in batches[1:]:
+            queue.enqueue(*batch)
+    assert len(calls) == 1  # tried once
+    for batch in batches:
+        backends.BACKENDS["reference"].entry("enqueue")(expected.weights, expected.labels, expected.ptr,
+                                                        batch[0], batch[1])
+    assert torch.equal(queue.weights, expected.weights) and torch.equal(queue.labels, expected.labels)
+    assert int(queue.ptr) == int(expected.ptr) == 21
+    assert "its queue enqueue failed on its first call (RuntimeError" in dcq_ops.backends("cpu")["chunked"]
