@@ -55,8 +55,10 @@ def build_models(config: TrainConfig, num_classes: int, channels: int, world_siz
     if config.head == "dcq":
         slots = head.loss.queue_size  # of the global queue
         if slots < config.batch_size * world_size:
-            raise ConfigError(f"the DCQ queue ({slots} slots = --sample-rate {config.sample_rate} x "
-                              f"{num_classes} classes, or --queue-size) must hold one global batch "
+            # Say where the size came from: --queue-size when given, else the sample rate.
+            origin = (f"--queue-size {config.queue_size}" if config.queue_size is not None else
+                      f"ceil(--sample-rate {config.sample_rate:g} x {num_classes} classes)")
+            raise ConfigError(f"the DCQ queue ({slots} slots = {origin}) must hold one global batch "
                               f"(--batch-size {config.batch_size} x {world_size} processes): "
                               f"raise --queue-size or --sample-rate, or lower --batch-size")
     return backbone, head
