@@ -207,8 +207,8 @@ def variants_for(variant_class):
 
                 def build(dtype=dtype, compute_grad=compute_grad, overlap=overlap):
                     compiled = compile_hopper(dtype, dim, compute_grad, overlap_softmax=overlap)
-                    return compiled, dict(**ptx_loop_counts(compiled.asm["ptx"], tile, block_d, 2 if compute_grad else 1),
-                                          chain_break="none (Gluon: the layouts are explicit)")
+                    counts = ptx_loop_counts(compiled.asm["ptx"], tile, block_d, 2 if compute_grad else 1)
+                    return compiled, dict(**counts, chain_break="none (Gluon: the layouts are explicit)")
                 model = (dict(tile_m=hopper.BLOCK_M, tile_n=hopper.BLOCK_K, dim=dim, warps=hopper.NUM_WARPS,
                               num_stages=hopper.STAGES, gemms=2) if compute_grad else None)
                 out.append(variant_class(entry, build, model, (1.0, 1.125)))
@@ -257,7 +257,8 @@ def main(argv=None) -> int:
               f"DEPBAR {c['warpgroup.depbar']} UTMALDG {c['utmaldg']} LDGSTS {c['ldgsts']} EX2 {c['mufu.ex2']} "
               f"BAR {c['bar.sync']} FMUL {c['fmul']} all {e['loop_instructions']} | flops/ideal "
               f"{e['mma_flops_over_ideal']} exp/logit {e['exponentials_per_logit']} | under a wgmma in flight: EX2 "
-              f"{e['ex2_under_mma']} UTMALDG {e['utmaldg_under_mma']} | ptxas warnings: {e['ptxas_warnings'] or 'none'}")
+              f"{e['ex2_under_mma']} UTMALDG {e['utmaldg_under_mma']} | ptxas warnings: "
+              f"{e['ptxas_warnings'] or 'none'}")
         if "cycle_model" in e:
             m = e["cycle_model"]
             print(f"    cycle model: {m['clocks_per_tile']} clocks a tile ({m['fraction_of_peak']:.0%} of bf16 peak), "

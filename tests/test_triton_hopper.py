@@ -175,6 +175,35 @@ def test_loss_and_gradient_with_the_pipelined_kernel_match_the_reference(monkeyp
                       gemm_dtype=torch.float32)
 
 
+ON_HOPPER = ON_CUDA and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only (a GPU test)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
+def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin):
+    """The Gluon kernel itself (never run on a GPU before this test's first run): loss and
+    gradient against the float64 reference within the error model of its GEMM dtype, at
+    D = 512 over several splits and row blocks, with a partial last tile and empty slots."""
+    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+    margin = MARGINS[margin]
+    x, k, y, w, yq = make_inputs(150, 512, 1000, num_classes=40, empty=50, dtype=torch.float32,
+                                 queue_dtype=dtype, device="cuda", seed=7)
+    args = (margin["scale"], margin.get("m1", 1.0), margin.get("m2", 0.0), margin.get("m3", 0.0),
+            margin.get("interclass_filtering_threshold", 0.0), margin.get("straight_through_margin", False))
+    loss, grad = triton_ops.forward(x, k, y, w, yq, *args, True, split_size=256)
+    assert launches == [True]
+    xr = x.double().requires_grad_(True)
+    exact = reference.dcq_cross_entropy(xr, k.double(), y, w.double(), yq, **margin, reduction="none")
+    exact.sum().backward()
+    delta = cosine_rounding(x, w, dtype)
+    assert_loss_close(loss, exact.detach(), scale=margin["scale"], delta=delta)
+    assert_grad_close(grad, xr.grad, embeddings=x, scale=margin["scale"], delta=delta,
+                      slope=positive_slope(x, k, margin.get("m1", 1.0), margin.get("m2", 0.0), margin["scale"],
+                                           margin.get("straight_through_margin", False)),
+                      gemm_dtype=dtype)
+
+
 def test_the_classic_kernel_is_the_default_and_the_choice_is_checked(monkeypatch):
     q, _, w, _ = scenario("random", torch.float16)
     monkeypatch.delenv(hopper_launch.ENV, raising=False)
