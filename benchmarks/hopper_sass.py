@@ -53,17 +53,25 @@ _COUNTED = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "UTMALDG", "LDGSTS"
             "FMUL", "SYNCS")
 
 
+def descriptor_types(dtype: str, dim: int) -> tuple[str, str]:
+    """The kernel's signature types of q_desc and w_desc (what the launcher's host
+    descriptors, hopper_launch.gluon_descriptors, mangle to)."""
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    out = []
+    for rows in (hopper.BLOCK_M, hopper.BLOCK_K):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, block_d], DTYPES[dtype])
+        out.append(f"tensordesc<{dtype}[{rows},{block_d}],{layout!r}>")
+    return tuple(out)
+
+
 def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
                    rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH,
                    overlap_softmax: bool = hopper_launch.OVERLAP_SOFTMAX):
     """The Gluon kernel compiled for sm_90 (as a launch with these operands would)."""
-    block_d = max(16, 1 << (dim - 1).bit_length())
-    gl_dtype = DTYPES[dtype]
-    q_layout = gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_M, block_d], gl_dtype)
-    w_layout = gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_K, block_d], gl_dtype)
+    q_type, w_type = descriptor_types(dtype, dim)
     signature = dict(
-        q_desc=f"tensordesc<{dtype}[{hopper.BLOCK_M},{block_d}],{q_layout!r}>",
-        w_desc=f"tensordesc<{dtype}[{hopper.BLOCK_K},{block_d}],{w_layout!r}>",
+        q_desc=q_type,
+        w_desc=w_type,
         labels_ptr="*i64", queue_labels_ptr="*i64", max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32",
         num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32", scale_log2="fp32",
         interclass_filtering_threshold="fp32")

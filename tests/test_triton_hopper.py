@@ -234,6 +234,27 @@ def test_where_the_pipelined_kernel_applies(monkeypatch):
 
 
 @pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_launch_descriptors_are_the_compiled_kernels_types(dtype):
+    """The host descriptors the launch builds mangle to the types hopper_sass.py (and the
+    compiled report) compile the kernel for: what is measured is what would run."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+import hopper_sass
+from dcq_ops.triton import hopper_launch
+q, w = torch.zeros(100, 512, dtype={dtype}), torch.zeros(1000, 512, dtype={dtype})
+types = tuple(d.__mangle__() for d in hopper_launch.gluon_descriptors(q, w))
+assert types == hopper_sass.descriptor_types({'bf16' if dtype == torch.bfloat16 else 'fp16'!r}, 512), types
+print("same")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "same" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+@pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
 def test_gluon_kernel_compiles_for_sm90_at_ideal_work_without_serialized_wgmma(tmp_path):
     """Compiled for sm_90a without a GPU (bf16, D=512, with the gradient, both
     schedules): each MMA once (FLOPs / ideal 1.0, 1.125 exponentials a logit), at

@@ -69,6 +69,24 @@ def _block_d(dim: int) -> int:
     return max(16, 1 << max(0, int(dim) - 1).bit_length())
 
 
+def gluon_descriptors(q_gemm: torch.Tensor, queue_weights: torch.Tensor):
+    """The Gluon kernel's host tensor descriptors (TMA): q [N, D] in blocks of
+    [BLOCK_M, BLOCK_D] and the queue [K, D] in blocks of [BLOCK_K, BLOCK_D], both
+    NVMMA-swizzled (Triton splits each block into the boxes TMA allows), zero-filled
+    outside the tensor. benchmarks/hopper_sass.py compiles the kernel for exactly
+    these types (tests/test_triton_hopper.py checks it)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    gl_dtype = gl.bfloat16 if q_gemm.dtype == torch.bfloat16 else gl.float16
+    block_d = _block_d(q_gemm.shape[1])
+    out = []
+    for tensor, rows in ((q_gemm, hopper.BLOCK_M), (queue_weights, hopper.BLOCK_K)):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, block_d], gl_dtype)
+        out.append(TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [rows, block_d], layout))
+    return tuple(out)
+
+
 def launch(grid, q_gemm, labels, queue_weights, queue_labels, workspace, rows, queue_size, dim, num_splits,
            split_size, scale_log2, threshold, compute_grad, block_m, block_k, input_precision) -> None:
     """The pipelined queue pass over ``grid`` into the workspace (the repair kernel
@@ -86,15 +104,7 @@ def launch(grid, q_gemm, labels, queue_weights, queue_labels, workspace, rows, q
             COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=True, INPUT_PRECISION=input_precision,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d)
         return
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    gl_dtype = gl.bfloat16 if q_gemm.dtype == torch.bfloat16 else gl.float16
-    q_desc = TensorDescriptor(q_gemm, list(q_gemm.shape), list(q_gemm.stride()), [hopper.BLOCK_M, block_d],
-                              gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_M, block_d], gl_dtype))
-    w_desc = TensorDescriptor(queue_weights, list(queue_weights.shape), list(queue_weights.stride()),
-                              [hopper.BLOCK_K, block_d],
-                              gl.NVMMASharedLayout.get_default_for([hopper.BLOCK_K, block_d], gl_dtype))
+    q_desc, w_desc = gluon_descriptors(q_gemm, queue_weights)
     hopper.hopper_queue_pass_kernel[grid](
         q_desc, w_desc, labels, queue_labels, *workspace[:3], *scalars, FILTER=threshold > 0,
         COMPUTE_GRAD=compute_grad, STAGES=hopper.STAGES, RESCALE_ON_GROWTH=RESCALE_ON_GROWTH,
