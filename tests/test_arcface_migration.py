@@ -1,6 +1,8 @@
 """The arcface_torch migration: the patch is a well-formed git patch of the
-files it names, makes the changes the guide describes, and the guide and the
-example name the upstream commit they were written against.
+files it names, makes the changes the guide describes (checkpoints that load with
+torch.load's defaults, the schedule carried over to another world size, bad steps
+skipped and bounded), the helpers it calls do what it relies on, and the guide and
+the example name the upstream commit they were written against.
 
 (Whether the patch applies to that commit needs the insightface sources, which
 the tests cannot download; it was checked with ``git apply --check`` when the
@@ -103,3 +105,108 @@ def test_guide_and_example_name_the_commit_and_follow_master():
     for leftover in ("PolyScheduler", "lossShow", "cfg.sample_rate, cfg.fp16"):
         assert leftover not in example, leftover
     assert "PolynomialLRWarmup" in example and "cfg.sample_rate, False)" in example
+
+
+def test_checkpoint_loads_with_torch_load_defaults(patch):
+    """Item 15: checkpoint_dcq.pt holds RNG states as tensors and plain types, and the
+    resume loads it with torch.load's defaults (weights_only=True)."""
+    new = added(patch["recognition/arcface_torch/train_v2.py"])
+    assert "weights_only=False" not in new
+    assert 'torch.load(os.path.join(cfg.output, "checkpoint_dcq.pt"), map_location="cpu")' in new
+    assert "distributed.all_gather_object(rng_per_rank, portable_rng_state())" in new
+    assert 'set_portable_rng_state(dict_checkpoint["rng_per_rank"][rank])' in new
+    assert "rng_state()" not in new.replace("portable_rng_state()", "")
+
+
+def test_resume_on_another_world_size_rescales_and_announces_the_schedule(patch):
+    """Item 16: the saved scheduler's total_iters is of the old global batch; the patch
+    carries the schedule over to this run's (rescale_schedule) and logs what it did."""
+    new = added(patch["recognition/arcface_torch/train_v2.py"])
+    assert ("global_step, how = rescale_schedule(lr_scheduler, global_step, lr_scheduler.total_iters,\n"
+            "                                                cfg.total_step, cfg.warmup_step)") in new
+    assert "ranks resumed on" in new and "{how}" in new
+
+
+def test_bad_steps_are_skipped_logged_and_bounded_by_a_config_entry(patch):
+    """Item 17: a non-finite step is skipped on the device (LoopGuard, fused optimizers),
+    logged, counted (in the checkpoint too), and stops the run only past
+    config.dcq_max_bad_steps; DCQLoss never sees a batch it would refuse."""
+    train = patch["recognition/arcface_torch/train_v2.py"]
+    new, gone = added(train), removed(train)
+    assert "guard = LoopGuard(opt, [backbone, weight_generator], amp if cfg.fp16 else None)" in new
+    assert new.count("fused=True") == 2
+    assert "problem = guard.check_batch(local_embeddings, local_labels, class_weights, cfg.num_classes)" in new
+    assert new.count("kept = guard.kept(loss, local_embeddings, class_weights, problem)") == 2
+    assert new.count("guard.step(kept)") == 2
+    assert "opt.step()" in gone and "amp.step(opt)" in gone
+    assert "if bad_steps > cfg.dcq_max_bad_steps:" in new and '"bad_steps": bad_steps' in new
+    assert "config.dcq_max_bad_steps = 10" in added(patch["recognition/arcface_torch/configs/base.py"])
+
+
+# --------------------------------------------------------------------------- the helpers the patch calls
+
+def test_portable_rng_state_loads_with_torch_load_defaults_and_replays(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from dcq_ops.training.migration import portable_rng_state, set_portable_rng_state
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # numpy's cached gaussian is part of its state
+    torch.save({"rng": portable_rng_state()}, tmp_path / "c.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), [random.random() for _ in range(3)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_portable_rng_state(torch.load(tmp_path / "c.pt")["rng"])  # weights_only=True, torch's default
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.standard_normal(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+class _WarmupPoly:
+    """A step schedule with the attributes rescale_schedule sets (arcface_torch's
+    PolynomialLRWarmup has them): linear warm-up, then linear decay to 0 at total_iters."""
+
+    @staticmethod
+    def make(optimizer, warmup_iters, total_iters):
+        import torch
+
+        class WarmupPoly(torch.optim.lr_scheduler.LRScheduler):
+            def __init__(self):
+                self.warmup_iters, self.total_iters = warmup_iters, total_iters
+                super().__init__(optimizer)
+
+            def _get_closed_form_lr(self):
+                s, w, t = self.last_epoch, self.warmup_iters, self.total_iters
+                if s <= w:
+                    return [b * s / w for b in self.base_lrs]
+                return [b * (1 - (min(t, s) - w) / (t - w)) for b in self.base_lrs]
+
+            def get_lr(self):
+                return self._get_closed_form_lr() if self.last_epoch else [g["lr"] for g in optimizer.param_groups]
+        return WarmupPoly()
+
+
+def test_rescale_schedule_carries_the_share_of_the_run_and_decays_to_the_new_end():
+    """2 ranks -> 1: the checkpoint's step 16 of 24 is step 32 of 48, and the learning rate
+    reaches 0 at the new end (kept at the old total_iters, it was 0 for the last 16 steps)."""
+    import torch
+
+    from dcq_ops.training.migration import rescale_schedule
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = _WarmupPoly.make(optimizer, 8, 24)
+    for _ in range(16):
+        optimizer.step(), scheduler.step()
+    step, message = rescale_schedule(scheduler, 16, scheduler.total_iters, 48, 16)
+    assert step == 32 and "step 16 of 24 resumes as step 32 of 48" in message
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05) and scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+    lrs = []
+    for _ in range(16):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step()
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:])), "decays over every remaining step"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match="saved_total and total must be > 0"):
+        rescale_schedule(scheduler, 16, 0, 48, 16)
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+        rescale_schedule(scheduler, -1, 24, 48, 16)

@@ -155,3 +155,40 @@ def test_with_a_fused_optimizer_the_guard_copies_only_the_batchnorm_statistics(o
     buffers = sum(b.numel() * b.element_size() for b in trainer._buffers.values())
     params = sum(p.numel() * p.element_size() for p in trainer._params)
     assert copied == buffers < params / 4
+
+
+# --------------------------------------------------------------------------- LoopGuard (a loop of one's own)
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_loop_guard_skips_a_bad_step_of_a_loop_of_ones_own(fused):
+    """LoopGuard (arcface_torch's patched train_v2.py uses it): a NaN input leaves the
+    parameters, the optimizer state and the BatchNorm statistics as they were, through
+    the fused optimizer's found_inf or the full copy; a good step goes through; a batch
+    refused on the host (``problem``) is skipped as well."""
+    from dcq_ops.training.step_guard import LoopGuard
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused)
+    guard = LoopGuard(optimizer, [model])
+
+    def step(x, problem=None):
+        guard.begin()
+        out = model(x)
+        loss = out.square().mean()
+        loss.backward()
+        kept = guard.kept(loss, out, None, problem)
+        guard.step(kept)
+        optimizer.zero_grad()
+        return bool(kept)
+
+    assert step(torch.randn(8, 4))
+    assert guard.guard.in_optimizer == fused
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()["state"]))
+    bad = torch.randn(8, 4)
+    bad[3, 1] = math.nan
+    assert not step(bad)
+    _assert_same(before, (model.state_dict(), optimizer.state_dict()["state"]))
+    assert not step(torch.randn(8, 4), problem="labels out of range")
+    _assert_same(before, (model.state_dict(), optimizer.state_dict()["state"]))
+    assert step(torch.randn(8, 4))
+    assert not torch.equal(before[0]["0.weight"], model.state_dict()["0.weight"])

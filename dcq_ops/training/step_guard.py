@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dcq_ops.batch_guard import check_values_now
+from dcq_ops.training.skip_reasons import batch_problem, describe_step, step_flags
 
 
 class TrainingError(RuntimeError):
@@ -172,7 +173,8 @@ class StepGuard:
         self.world_size = world_size
         self.bad_steps = 0                  # bad (skipped) steps of the whole run, resumed ones included
         self.skipped_steps: list[int] = []  # the steps this process skipped
-        self._pending: list = []            # (step, device bool "kept" or None, host reason or None)
+        self._pending: list = []            # (step, device bool "kept" or None, host reason or None, masks)
+        self._flags = None                  # every rank's mask of the last kept() (skip_reasons.step_flags)
         self._reports: list[str] = []       # DCQLoss's reports of batches it kept out of the queue
 
     @property
@@ -250,25 +252,24 @@ class StepGuard:
         (a loss can stay finite with a non-finite class weight: only its gradient is NaN)
         and, unless the GradScaler checks them, finite gradients. Under several ranks
         every rank keeps or undoes the same steps, so that the weights stay equal."""
-        kept = torch.isfinite(loss.detach()) & torch.isfinite(embeddings).all()
-        if class_weights is not None:
-            kept = kept & torch.isfinite(class_weights).all()
-        if self.grads_checked:
-            kept = kept & self._grads_finite(params)
-        if self.world_size > 1:
-            flag = kept.to(torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            kept = flag.bool()
+        # Every rank's mask of what is wrong (skip_reasons): the one all-reduce of the step
+        # carries which rank and why, read with the flags.
+        self._flags = step_flags(loss, embeddings, class_weights,
+                                 self._grads_finite(params) if self.grads_checked else None, self.world_size)
+        kept = (self._flags == 0).all()
+        self.tell_scaler(kept, params)
+        return kept
+
+    def tell_scaler(self, kept: torch.Tensor, params) -> None:
+        """fp16 with a fused optimizer: the GradScaler sets the optimizer's found_inf from
+        the gradients (and lowers its scale); one NaN in one gradient where the step is
+        bad makes it skip this step too. Called before clipping unscales them."""
         if self.in_optimizer and not self.grads_checked:
-            # fp16: the GradScaler sets the fused optimizer's found_inf from the gradients
-            # (and lowers its scale): one NaN in one gradient where the step is bad makes
-            # it skip this step too. Here, before clipping unscales them.
             grad = next((p.grad for p in params if p.grad is not None), None)
             if grad is not None:
                 while grad.dim():  # its first element, as a view (written through)
                     grad = grad[0]
                 grad.add_(torch.where(kept, 0.0, math.nan).to(grad.dtype))
-        return kept
 
     def _grads_finite(self, params) -> torch.Tensor:
         """Whether every gradient is finite, as a device bool: GradScaler's own check
@@ -283,21 +284,18 @@ class StepGuard:
         """DCQLoss's host-side value checks (eager validation, several ranks), run first:
         why the batch is bad, or None. Under several ranks every rank skips when any
         rank's batch is bad: the collectives of the step must match."""
+        if self.world_size > 1:  # which rank's batch is bad, and why, in the one exchange
+            return batch_problem(embeddings, labels, class_weights, num_classes, self.world_size)
         try:
             check_values_now(embeddings, labels.view(-1), class_weights, num_classes)
-            problem = None
         except ValueError as exc:
-            problem = f"DCQLoss would reject the batch ({exc})"
-        if self.world_size > 1:
-            flag = torch.tensor([problem is not None], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and problem is None:
-                problem = "another process's batch of this step was bad"
-        return problem
+            return f"DCQLoss would reject the batch ({exc})"
+        return None
 
     def record(self, step: int, kept: torch.Tensor | None, reason: str | None = None) -> None:
-        """Keep step ``step``'s flag (None: skipped on the host, for ``reason``) for the next read."""
-        self._pending.append((step, kept, reason))
+        """Keep step ``step``'s flag (None: skipped on the host, for ``reason``) for the next read,
+        with every rank's mask of :meth:`kept`."""
+        self._pending.append((step, kept, reason, None if kept is None else self._flags))
 
     def read(self, progress, log, step: int, steps_per_epoch: int) -> int:
         """Read the flags of the steps since the last read (one transfer; called where
@@ -310,15 +308,13 @@ class StepGuard:
         self._reports = []
         if not self._pending:
             return 0
-        flags = [kept for _, kept, _ in self._pending if kept is not None]
-        values = iter(torch.stack(flags).tolist() if flags else [])
-        what = ("NaN or infinite values in the loss, the gradients or the head's inputs (embeddings, class weights)"
-                if self.grads_checked else
-                "NaN or infinite values in the loss or the head's inputs (embeddings, class weights)")
+        flags = [masks for _, kept, _, masks in self._pending if kept is not None]
+        values = iter(torch.stack(flags).tolist() if flags else [])  # every rank's mask of each step
         bad = []
-        for at, kept, reason in self._pending:
-            if kept is None or not next(values):
-                bad.append((at, reason or what))
+        for at, kept, reason, _ in self._pending:
+            masks = next(values) if kept is not None else None
+            if kept is None or any(masks):
+                bad.append((at, reason or describe_step(masks, self.grads_checked)))
         self._pending = []
         limit = self.max_bad_steps
         for at, reason in bad:
@@ -335,3 +331,104 @@ class StepGuard:
                 f"the last good step; the newest checkpoint in --output resumes before them. Look for NaN/inf in "
                 f"the data, or lower --lr / raise --clip-grad")
         return len(bad)
+
+
+class LoopGuard:
+    """The bad-step guard for a training loop of your own (the arcface_torch migration
+    patch uses it in ``train_v2.py``): the same device-side decision as ``dcq-train``'s,
+    with no host sync of its own.
+
+    Per step: :meth:`begin` before the forward (it copies the BatchNorm statistics that
+    the forward moves), :meth:`kept` after ``backward()`` and before clipping (whether
+    the loss, the head's inputs and the gradients are finite, as a device bool, the same
+    on every rank), :meth:`step` instead of ``optimizer.step()`` (or ``scaler.step`` and
+    ``scaler.update``): the update is kept where the flag is true and skipped (a fused
+    optimizer's ``found_inf``) or undone everywhere else. Read the flag where the loop
+    syncs anyway (a ``loss.item()``).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Fused SGD, Adam or AdamW skip a bad update themselves; any other optimizer gets
+        its parameters and state copied before each step.
+    modules : iterable of torch.nn.Module
+        Those whose buffers (BatchNorm statistics) a forward changes: the backbone, the
+        weight generator.
+    scaler : torch.amp.GradScaler, optional
+        The fp16 GradScaler, when there is one: it skips a step whose scaled gradients
+        overflowed itself (routine, not a bad step), and a bad step through it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, modules, scaler: torch.amp.GradScaler | None = None):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("optimizer must hold at least one parameter that requires a gradient, got none")
+        device = params[0].device
+        buffers = {(i, name): b for i, module in enumerate(modules) for name, b in module.named_buffers()}
+        self.optimizer = optimizer
+        self.params = params
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.guard = StepGuard(lambda: step_tensors(params, optimizer, buffers), validate="async", max_bad_steps=0,
+                               grads_checked=not self.scaler.is_enabled(), device=device, world_size=world_size,
+                               optimizer=optimizer, buffers=buffers)
+
+    def begin(self) -> None:
+        """Before the step's forward."""
+        self.guard.save()
+
+    def check_batch(self, embeddings: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
+                    num_classes: int) -> str | None:
+        """DCQLoss's own checks of a batch (finite embeddings and class weights, labels in
+        ``[0, num_classes)``), on the host, before the loss: why the batch is bad, or None.
+        Under several ranks DCQLoss checks on the host itself and raises; asked first, a
+        bad batch on any rank is a skipped step on every rank instead (a host sync: use
+        it where the loop syncs anyway, as train_v2.py's ``loss.item()`` does).
+
+        Parameters
+        ----------
+        embeddings, labels, class_weights : torch.Tensor
+            The DCQ head's inputs.
+        num_classes : int
+            The number of classes.
+
+        Returns
+        -------
+        str or None
+        """
+        return self.guard.check_batch_now(embeddings, labels, class_weights, num_classes)
+
+    def kept(self, loss: torch.Tensor, embeddings: torch.Tensor, class_weights: torch.Tensor | None = None,
+             problem: str | None = None) -> torch.Tensor:
+        """Whether the step is kept, a device bool (after ``backward()``, before clipping).
+
+        Parameters
+        ----------
+        loss, embeddings : torch.Tensor
+            The step's loss and the backbone's embeddings.
+        class_weights : torch.Tensor, optional
+            The weight generator's output.
+        problem : str, optional
+            :meth:`check_batch`'s answer: not None skips the step (on every rank, as
+            :meth:`check_batch` agreed).
+
+        Returns
+        -------
+        torch.Tensor
+            A bool on the device, equal on every rank.
+        """
+        if problem is not None:
+            kept = torch.zeros((), dtype=torch.bool, device=self.guard.device)
+            self.guard.tell_scaler(kept, self.params)
+            return kept
+        return self.guard.kept(loss, embeddings, class_weights, self.params)
+
+    def step(self, kept: torch.Tensor) -> None:
+        """The optimizer step (and the scaler's update) where ``kept``, none elsewhere.
+
+        Parameters
+        ----------
+        kept : torch.Tensor
+            :meth:`kept`'s flag.
+        """
+        self.guard.step(self.optimizer, self.scaler, kept)

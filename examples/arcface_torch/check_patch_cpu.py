@@ -16,8 +16,12 @@ image folder (one sub-folder per identity), ``save_all_states = True`` and
 then ``torch.load("resumed.rank0.pt") == torch.load("full.rank0.pt")[16:]`` (the steps
 after epoch 2), and the same for every rank. ``RESUME=1`` with another
 ``--nproc_per_node`` resumes on another world size (``RECORD.loaded<rank>.pt`` holds
-the global queue each rank's module holds after loading). README.md ("Checkpoints
-that resume on any number of GPUs") gives the result.
+the global queue each rank's module holds after loading; ``RECORD.lr<rank>.pt`` the
+learning rate after every scheduler step, to see the schedule carried over).
+``INF_STEPS=3,10`` (and ``INF_RANK``, default 0) puts an infinite class weight on that
+rank at those steps of the run, to see bad steps skipped on every rank and counted
+(``config.dcq_max_bad_steps`` bounds them). README.md ("Checkpoints that resume on any
+number of GPUs", "Bad steps") gives the results.
 """
 import os, runpy, sys, types
 
@@ -98,8 +102,32 @@ dcq_ops.DCQLoss.load_state_dict = load_state_dict
 
 rank = int(os.environ.get("RANK", "0"))
 out = os.environ["RECORD"]
+
+# The learning rate of every step (the scheduler's, after each of its steps).
+LRS = []
+_lr_step = torch.optim.lr_scheduler.LRScheduler.step
+def lr_step(self, *a, **k):
+    _lr_step(self, *a, **k)
+    LRS.append(self.get_last_lr()[0])
+torch.optim.lr_scheduler.LRScheduler.step = lr_step
+
+# INF_STEPS=3,5 (with INF_RANK, default 0): an infinite class weight on that rank at those
+# steps of this run (counted from 1), as a bad image would give.
+inf_steps = {int(s) for s in os.environ.get("INF_STEPS", "").split(",") if s}
+calls_sf = {"n": 0}
+_shuffled = dcq_ops.shuffled_forward
+def shuffled_forward(*a, **k):
+    weights = _shuffled(*a, **k)
+    calls_sf["n"] += 1
+    if calls_sf["n"] in inf_steps and rank == int(os.environ.get("INF_RANK", "0")):
+        weights = weights.clone()
+        weights[0, 0] = float("inf")
+    return weights
+dcq_ops.shuffled_forward = shuffled_forward
+
 def dump():
     torch.save(LOSSES, f"{out}.rank{rank}.pt")
+    torch.save(LRS, f"{out}.lr{rank}.pt")
 
 stop = int(os.environ.get("STOP_EPOCH", "0"))
 calls = {"n": 0}
