@@ -59,35 +59,23 @@ import json
 import multiprocessing
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton_compile  # noqa: E402,F401  (first: it takes Triton out of interpreter mode)
 import triton  # noqa: E402
-from triton_compile import compile_kernel, launch_specialization, ptxas_log  # noqa: E402
+from triton_compile import ptxas_log  # noqa: E402
 from common import cpu_model, meta, write_json  # noqa: E402
 from cycle_model import cycle_model  # noqa: E402
-from ptx_counts import dot_layouts, loop_counts  # noqa: E402
+from kernel_variants import (DTYPES, EXTRA_KERNELS, KERNELS, SPECIALIZATIONS, TARGETS, Variant,  # noqa: E402,F401
+                             kernels, launch)
 from sass_counts import count, disassemble, mma_loop  # noqa: E402
 
-from dcq_ops.triton import kernels, launch  # noqa: E402
-from dcq_ops.triton.configs import ARCHITECTURES, block_d_of, mma_family, tile_configs  # noqa: E402
+from dcq_ops.triton.configs import ARCHITECTURES, mma_family  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compiled.json"
-DTYPES = {"bf16": ("bf16", 2, None), "fp16": ("fp16", 2, None), "fp32": ("fp32", 4, "ieee"),
-          "tf32": ("fp32", 4, "tf32")}
-TARGETS = {80: "sm_80", 86: "sm_86", 89: "sm_89", 90: "sm_90", 100: "sm_100"}
-
-# The work the default configuration of a target must not exceed (MMA FLOPs / ideal,
-# exponentials per logit), per (target, dtype): the 16-bit defaults of sm_90, where
-# the first dot laid out [4, 2] gives ideal work (dcq_ops/triton/kernels.py). 1.125:
-# one exponential a logit plus the rescaling factors of the row maxima (two rows per
-# thread of a 64 x 32 wgmma fragment, 16 logits a thread).
-IDEAL_WORK = {("sm_90", "bf16"): (1.0, 1.125), ("sm_90", "fp16"): (1.0, 1.125)}
 
 # Why a target's 16-bit default is not at the ideal (printed and written with its ratios).
 REASONS = {
@@ -106,158 +94,6 @@ REASONS = {
 
 
 
-@dataclass
-class Variant:
-    """One kernel to compile: what identifies it in the report (``entry``: target,
-    kernel, dtype, configuration, variant flags), how to compile it (``build``:
-    () -> (compiled kernel, extra entry fields)), and, for the cycle model, its
-    tile and warps (``model``: keyword arguments of cycle_model.cycle_model) or None."""
-
-    entry: dict
-    build: Callable
-    model: dict | None = None
-    ideal_work: tuple | None = None  # (MMA FLOPs / ideal, exponentials per logit) it must not exceed
-    tags: list = field(default_factory=list)
-
-
-def _queue_signature(dtype: str, keys: bool):
-    pointers = dict(q_ptr=f"*{dtype}", labels_ptr="*i64", w_ptr=f"*{dtype}", queue_labels_ptr="*i64",
-                    max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32")
-    scalars = dict(num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32",
-                   scale_log2="fp32", interclass_filtering_threshold="fp32", chain_break="i32")
-    if keys:  # the queue pass's autotuning keys
-        scalars.update(row_bucket="i32", split_bucket="i32")
-    return pointers, scalars
-
-
-def _compile_queue_kernel(fn, dtype: str, precision, block_d: int, config, flags: dict, arch: int, keys: bool):
-    """A queue-pass-grid kernel (queue pass or repair) as the launches specialise it."""
-    pointers, scalars = _queue_signature(dtype, keys)
-    constants = dict(flags, INPUT_PRECISION=precision, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-                     BLOCK_D=block_d)
-    aligned = list(pointers) + ["num_rows", "queue_size", "dim", "split_size"]
-    # chain_break as the launcher specialises the value the launches pass (kernels.CHAIN_BREAK).
-    kind, attribute = launch_specialization(fn, "chain_break", kernels.CHAIN_BREAK)
-    if kind == "constexpr":
-        del scalars["chain_break"]
-        constants = dict(chain_break=kernels.CHAIN_BREAK, **constants)
-    elif attribute == "D":
-        aligned.append("chain_break")
-    compiled = compile_kernel(fn, dict(pointers, **scalars), constants, aligned, arch,
-                              num_warps=config.num_warps, num_stages=config.num_stages)
-    return compiled, f"{kind}" + (" (divisible by 16)" if attribute == "D" else "")
-
-
-def queue_pass(dtype: str, precision, block_d: int, config, compute_grad: bool, arch: int, filtering: bool = True):
-    """The queue-pass kernel compiled for ``arch``: (compiled, how chain_break was specialised)."""
-    return _compile_queue_kernel(kernels.queue_pass_kernel, dtype, precision, block_d, config,
-                                 dict(FILTER=filtering, COMPUTE_GRAD=compute_grad), arch, keys=True)
-
-
-def repair(dtype: str, precision, block_d: int, config, arch: int, filtering: bool):
-    """The repair kernel compiled for ``arch`` at ``config`` (a launch.repair_tile)."""
-    return _compile_queue_kernel(kernels.repair_kernel, dtype, precision, block_d, config,
-                                 dict(FILTER=filtering), arch, keys=False)
-
-
-def merge_kernel(block_d: int, finalize: bool, arch: int, compute_grad: bool = True, blocks=None):
-    """The merge kernel (finalizing or not) at (BLOCK_R, BLOCK_S) ``blocks`` (default:
-    the plan of N=4096 rows, 8 splits, 264 programs)."""
-    block_r, block_s = blocks or launch.merge_blocks(4096, 8, block_d, programs=264)
-    pointers = {name: "*fp32" for name in ("max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "out_max_ptr", "out_sum_ptr",
-                                           "out_acc_ptr", "pos_logit_ptr", "pos_slope_ptr", "q_ptr", "w_ptr",
-                                           "inv_norm_ptr", "loss_ptr", "grad_ptr")}
-    scalars = dict(num_rows="i32", dim="i32", num_splits="i32", scale="fp32")
-    constants = dict(FINALIZE=finalize, COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_S=block_s,
-                     BLOCK_D=block_d)
-    compiled = compile_kernel(kernels.merge_kernel, dict(pointers, **scalars), constants,
-                              list(pointers) + ["dim"], arch, num_warps=4)
-    return compiled, dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
-
-
-def merge_block_plans(block_d: int) -> list[tuple[int, int]]:
-    """Every (BLOCK_R, BLOCK_S) launch.merge_blocks can choose at this BLOCK_D (rows and
-    splits over powers of two, one program to a few thousand), the default plan first."""
-    default = launch.merge_blocks(4096, 8, block_d, programs=264)
-    plans = {default}
-    for rows in (2**i for i in range(0, 21)):
-        for splits in (2**i for i in range(0, 18)):
-            for programs in (1, 2 * 16, 2 * 132, 2 * 1024):
-                plans.add(launch.merge_blocks(rows, splits, block_d, programs=programs))
-    return [default] + sorted(plans - {default})
-
-
-def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list[Variant]:
-    """The queue pass of every configuration, with and without the gradient and filtering;
-    the repair kernel at each configuration's repair tiles, with and without filtering."""
-    target = ARCHITECTURES[TARGETS[arch]]
-    block_d = block_d_of(dim)
-    out = []
-    for name in dtypes:
-        dtype, element_size, precision = DTYPES[name]
-        configs = tile_configs(target, element_size, dim, tf32=precision == "tf32")
-        repairs = {}
-        for rank, config in enumerate(configs[:1] if first_only else configs):
-            repairs.setdefault(launch.repair_tile(config), []).append(rank)
-            for compute_grad in (True, False):
-                for filtering in (False, True):
-                    entry = dict(target=target.name, kernel="queue_pass", gradient=compute_grad, filter=filtering,
-                                 dtype=name, default=rank == 0, BLOCK_D=block_d, **config.as_dict(),
-                                 shared_estimate=config.shared_bytes(block_d, element_size,
-                                                                     mma_family(target.capability)))
-
-                    def build(config=config, compute_grad=compute_grad, filtering=filtering):
-                        compiled, chain_break = queue_pass(dtype, precision, block_d, config, compute_grad, arch,
-                                                           filtering)
-                        return compiled, dict(
-                            **loop_counts(compiled.asm["ptx"], config, block_d, 2 if compute_grad else 1),
-                            **dot_layouts(compiled.asm["ttgir"], config, block_d), chain_break=chain_break)
-                    model = (dict(tile_m=config.block_m, tile_n=config.block_k, dim=dim, warps=config.num_warps,
-                                  num_stages=config.num_stages, gemms=2)
-                             if arch == 90 and compute_grad and element_size == 2 else None)
-                    ideal = IDEAL_WORK.get((target.name, name)) if rank == 0 else None
-                    out.append(Variant(entry, build, model, ideal))
-        for tile, ranks in repairs.items():
-            for filtering in (False, True):
-                entry = dict(target=target.name, kernel="repair", gradient=True, filter=filtering, dtype=name,
-                             default=0 in ranks, BLOCK_D=block_d, **tile.as_dict(),
-                             after_configs=[configs[r].as_dict() for r in ranks])
-
-                def build(tile=tile, filtering=filtering):
-                    compiled, chain_break = repair(dtype, precision, block_d, tile, arch, filtering)
-                    return compiled, dict(chain_break=chain_break)
-                out.append(Variant(entry, build))
-    return out
-
-
-def merge_variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list[Variant]:
-    """The merge kernel (fp32 workspaces, whatever the GEMMs' dtype): merging or finalizing,
-    with and without the gradient, at every block plan."""
-    target = ARCHITECTURES[TARGETS[arch]]
-    block_d = block_d_of(dim)
-    out = []
-    for rank, blocks in enumerate(merge_block_plans(block_d)):
-        for finalize in (False, True):
-            for compute_grad in (True, False):
-                entry = dict(target=target.name, kernel="merge_finalize" if finalize else "merge",
-                             gradient=compute_grad, dtype="fp32", default=rank == 0, BLOCK_D=block_d)
-
-                def build(blocks=blocks, finalize=finalize, compute_grad=compute_grad):
-                    return merge_kernel(block_d, finalize, arch, compute_grad, blocks)
-                out.append(Variant(entry, build))
-    return out
-
-
-# The kernels the report compiles: functions (arch, dtypes, dim, first_only) -> [Variant].
-KERNELS: list = [queue_pass_variants, merge_variants]
-
-# Kernels of other modules (e.g. a Hopper-only queue pass) that the report compiles too,
-# the same way: append a function (arch, dtypes, dim, first_only) -> [Variant] that
-# returns [] where the kernel does not apply. Give each Variant.entry a unique "kernel"
-# name, and Variant.model (cycle_model's tile_m, tile_n, dim, warps, ...) to have its
-# cycle model computed; Variant.ideal_work makes the report fail above that work.
-EXTRA_KERNELS: list = []
-
 # The pipelined sm_90 queue pass in Gluon (dcq_ops/triton/hopper.py; selected by
 # DCQ_OPS_SM90_KERNEL=pipelined, never the default): its variants and SASS reading live
 # in benchmarks/hopper_sass.py.
@@ -269,7 +105,8 @@ def _cubin_name(e: dict) -> str:
     config = (f"m{e['BLOCK_M']}k{e['BLOCK_K']}w{e['num_warps']}s{e['num_stages']}" if "BLOCK_M" in e
               else f"r{e.get('BLOCK_R')}s{e.get('BLOCK_S')}w{e.get('num_warps')}")
     flags = ("grad" if e.get("gradient", True) else "loss") + ("_filter" if e.get("filter") else "")
-    return f"{e['target']}_{e['kernel']}_{e['dtype']}_{config}_{flags}.cubin"
+    special = next((f"_{k}" for k, v in SPECIALIZATIONS.items() if e.get("specialization") == v), "")
+    return f"{e['target']}_{e['kernel']}_{e['dtype']}_{config}_{flags}{special}.cubin"
 
 
 _MODEL_KEYS = ("components", "clocks_per_tile", "clocks_serialized", "clocks_pipelined", "serialized",
@@ -339,6 +176,8 @@ def _line(e: dict) -> str:
     tiles = (f"M{e['BLOCK_M']} K{e['BLOCK_K']} w{e['num_warps']} s{e['num_stages']}" if "BLOCK_M" in e
              else f"R{e.get('BLOCK_R')} S{e.get('BLOCK_S')}")
     flags = ("grad" if e.get("gradient", True) else "loss") + ("+filt" if e.get("filter") else "     ")
+    if e.get("specialization"):
+        flags += " (" + e["specialization"].split(" (")[0] + ")"
     loop = ""
     if e["kernel"] == "queue_pass":
         loop = (f" | MMA/iter {e['mma_instructions_per_iteration']} flops/ideal {e['mma_flops_over_ideal']} "
@@ -357,7 +196,8 @@ def default_summary(entries: list[dict]) -> list[dict]:
     training case): its ratios, the first dot's layout and why."""
     out = []
     for e in entries:
-        if e["kernel"] != "queue_pass" or not e["default"] or not e["gradient"] or e["filter"] or "error" in e:
+        if e["kernel"] != "queue_pass" or not e["default"] or not e["gradient"] or e["filter"] or \
+                "specialization" in e or "error" in e:
             continue
         family = mma_family(ARCHITECTURES[e["target"]].capability)
         flops, exps = e["mma_flops_over_ideal"], e["exponentials_per_logit"]

@@ -137,8 +137,8 @@ def _run_report(tmp_path, patch: str, *args):
     script.write_text(
         "import sys\n"
         f"sys.path[:0] = [{str(BENCHMARKS)!r}, {str(root)!r}]\n"
-        "import compiled\n"
-        "compiled.KERNELS = [compiled.queue_pass_variants]\n"
+        "import compiled, kernel_variants\n"
+        "compiled.KERNELS, compiled.EXTRA_KERNELS = [kernel_variants.queue_pass_variants], []\n"
         f"{patch}\n"
         f"sys.exit(compiled.main(['--targets', '90', '--dtypes', 'bf16', '--first-only', '--out', {str(out)!r}]"
         f" + {list(args)!r}))\n")
@@ -160,7 +160,7 @@ def test_report_fails_on_a_spill_of_the_repair_kernel(tmp_path):
     run, report = _run_report(tmp_path, "compiled.launch.repair_tile = lambda tile: tile")
     assert run.returncode == 1, run.stdout + run.stderr
     repairs = [e for e in _entries(report) if e["kernel"] == "repair"]
-    assert len(repairs) == 2 and {e["filter"] for e in repairs} == {False, True}
+    assert len(repairs) == 4 and {e["filter"] for e in repairs} == {False, True}
     assert all(e["spill_bytes"] > 0 and not e["ok"] for e in repairs), repairs
     assert all(e["ok"] for e in _entries(report) if e["kernel"] == "queue_pass")
 
@@ -174,10 +174,13 @@ def test_report_keeps_ptxas_warnings_cubins_and_the_cycle_model(tmp_path):
     run, report = _run_report(tmp_path, "", "--cubins", str(cubins))
     assert run.returncode == 0, run.stdout + run.stderr
     entries = _entries(report)
-    kinds = sorted((e["kernel"], e["gradient"], e["filter"]) for e in entries
-                   if not e["kernel"].startswith("hopper_"))  # EXTRA_KERNELS: benchmarks/hopper_sass.py
-    assert kinds == sorted([("queue_pass", g, f) for g in (True, False) for f in (True, False)]
-                           + [("repair", True, False), ("repair", True, True)])
+    kinds = sorted((e["kernel"], e["gradient"], e["filter"], e.get("specialization", "")) for e in entries)
+    special = sorted({e["specialization"] for e in entries if "specialization" in e})
+    assert len(special) == 2  # num_splits = 1, and sizes not multiples of 16 (kernel_variants.SPECIALIZATIONS)
+    assert kinds == sorted([("queue_pass", g, f, "") for g in (True, False) for f in (True, False)]
+                           + [("queue_pass", True, False, s) for s in special]
+                           + [("repair", True, f, "") for f in (True, False)]
+                           + [("repair", True, False, s) for s in special])
     names = set()
     for e in entries:
         assert e["ok"] and e["spill_bytes"] == 0, e
@@ -187,7 +190,7 @@ def test_report_keeps_ptxas_warnings_cubins_and_the_cycle_model(tmp_path):
         assert path.name.startswith(f"sm_90_{e['kernel']}_bf16_m{e['BLOCK_M']}k{e['BLOCK_K']}w{e['num_warps']}")
         names.add(path.name)
     assert len(names) == len(entries)  # one file each
-    with_grad = [e for e in entries if e["kernel"] == "queue_pass" and e["gradient"]]
+    with_grad = [e for e in entries if e["kernel"] == "queue_pass" and e["gradient"] and "specialization" not in e]
     for e in with_grad:
         assert any("C7515" in w for w in e["ptxas_warnings"]), e["ptxas_warnings"]
         assert e["sass_loop"]["hgmma"] == 36 and e["sass_loop"]["mufu_ex2"] == 18, e["sass_loop"]
