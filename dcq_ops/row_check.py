@@ -2,10 +2,10 @@
 call's loss and gradient against another backend's, or against the loss computed in float64
 from the same inputs, within ``rounding_bound.difference_bound``.
 
-The float64 loss (``exact_loss_and_grad``) reads the queue in blocks of ``EXACT_BLOCK_BYTES``
-(an online log-sum-exp and its gradient accumulator, as the fused backends' partials), so
-the comparison never holds a copy of the whole queue: its memory is that of a block and of
-the rows compared, a small part of what the fused call itself needs.
+The float64 loss (``exact_loss_and_grad``: ``reference.loss_rows_blocked`` in float64) reads
+the queue in blocks of ``EXACT_BLOCK_BYTES``, so the comparison never holds a copy of the
+whole queue: its memory is that of a block and of the rows compared, a small part of what
+the fused call itself needs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dcq_ops import reference
 from dcq_ops.backends import entry_point
-from dcq_ops.margin import MarginConfig, margin_logit
+from dcq_ops.margin import MarginConfig
 from dcq_ops.rounding_bound import GemmRounding, arithmetic_dtype, difference_bound
 
 # Rows of the batch compared, spread over it (first and last included), besides every row
@@ -64,43 +63,12 @@ def check_rows(rows: int, device, last_row_block: int = 1) -> torch.Tensor:
     return torch.cat([spread, tail]).unique().to(device)
 
 
-@torch.no_grad()
-def _exact_partials(q, labels, queue_weights, queue_labels, margin: MarginConfig, compute_grad: bool,
-                    block_slots: int):
-    """(row max, row sum, accumulator or None) of the rows ``q`` (float64, normalised) over
-    the queue, block by block: the loss algebra's partials in float64."""
-    rows, dim = q.shape
-    scale, threshold = float(margin.scale), float(margin.interclass_filtering_threshold)
-    row_max = torch.full((rows,), -math.inf, dtype=torch.float64, device=q.device)
-    row_sum = torch.zeros(rows, dtype=torch.float64, device=q.device)
-    acc = torch.zeros(rows, dim, dtype=torch.float64, device=q.device) if compute_grad else None
-    for start in range(0, queue_weights.shape[0], block_slots):
-        block = queue_weights[start:start + block_slots].to(torch.float64)
-        block_labels = queue_labels[start:start + block_slots]
-        finite = torch.isfinite(block).all(dim=1)
-        block = torch.where(finite.view(-1, 1), block, torch.zeros_like(block))
-        cos = (q @ block.t()).masked_fill(~finite, math.nan)  # NaN for a non-finite slot, as the reference
-        excluded = (block_labels.view(1, -1) == labels.view(-1, 1)) | (block_labels.view(1, -1) < 0)
-        filtered = (cos > threshold) & ~excluded if threshold > 0 else None
-        if filtered is not None:
-            cos = torch.where(filtered, torch.zeros_like(cos), cos)
-        logits = (scale * cos).masked_fill(excluded, -math.inf)
-        new_max = torch.maximum(row_max, logits.amax(dim=1))  # NaN stays NaN
-        base = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
-        alpha = torch.exp(row_max - base)
-        probs = torch.exp(logits - base.view(-1, 1))
-        row_sum = row_sum * alpha + probs.sum(dim=1)
-        if compute_grad:
-            kept = probs if filtered is None else probs.masked_fill(filtered, 0.0)  # filtered: no gradient
-            acc = acc * alpha.view(-1, 1) + kept @ block
-        row_max = new_max
-    return row_max, row_sum, acc
-
-
 def exact_loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_labels, margin: MarginConfig,
                         compute_grad: bool, *, block_slots: int | None = None):
     """The loss rows of docs/loss.md, and the gradient of each row's loss with respect to
-    its embedding, computed in float64 from the same inputs, the queue read in blocks.
+    its embedding, computed in float64 from the same inputs, the queue read in blocks
+    (``reference.loss_rows_blocked`` with ``dtype=torch.float64``, its gradient produced in
+    the same pass).
 
     Parameters
     ----------
@@ -122,26 +90,13 @@ def exact_loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_
     rows, dim = embeddings.shape
     block_slots = block_slots or max(64, EXACT_BLOCK_BYTES // (8 * max(dim, 1)))
     with no_autocast(embeddings.device.type), torch.enable_grad():
+        # float64 rows, so that the gradient comes back in float64 too (never rounded to fp32).
         x = embeddings.detach().to(torch.float64).requires_grad_(compute_grad)
-        q = reference.normalize_rows(x)
-        w = reference.normalize_rows(class_weights.detach().to(torch.float64))
-        row_max, row_sum, acc = _exact_partials(q.detach(), labels, queue_weights.detach(), queue_labels, margin,
-                                                compute_grad, block_slots)
-        has_negative = row_max != -math.inf  # NaN counts: the row is NaN
-        base = torch.where(has_negative, row_max, torch.zeros_like(row_max))
-        lse = base + torch.log(torch.where(has_negative, row_sum, torch.ones_like(row_sum)))
-        positive = margin_logit((q * w).sum(dim=1), margin.scale, margin.m1, margin.m2, margin.m3,
-                                margin.straight_through_margin)
-        loss = torch.where(has_negative, -F.logsigmoid(positive - lse), 0 * positive)
-        if not compute_grad:
-            return loss.detach(), None
-        # d loss / d lse = sigmoid(lse - z_pos); d lse / d q = s * acc / row_sum: the negatives'
-        # part of the gradient with respect to q, given to autograd as a linear term in q (the
-        # positive's part and the normalisation are autograd's).
-        factor = torch.sigmoid(lse - positive.detach()) * float(margin.scale) / row_sum
-        negatives = torch.where(has_negative.view(-1, 1), factor.view(-1, 1) * acc, torch.zeros_like(acc))
-        grad = torch.autograd.grad(loss.sum() + (negatives * q).sum(), x)[0]
-    return loss.detach(), grad.detach()
+        loss = reference.loss_rows_blocked(x, class_weights.detach(), labels, queue_weights.detach(), queue_labels,
+                                           margin, dtype=torch.float64, block_rows=max(1, rows),
+                                           block_slots=block_slots)
+        grad = torch.autograd.grad(loss.sum(), x)[0] if compute_grad else None
+    return loss.detach(), (None if grad is None else grad.detach())
 
 
 def slice_loss_and_grad(backend: str, embeddings, class_weights, labels, queue_weights, queue_labels,
