@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: install (scripts/install.sh), then the whole test suite.
+# The test command: install (scripts/install.sh, which rebuilds only what changed:
+# right after scripts/benchmark.sh it does not rebuild), then the whole test suite.
 # GPU-only tests skip cleanly without a GPU; the Triton tests run on the CPU
 # under TRITON_INTERPRET=1.
 set -euo pipefail
