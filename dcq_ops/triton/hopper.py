@@ -14,7 +14,7 @@ kernel choose the instruction shapes and the waits itself:
   the queue's end) into STAGES = 2 shared-memory buffers, each completing on
   its own mbarrier; the rows q once, by TMA too;
 - the waits stand where a result is consumed, two per tile: the schedule of
-  tile i is
+  iteration i (OVERLAP_SOFTMAX=False, "load-ahead") is
 
       rescale acc (only if some row's max grew)
       issue  acc += P_i W_i                 (async)
@@ -24,18 +24,21 @@ kernel choose the instruction shapes and the waits itself:
       wait   until 0 groups in flight       -> S_{i+1}
       softmax of S_{i+1} -> P_{i+1} in shared memory, alpha_{i+1}
 
-  so the load of a tile is issued two tiles before its first GEMM, and the
+  so the load of a tile is issued an iteration before its first GEMM, and the
   accumulator is never touched while a wgmma that writes it is in flight;
-- the accumulator is rescaled only when some row's running max grew
-  (alpha != 1 for some row, FA4's rule): x * 1 == x exactly, so the partials
-  are bit for bit those of the rescale on every tile.
+  OVERLAP_SOFTMAX=True is FA3's order instead: issue S_{i+1}, issue P_i W_i,
+  wait for S_{i+1}, softmax of tile i+1 while P_i W_i runs (P double-buffered),
+  wait, load W_{i+2} (its buffer is free only now: the load is exposed);
+- with RESCALE_ON_GROWTH the accumulator is rescaled only when some row's
+  running max grew (alpha != 1 for some row, FA4's rule): x * 1 == x exactly,
+  so the partials are bit for bit those of the rescale on every tile.
 
 The algebra, operation for operation, is kernels._block_partials':
 dcq_ops.triton.hopper_twin holds the same algebra in plain Triton (tensor
 descriptors, the same conditional rescale), which the tests run under the
 interpreter bit for bit against queue_pass_kernel (Gluon has no interpreter).
 
-Requirements of the launch (dcq_ops.triton.launch checks them): 16-bit
+Requirements of the launch (dcq_ops.triton.hopper_launch.applies checks them): 16-bit
 operands, BLOCK_M = 64, BLOCK_K = 64 at 8 warps, the split size a multiple of
 BLOCK_K (a tile never straddles two splits, so the descriptor's zero fill at
 the queue's end is the only mask W needs), at least one tile per split, and D
