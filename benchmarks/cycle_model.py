@@ -13,7 +13,8 @@ into clocks of one SM, per tile:
 
 - ``mma``: each HGMMA at the tensor cores' rate, or at the shared-memory rate of
   the operands it reads from shared memory, whichever is slower; times the
-  warpgroups that run the loop (they share the SM's four tensor cores);
+  warpgroups that run the loop (they share the SM's four tensor cores); each
+  mma.sync (HMMA, per warp) at the tensor cores' rate (optimistic);
 - ``mufu``: MUFU instructions (exponentials) of every thread at the SFUs' rate;
 - ``issue``: the non-MMA instructions of every warp over the four schedulers;
 - ``exposed_load``: the part of a tile's load (L2 latency + its bytes at one SM's
@@ -131,6 +132,9 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
         if shape:
             mma += max(shape["flops"] / hw["mma_flops_per_clock"], shape["smem_bytes"] / hw["smem_bytes_per_clock"])
     mma *= warpgroups
+    # mma.sync (HMMA, one per warp, operands in registers): at the tensor cores' rate, an
+    # optimistic assumption (Hopper runs it below wgmma's peak); it needs no wgmma waits.
+    mma += c["hmma_flops"] * warps / hw["mma_flops_per_clock"]
     ideal = gemms * 2 * tile_m * tile_n * dim / hw["mma_flops_per_clock"]
     mufu = c["mufu"] * threads / hw["mufu_per_clock"]
     issue = _clocks_of_instructions(c["non_mma"], warps, hw)
@@ -195,7 +199,8 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
         clocks_serialized=round(serial), clocks_pipelined=round(pipelined), clocks_per_tile=round(clocks),
         fraction_of_peak=round(fraction, 3),
         ms_at_benchmark=round(flops / (peak * fraction) * 1e3, 2),
-        mma_flops_over_ideal=round(c["hgmma_flops"] * warpgroups * per_tile / (ideal * hw["mma_flops_per_clock"]), 3),
+        mma_flops_over_ideal=round((c["hgmma_flops"] * warpgroups + c["hmma_flops"] * warps) * per_tile
+                                   / (ideal * hw["mma_flops_per_clock"]), 3),
         exponentials_per_logit=round(c["mufu_ex2"] * threads * per_tile / (tile_m * tile_n), 3),
         assumptions=(f"{hw['name']}: {hw['mma_flops_per_clock']} MMA FLOP/clock/SM, {hw['smem_bytes_per_clock']} B/"
                      f"clock shared memory, {hw['mufu_per_clock']} MUFU/clock, {hw['schedulers']} schedulers; "

@@ -33,6 +33,8 @@ _BRANCH_TARGET = re.compile(r"`?\(?(\.L_[\w]+)\)?")
 # "HGMMA.64x256x16.F32.BF16 R24, R216, gdesc[UR8].tnspB, R24, gsb0" (A from registers)
 # fp16 operands print no operand type: "HGMMA.64x32x16.F32 R152, gdesc[UR4], RZ, !UPT".
 _HGMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)(?:\.(\w+))?")
+# "HMMA.16816.F32.BF16 R4, R8, R12, R4" (mma.sync m16n8k16, one per warp); "HMMA.1688.F32.TF32" (m16n8k8).
+_HMMA = re.compile(r"^HMMA\.(16)(8)(8|16)\b")
 _WIDTH = re.compile(r"\.(128|64|32|16|U8|S8|U16|S16)\b")
 _WIDTH_BYTES = {"128": 16, "64": 8, "32": 4, "16": 2, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 _ELEMENT_BYTES = {"F16": 2, "BF16": 2, "E4M3": 1, "E5M2": 1, "TF32": 4, "S8": 1, "U8": 1}
@@ -155,7 +157,7 @@ def count(body: str) -> dict:
     exponentials, barriers, shared- and local-memory accesses, and all instructions."""
     ins = instructions(body)
     c = dict(instructions=len(ins), hgmma=0, hgmma_shapes={}, hgmma_a_in_registers=0, hgmma_flops=0,
-             hgmma_smem_bytes=0, hmma=0, warpgroup_depbar=0, warpgroup_arrive=0, utmaldg=0, ldgsts=0,
+             hgmma_smem_bytes=0, hmma=0, hmma_flops=0, warpgroup_depbar=0, warpgroup_arrive=0, utmaldg=0, ldgsts=0,
              ldgsts_bytes=0, ldgdepbar=0, depbar=0, mbarrier_waits=0, mbarrier_arrives=0, mufu_ex2=0, mufu=0,
              bar_sync=0, shared_bytes=0, local_accesses=0, ldg=0, non_mma=0)
     for i in ins:
@@ -172,10 +174,12 @@ def count(body: str) -> dict:
             c["warpgroup_depbar"] += 1
         elif op.startswith("WARPGROUP.ARRIVE"):
             c["warpgroup_arrive"] += 1
-        else:
+        elif not op.startswith(("HMMA", "UTCHMMA", "QGMMA")):
             c["non_mma"] += 1
         if op.startswith(("HMMA", "UTCHMMA", "QGMMA")):
             c["hmma"] += 1
+            shape = _HMMA.match(op)
+            c["hmma_flops"] += 2 * int(shape.group(1)) * int(shape.group(2)) * int(shape.group(3)) if shape else 0
         elif op.startswith("UTMALDG"):
             c["utmaldg"] += 1
         elif op.startswith("LDGSTS"):

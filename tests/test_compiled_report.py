@@ -114,6 +114,22 @@ def test_cycle_model_pipelined_when_waits_are_few():
     assert r["clocks_per_tile"] == r["clocks_pipelined"] == 2 * (24 + 128) < r["clocks_serialized"]
 
 
+def test_mma_sync_counted_per_warp():
+    """mma.sync loops (sm_90's thin configurations): each HMMA is one warp's m16n8k16 (or
+    m16n8k8 for TF32), counted at the tensor cores' rate for every warp."""
+    loop = """.L_x_7:
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   HMMA.1688.F32.TF32 R16, R20, R22, R16 ;
+        /*0020*/                   FADD R0, R0, 1 ;
+        /*0030*/              @!P0 BRA `(.L_x_7) ;
+"""
+    c = sass_counts.count(sass_counts.mma_loop(loop).body)
+    assert (c["hmma"], c["hmma_flops"], c["hgmma"], c["non_mma"]) == (2, 2 * 16 * 8 * 16 + 2 * 16 * 8 * 8, 0, 2)
+    r = cycle_model.cycle_model(loop, 16, 8, 16, warps=4)
+    assert r["components"]["mma"] == round(c["hmma_flops"] * 4 / 4096)
+    assert not r["serialized"]
+
+
 def test_cycle_model_needs_an_mma_loop():
     with pytest.raises(ValueError, match="no loop with MMA"):
         cycle_model.cycle_model("        /*0000*/                   EXIT ;\n", 64, 64, 512)
