@@ -6,8 +6,8 @@ without a GPU under the running Triton:
     /tmp/t36h/bin/python benchmarks/hopper_sass.py --json out36.json   # another Triton
 
 For each variant it compiles the Gluon kernel for sm_90a (D=512, 64 x 64 tiles,
-8 warps, STAGES buffers), runs ptxas -v on its PTX (registers, spills and every
-warning ptxas prints, e.g. C7510/C7515/C7516 for serialized wgmma) and
+8 warps, STAGES buffers), reads Triton's own ptxas log (registers, spills, every
+warning and performance advisory, e.g. C7510/C7515/C7516 for serialized wgmma) and
 disassembles the cubin with Triton's own nvdisasm. In the SASS loop that holds
 the most HGMMA (the loop over queue tiles) it counts, per iteration and per
 thread: HGMMA (and their FLOPs over the ideal two GEMMs of 64 x 64 x D),
@@ -85,23 +85,13 @@ def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hoppe
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=hopper.NUM_WARPS))
 
 
-def ptxas_report(ptx: str) -> dict:
-    """Registers, spill bytes and ptxas's warnings (performance warnings included)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        run = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    text = run.stdout + run.stderr
-    if run.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
-    return dict(registers=max(int(n) for n in re.findall(r"Used (\d+) registers", text)),
-                spill_bytes=max(spills or [0]),
-                ptxas_warnings=sorted({line.split("warning :")[-1].strip()
-                                       for line in text.splitlines() if "warning" in line}))
+def ptxas_report(compiled) -> dict:
+    """Registers, spill bytes and ptxas's warnings and performance advisories (the
+    C7510/C7515/C7516 of serialized wgmma print as "info"): benchmarks/triton_compile's
+    reading, Triton's own ptxas command with its log."""
+    from triton_compile import ptxas_log
+
+    return ptxas_log(compiled, 90)
 
 
 def sass_of(cubin: bytes) -> str:
@@ -174,7 +164,7 @@ def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES
                  default=(rescale_on_growth, overlap_softmax) == (hopper_launch.RESCALE_ON_GROWTH,
                                                                   hopper_launch.OVERLAP_SOFTMAX))
     compiled = compile_hopper(dtype, dim, compute_grad, stages, rescale_on_growth, overlap_softmax)
-    entry.update(ptxas_report(compiled.asm["ptx"]), shared=compiled.metadata.shared)
+    entry.update(ptxas_report(compiled), shared=compiled.metadata.shared)
     entry.update(loop_counts(sass_of(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, block_d,
                              2 if compute_grad else 1))
     if compute_grad:  # benchmarks/cycle_model.py's per-tile estimate (H100 rates), as compiled.py applies it
