@@ -1,6 +1,7 @@
 """insightface RecordIO (train.rec + train.idx) without mxnet: the writer, the
 reader, two views from it, training from it, and the errors of broken files."""
 
+import math
 import os
 import pickle
 import struct
@@ -326,3 +327,116 @@ def test_module_command_runs_without_a_runpy_warning(tmp_path):
         failed = _run_module(*bad)
         assert failed.returncode == 2, (bad, failed.stderr)
         assert "RuntimeWarning" not in failed.stderr and "usage:" in failed.stderr
+
+
+# --------------------------------------------------------------------------- issue 28 item 13: refuse what cannot be read honestly
+
+
+def _jpeg(seed=0, size=8):
+    import io
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def _write_set(path, header, images, identities=()):
+    """A .rec/.idx in insightface's layout from parts: ``header`` the labels of record 0
+    (None: no header, images from key 0), ``images`` their stored labels, ``identities``
+    the [start, end) of each identity record (after the images)."""
+    with RecordIOWriter(path) as writer:
+        key = 0
+        if header is not None:
+            writer.write(0, pack_payload(np.array(header, dtype=np.float32)))
+            key = 1
+        for i, label in enumerate(images):
+            writer.write(key, pack_payload(label, _jpeg(i)))
+            key += 1
+        for bounds in identities:
+            writer.write(key, pack_payload(np.array(bounds, dtype=np.float32)))
+            key += 1
+    return path.with_suffix(".rec")
+
+
+def test_a_consistent_hand_made_set_reads(tmp_path):
+    """The helper's layout is insightface's: 4 images, identities [1, 3) and [3, 5)."""
+    source = RecordIOImages(_write_set(tmp_path / "ok", [5, 7], [0, 0, 1, 1], [(1, 3), (3, 5)]))
+    assert source.labels.tolist() == [0, 0, 1, 1] and source.has_identity_records
+    assert source.verify() == (0, [])
+
+
+def test_two_index_keys_at_one_offset_are_refused(packed, tmp_path):
+    _, data, _ = packed
+    lines = index_lines(data / "train.idx")
+    offsets = dict(lines)
+    (tmp_path / "dup.rec").write_bytes((data / "train.rec").read_bytes())
+    (tmp_path / "dup.idx").write_text("".join(f"{k}\t{offsets[2] if k == 3 else o}\n" for k, o in lines))
+    with pytest.raises(ValueError, match=rf"dup\.idx: every offset must belong to one key, got keys 2 and 3 both "
+                                         rf"at offset {offsets[2]}"):
+        RecordIOImages(tmp_path / "dup.rec")
+
+
+def test_overlapping_identity_ranges_are_refused(tmp_path):
+    rec = _write_set(tmp_path / "overlap", [5, 7], [0, 0, 1, 1], [(1, 4), (3, 5)])
+    with pytest.raises(ValueError, match=r"overlap\.rec: identity records 5 and 6 hold overlapping image-key "
+                                         r"ranges \[1, 4\) and \[3, 5\): an image would have two labels"):
+        RecordIOImages(rec)
+
+
+@pytest.mark.parametrize("label", [math.inf, -math.inf, math.nan, 1e30, 2.5, -1.0])
+def test_a_stored_label_that_is_no_identity_is_refused(tmp_path, label):
+    """Without identity records the labels are the images' own: inf, NaN, 1e30 (beyond
+    float32's exact integers), fractions and negatives name the file, the key and the offset."""
+    rec = _write_set(tmp_path / "labels", None, [0, 1, label, 1])
+    offset = index_lines(tmp_path / "labels.idx")[2][1]
+    with pytest.raises(ValueError, match=rf"labels\.rec: record 2 at offset {offset}: an image's label must be an "
+                                         rf"integer in \[0, 16777216\], got"):
+        RecordIOImages(rec)
+
+
+@pytest.mark.parametrize("header", [[math.nan, 7], [5, math.nan], [5, 3e9], [-1, 7], [5.5, 7]])
+def test_a_bad_header_range_names_the_file_and_is_bounded_by_the_records(tmp_path, header):
+    rec = _write_set(tmp_path / "header", header, [0, 0, 1, 1], [(1, 3), (3, 5)])
+    with pytest.raises(ValueError, match=r"header\.rec: record 0 \(the header\) must hold key bounds \[a, b\) that "
+                                         r"are integers in \[0, 7\] \(the keys of .*header\.idx end at 6\), got"):
+        RecordIOImages(rec)
+
+
+@pytest.mark.parametrize("bounds", [(1, 3e9), (math.nan, 3), (0, 3), (3, 2), (1, 6)])
+def test_an_identity_range_beyond_the_images_is_refused(tmp_path, bounds):
+    """A range of 3e9 once sized a 44.7 GiB array: ranges lie within the images
+    (keys 1..a-1 of header [a, b)), so the file's record count bounds them."""
+    rec = _write_set(tmp_path / "range", [5, 7], [0, 0, 1, 1], [bounds, (3, 5)])
+    with pytest.raises(ValueError, match=r"range\.rec: identity record 5 must hold an image-key range \[start, end\) "
+                                         r"with 1 <= start <= end <= 5"):
+        RecordIOImages(rec)
+
+
+def test_info_fails_on_a_set_with_a_corrupt_record(packed, tmp_path, capsys):
+    _, data, _ = packed
+    raw = bytearray((data / "train.rec").read_bytes())
+    offsets = dict(index_lines(data / "train.idx"))
+    start, end = _image_span(raw, offsets[5])
+    raw[start + 200:end] = bytes(end - start - 200)  # a JPEG header, then no scan data
+    (tmp_path / "bad.rec").write_bytes(bytes(raw))
+    (tmp_path / "bad.idx").write_bytes((data / "train.idx").read_bytes())
+    assert main(["info", str(data)])["images"] == 10  # the intact set
+    with pytest.raises(SystemExit) as caught:
+        main(["info", str(tmp_path / "bad.rec")])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert "bad.rec: 1 of 10 image records do not read or decode" in err and f"record 5 at offset {offsets[5]}" in err
+    assert main(["info", str(tmp_path / "bad.rec"), "--quick"])["images"] == 10  # counts only, as asked
+
+
+def test_pack_refuses_a_truncated_png(tmp_path):
+    import io
+    from dcq_ops.training.images import ImageDecodeError
+    (tmp_path / "faces" / "a").mkdir(parents=True)
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(out, "PNG")
+    png = out.getvalue()
+    (tmp_path / "faces" / "a" / "0.png").write_bytes(png)
+    (tmp_path / "faces" / "a" / "1.png").write_bytes(png[:len(png) // 2])  # a PNG signature, half its data
+    with pytest.raises(ImageDecodeError, match=r"faces/a/1\.png: cannot decode the image"):
+        pack_folder(tmp_path / "faces", tmp_path / "out" / "train")
+    assert not (tmp_path / "out" / "train.rec").exists()

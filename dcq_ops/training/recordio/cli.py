@@ -1,10 +1,13 @@
 """The RecordIO command line, ``python -m dcq_ops.training.recordio``::
 
     python -m dcq_ops.training.recordio pack FOLDER OUT_PREFIX   # FOLDER/<identity>/<image> -> OUT_PREFIX.rec/.idx
-    python -m dcq_ops.training.recordio info PATH                # counts of a .rec (or a folder with train.rec)
+    python -m dcq_ops.training.recordio info PATH                # counts of a .rec (or a folder with train.rec),
+                                                                 # every record read and every image decoded
     python -m dcq_ops.training.recordio index PATH.rec           # write the missing PATH.idx beside it
 
-Bad arguments exit with status 2 and a message naming the problem."""
+Bad arguments exit with status 2 and a message naming the problem; so does ``info``
+on a set with a record that does not read or an image that does not decode (it names
+them, and how many there are)."""
 
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="images only (readers then scan every image's label)")
     info = commands.add_parser("info", help="counts of a .rec (or a directory with train.rec)")
     info.add_argument("path")
+    info.add_argument("--quick", action="store_true",
+                      help="skip reading every record and decoding every image (counts and the first image only)")
     index = commands.add_parser("index", help="write the .idx of a .rec that lacks one (records numbered in "
                                               "file order, as MXNet's tools/rec2idx.py)")
     index.add_argument("rec")
@@ -62,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         source = RecordIOImages(args.path)
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.quick:
+        bad, problems = source.verify(decode=True)
+        if bad:
+            parser.error(f"{source.rec_path}: {bad} of {len(source)} image records do not read or decode:\n  "
+                         + "\n  ".join(problems) + ("\n  ..." if bad > len(problems) else ""))
     counts = np.bincount(source.labels.numpy(), minlength=source.num_classes)
     shape = tuple(source.load_uint8([0]).shape[1:])
     result = {"rec": source.rec_path, "images": len(source), "identities": source.num_classes,

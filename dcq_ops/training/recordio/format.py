@@ -152,7 +152,26 @@ def read_index(idx_path: str, rec_size: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{idx_path}: offsets must be in [0, {rec_size}) (the .rec's size), got {bad}")
     if np.unique(keys).size != keys.size:
         raise ValueError(f"{idx_path}: keys must be unique, got {keys.size - np.unique(keys).size} repeated")
+    if offsets.size > 1:  # one record, one key: two keys at one offset read one image twice
+        order = np.argsort(offsets, kind="stable")
+        same = np.flatnonzero(offsets[order][1:] == offsets[order][:-1])
+        if same.size:
+            first, second = order[same[0]], order[same[0] + 1]
+            raise ValueError(f"{idx_path}: every offset must belong to one key, got keys {int(keys[first])} and "
+                             f"{int(keys[second])} both at offset {int(offsets[first])} ({same.size} such "
+                             f"pair(s)): the .idx does not match the .rec; rebuild it with `python -m "
+                             f"dcq_ops.training.recordio index`")
     return keys, offsets
+
+
+def integral_labels(values: np.ndarray, low: int, high: int) -> np.ndarray | None:
+    """``values`` (float) as int64 when every one is a finite integer in [low, high],
+    else None (the caller names the file and the record)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all() or (values != np.round(values)).any() or (values < low).any() \
+            or (values > high).any():
+        return None
+    return values.astype(np.int64)
 
 
 def unpack_header(payload: bytes) -> tuple[int, np.ndarray, int, bytes]:

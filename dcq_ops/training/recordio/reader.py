@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from dcq_ops.training.images import DECODE_ERRORS, decode_failure, image_size_pair
-from dcq_ops.training.recordio.format import (FRAME, IR_HEADER, LENGTH_BITS, LENGTH_MASK, MAGIC, MAGIC_BYTES,
-                                              read_index, resolve_paths, unpack_header)
+from dcq_ops.training.recordio.format import (FLOAT32_EXACT, FRAME, IR_HEADER, LENGTH_BITS, LENGTH_MASK, MAGIC,
+                                              MAGIC_BYTES, integral_labels, read_index, resolve_paths,
+                                              unpack_header)
 
 _PREFIX_READ = 256  # bytes read per record by the label scan (header + labels)
 _FIRST_READ = 1 << 20  # most bytes read at once for a record (an .idx with gaps gives long extents)
@@ -93,6 +94,26 @@ def get_decoder(name: str = "auto"):
         raise ImportError(f"decoder {name!r} is not installed (installed: {installed or 'none'})")
     return name, _DECODERS[name]
 
+
+
+def check_image_decodes(data: bytes, where: str) -> None:
+    """Decode ``data`` in full (Pillow, every pixel: a truncated PNG or JPEG fails,
+    where opening it alone would not); :class:`~dcq_ops.training.images.ImageDecodeError`
+    naming ``where`` if it does not decode.
+
+    Parameters
+    ----------
+    data : bytes
+        An encoded image (JPEG, PNG).
+    where : str
+        Where the bytes come from (a file; a .rec, key and offset), for the message.
+    """
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except DECODE_ERRORS as exc:
+        raise decode_failure(where, exc, data) from exc
 
 
 class RecordIOImages:
@@ -252,7 +273,15 @@ class RecordIOImages:
         flag, labels, _, rest = unpack_header(self.read_key(0))
         if flag < 2 or rest:  # record 0 is an image: no header
             return None, None, None
-        first, last = int(labels[0]), int(labels[1])
+        # Every key is a line of the .idx: a header naming keys beyond the index's is
+        # corrupt (and would size the arrays below by its NaN or 3e9).
+        end = int(self._keys[-1]) + 1
+        header = integral_labels(labels[:2], 0, end)
+        if header is None or header[1] - header[0] > self._keys.size:
+            raise ValueError(f"{self.rec_path}: record 0 (the header) must hold key bounds [a, b) that are "
+                             f"integers in [0, {end}] (the keys of {self.idx_path} end at {end - 1}), got "
+                             f"{labels[:2].tolist()}")
+        first, last = int(header[0]), int(header[1])
         if last <= first:  # a header, but no identity records
             return None, None, None
         ranges = np.empty((last - first, 2), dtype=np.int64)
@@ -262,12 +291,21 @@ class RecordIOImages:
                 raise ValueError(f"{self.rec_path}: identity record {key} (header record 0 names keys "
                                  f"[{first}, {last}) as identities) must hold an image-key range "
                                  f"[start, end) (flag 2), got flag {flag}")
-            ranges[k] = bounds[:2]
+            checked = integral_labels(bounds[:2], 1, first)
+            if checked is None or checked[0] > checked[1]:
+                raise ValueError(f"{self.rec_path}: identity record {key} must hold an image-key range "
+                                 f"[start, end) with 1 <= start <= end <= {first} (header record 0 says the "
+                                 f"images are keys 1..{first - 1}), got {bounds[:2].tolist()}")
+            ranges[k] = checked
+        # One image, one identity: ranges that overlap would give an image two labels.
+        order = np.argsort(ranges[:, 0], kind="stable")
+        overlap = np.flatnonzero(ranges[order[1:], 0] < ranges[order[:-1], 1])
+        if overlap.size:
+            a, b = order[overlap[0]], order[overlap[0] + 1]
+            raise ValueError(f"{self.rec_path}: identity records {first + a} and {first + b} hold overlapping "
+                             f"image-key ranges [{ranges[a, 0]}, {ranges[a, 1]}) and [{ranges[b, 0]}, "
+                             f"{ranges[b, 1]}): an image would have two labels")
         counts = ranges[:, 1] - ranges[:, 0]
-        if (counts < 0).any():
-            k = int(np.flatnonzero(counts < 0)[0])
-            raise ValueError(f"{self.rec_path}: identity record {first + k} must hold a range start <= end, "
-                             f"got [{ranges[k, 0]}, {ranges[k, 1]})")
         labels = np.repeat(np.arange(len(ranges)), counts)
         keys = np.repeat(ranges[:, 0] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
         self.has_identity_records = True
@@ -289,14 +327,46 @@ class RecordIOImages:
             if IR_HEADER.size + 4 * flag > len(payload):  # more labels than the prefix holds
                 payload = self.read_record(offset, extent, key)
             stored[i] = unpack_header(payload)[1][0]  # the first label is the identity
-        if stored.size and (stored.min() < 0 or (stored != np.round(stored)).any()):
-            raise ValueError(f"{self.rec_path}: image labels must be integers >= 0, got "
-                             f"{stored[(stored < 0) | (stored != np.round(stored))][0]}")
+            # A label inf or 1e30 is no identity (float32 holds integers exactly up to 2**24).
+            if integral_labels(stored[i:i + 1], 0, FLOAT32_EXACT) is None:
+                raise ValueError(f"{self.rec_path}: record {key} at offset {offset}: an image's label must be "
+                                 f"an integer in [0, {FLOAT32_EXACT}], got {stored[i]}")
         classes, labels = np.unique(stored.astype(np.int64), return_inverse=True)
         self.has_identity_records = False
         return keys, labels, classes.tolist()
 
     # ---------------------------------------------------------------- images
+
+    def verify(self, decode: bool = True, limit: int = 10) -> tuple[int, list[str]]:
+        """Read every image record (its framing, its IRHeader) and, with ``decode``,
+        decode its image in full: (records checked, the first ``limit`` problems, each
+        naming the file, the record's key and offset).
+
+        Parameters
+        ----------
+        decode : bool
+            Decode every image (Pillow, every pixel: a truncated PNG or JPEG fails).
+        limit : int
+            At most this many problems are described (the count covers them all).
+
+        Returns
+        -------
+        tuple
+            (number of image records with a problem, descriptions of the first ones).
+        """
+        bad, problems = 0, []
+        for index in range(len(self)):
+            slot = self._image_slots[index]
+            where = f"{self.rec_path}: record {int(self.keys[index])} at offset {int(self._offsets[slot])}"
+            try:
+                data = self.read_image_bytes(index)
+                if decode:
+                    check_image_decodes(data, where)
+            except ValueError as exc:
+                bad += 1
+                if len(problems) < limit:
+                    problems.append(str(exc))
+        return bad, problems
 
     def __len__(self) -> int:
         return len(self.keys)

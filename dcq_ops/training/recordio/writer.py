@@ -10,6 +10,7 @@ from typing import Sequence
 
 from dcq_ops.atomic_write import AtomicFile
 from dcq_ops.training.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_failure, image_size_pair
+from dcq_ops.training.recordio.reader import check_image_decodes
 from dcq_ops.training.recordio.format import (FLOAT32_EXACT, FRAME, LENGTH_BITS, LENGTH_MASK, MAGIC, MAGIC_BYTES,
                                               pack_payload)
 
@@ -98,6 +99,7 @@ def _encoded_image(path: str, image_size: tuple[int, int] | None, quality: int) 
     # JPEG and PNG as they are (every reader of the format decodes both): no
     # second lossy compression. Anything else, or a resize, is encoded as JPEG.
     if image_size is None and (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
+        check_image_decodes(data, path)  # stored as is: a truncated one would fail in training instead
         return data
     from PIL import Image
     try:
