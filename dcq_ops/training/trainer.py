@@ -249,8 +249,9 @@ class Trainer:
 
         Unless validate="off", the update is kept only if the loss, every gradient and
         the head's inputs (embeddings, class weights) are finite, decided on the device
-        with no host sync: StepUndo copies what the step changes before it and puts it
-        back where that flag is false. Under fp16 the gradients are left out of the flag:
+        with no host sync: the fused optimizer skips the update where that flag is false
+        (its found_inf), and the BatchNorm statistics the forward moved are put back
+        (StepGuard.step; an optimizer without found_inf gets a full copy). Under fp16 the gradients are left out of the flag:
         the GradScaler skips a step whose scaled gradients overflowed itself, as it
         always has (that tunes its scale, it is no bad step).
         The flag waits in the guard until the loop reads it (_read_bad_steps).
