@@ -251,9 +251,10 @@ class Trainer:
         the head's inputs (embeddings, class weights) are finite, decided on the device
         with no host sync: the fused optimizer skips the update where that flag is false
         (its found_inf), and the BatchNorm statistics the forward moved are put back
-        (StepGuard.step; an optimizer without found_inf gets a full copy). Under fp16 the gradients are left out of the flag:
-        the GradScaler skips a step whose scaled gradients overflowed itself, as it
-        always has (that tunes its scale, it is no bad step).
+        (StepGuard.step; an optimizer without found_inf gets a full copy). Under fp16
+        the gradients are left out of the flag: the GradScaler skips a step whose scaled
+        gradients overflowed itself, as it always has (that tunes its scale, it is no bad
+        step).
         The flag waits in the guard until the loop reads it (_read_bad_steps).
 
         Parameters
