@@ -105,7 +105,8 @@ def is_communication_error(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(words in text for words in (
-        "timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo", "nccl"))
+        "timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl error",
+        "ncclremoteerror", "ncclsystemerror"))
 
 
 def synchronize() -> None:
