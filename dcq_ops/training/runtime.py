@@ -143,5 +143,11 @@ def end_process(meet: bool) -> None:
     try:
         if meet:
             synchronize()
+    except RuntimeError as exc:
+        # A meeting no other rank came to (this rank stopped alone after all, e.g. a full
+        # disk at rank 0's checkpoint): bounded by --dist-timeout, and not the error to
+        # report; the one that brought this rank here is.
+        if not is_communication_error(exc):
+            raise
     finally:
         dist.destroy_process_group()
