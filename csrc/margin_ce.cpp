@@ -49,11 +49,16 @@ at::ScalarType accumulation_dtype(std::initializer_list<const at::Tensor*> tenso
   return at::kFloat;
 }
 
-// The rows normalised in the accumulation dtype: q = x / ||x||, and ||x|| for
-// the gradient's projection. The composite op computes them once for both steps.
+// The rows normalised in the accumulation dtype, q = x / max(||x||, 1e-12), and
+// what the gradient's projection needs of ||x||, in units of the row's largest
+// magnitude: ||x|| itself overflows float32 for rows near 1e38 (and 1 / ||x|| is
+// subnormal), so the gradient divides by scaled_norm, then by unit, last. The
+// composite op computes them once for both steps.
 struct Rows {
   at::Tensor q;
-  at::Tensor x_norm;
+  at::Tensor unit;         // [N, 1] the row's largest magnitude (1 for an all-zero or NaN row)
+  at::Tensor scaled_norm;  // [N, 1] max(||x / unit||, 1e-12 / unit), in [1, sqrt(D)] unless clamped
+  at::Tensor clamped;      // [N, 1] ||x|| < 1e-12: q = x / 1e-12, a linear map (no projection)
 };
 
 // x / max(||x||, 1e-12), as F.normalize, with ||x|| measured in units of the
@@ -65,8 +70,10 @@ Rows normalise(const at::Tensor& embeddings, at::ScalarType acc) {
   const at::Tensor largest = x.abs().amax({1}, /*keepdim=*/true);
   const at::Tensor unit = at::where(largest > 0, largest, at::ones_like(largest));  // all-zero row, or NaN
   const at::Tensor scaled = x / unit;
-  const at::Tensor scaled_norm = at::maximum(scaled.norm(2, {1}, /*keepdim=*/true), unit.reciprocal() * 1e-12);
-  return {(scaled / scaled_norm).contiguous(), unit * scaled_norm};
+  const at::Tensor norm = scaled.norm(2, {1}, /*keepdim=*/true);
+  const at::Tensor floor = at::full_like(unit, 1e-12) / unit;  // not 1e-12 * (1 / unit): overflows for a subnormal unit
+  const at::Tensor scaled_norm = at::maximum(norm, floor);
+  return {(scaled / scaled_norm).contiguous(), unit, scaled_norm, norm < floor};
 }
 
 Partials run_queue_pass(const QueuePass& pass, const MarginParams& params) {
@@ -101,7 +108,6 @@ Partials partials_of(const Rows& rows, const at::Tensor& labels, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> finalize_of(const Rows& rows, const at::Tensor& class_weights,
                                                const Partials& part, const MarginParams& params, bool compute_grad) {
   const at::Tensor& q = rows.q;
-  const at::Tensor& x_norm = rows.x_norm;
   const auto acc = q.scalar_type();
   const at::Tensor w = normalise(class_weights, acc).q;
   const at::Tensor positive_cos = (q * w).sum(1).contiguous();
@@ -124,9 +130,13 @@ std::tuple<at::Tensor, at::Tensor> finalize_of(const Rows& rows, const at::Tenso
   TORCH_CHECK(part.accumulator.defined() && part.accumulator.sizes() == q.sizes(),
               "the gradient needs the partials' accumulator [", n, ", ", dim, "], got ",
               part.accumulator.defined() ? part.accumulator.sizes() : at::IntArrayRef{});
-  // d loss / d q, then through q = x / ||x||: (I - q q^T) g / ||x||.
+  // d loss / d q, then through q = x / ||x||: (I - q q^T) g / ||x||, with ||x|| =
+  // unit * scaled_norm divided out in two steps, the unit last: an entry that is
+  // subnormal in float32 (rows near 1e38) is rounded once. Below F.normalize's
+  // 1e-12 the map is x / 1e-12, whose derivative has no projection.
   const at::Tensor grad_q = coef_positive.unsqueeze(1) * w + coef_negative.unsqueeze(1) * part.accumulator.to(acc);
-  const at::Tensor grad_x = (grad_q - q * (q * grad_q).sum(1, /*keepdim=*/true)) / x_norm;
+  const at::Tensor along_q = at::where(rows.clamped, at::zeros_like(rows.scaled_norm), (q * grad_q).sum(1, true));
+  const at::Tensor grad_x = (grad_q - q * along_q) / rows.scaled_norm / rows.unit;
   return {loss, grad_x};
 }
 

@@ -23,9 +23,10 @@ from dcq_ops.margin import margin_logit
 from dcq_ops.validation import check_positive_int
 
 # loss_rows runs the plain computation up to this many logits (N*K), the blocked one
-# above it; and the blocked one's default block is about this many logits (16 MiB
-# a [rows, slots] tensor in float32), so that both cost the same order of memory.
-BLOCK_LOGITS = 1 << 22
+# above it; and the blocked one's default block is about this many logits (4 MiB a
+# [rows, slots] tensor in float32: large enough that the per-block overhead is noise),
+# so that both cost the same order of memory.
+BLOCK_LOGITS = 1 << 20
 # Rows per block by default (the slots per block follow from BLOCK_LOGITS).
 BLOCK_ROWS = 1024
 
@@ -50,7 +51,9 @@ def normalize_scaled(scaled: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     cannot overflow (|x| >= 1e19 in fp32) nor underflow, and F.normalize's
     1e-12 is measured in the same units."""
     norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-    return scaled / torch.maximum(norm, 1e-12 / unit)
+    # A division, not 1e-12 * (1 / unit): the reciprocal of a subnormal unit overflows.
+    floor = torch.full_like(unit, 1e-12) / unit
+    return scaled / torch.maximum(norm, floor)
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -77,12 +80,13 @@ def negative_logits(q: torch.Tensor, queue_weights: torch.Tensor, labels: torch.
     # row that excludes it sees nothing of it, not even 0 * NaN in the backward.
     finite_slot = torch.isfinite(queue_w).all(dim=1)
     queue_w = torch.where(finite_slot.view(-1, 1), queue_w, torch.zeros_like(queue_w))
-    cos = (q @ queue_w.t()).masked_fill(~finite_slot, float("nan"))
+    cos = (q @ queue_w.t()).masked_fill_(~finite_slot, float("nan"))  # in place: autograd keeps no product
     excluded = (queue_labels.view(1, -1) == labels.view(-1, 1)) | (queue_labels.view(1, -1) < 0)
     if interclass_filtering_threshold > 0:
         filtered = (cos > interclass_filtering_threshold) & ~excluded
-        cos = torch.where(filtered, torch.zeros_like(cos), cos)  # logit 0, no gradient
-    return (scale * cos).masked_fill(excluded, float("-inf")), excluded
+        cos = torch.where(filtered, 0.0, cos)  # logit 0, no gradient
+    # In place on the product, which autograd does not save: one [N, K] tensor fewer.
+    return (scale * cos).masked_fill_(excluded, float("-inf")), excluded
 
 
 def _row_losses(positive_logit: torch.Tensor, lse_negative: torch.Tensor, has_negative: torch.Tensor):
@@ -197,6 +201,25 @@ def _block_of_rows(embeddings, class_weights, labels, queue_weights, queue_label
     return rows.detach(), grad_scaled, unit
 
 
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """The embeddings' gradient when the backward is recorded (create_graph=True): the
+    value passes through, and differentiating it again raises a clear error (the saved
+    gradient is a constant to autograd, which would otherwise say "element 0 of tensors
+    does not require grad")."""
+
+    @staticmethod
+    def forward(ctx, grad_embeddings, embeddings):
+        return grad_embeddings.clone()  # ``embeddings`` only ties the result to the graph
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            "dcq_ops.reference.loss_rows_blocked (backend='reference' above reference.BLOCK_LOGITS logits) "
+            "computes the first derivative only: its gradient is produced in the forward pass. For "
+            "higher-order derivatives use dcq_ops.reference.dcq_cross_entropy, which materialises the N x K "
+            "logits")
+
+
 class _BlockedLossRows(torch.autograd.Function):
     """Loss rows computed block by block, with their gradient produced in the forward (as
     the fused backends do): the backward scales it and never reads the queue, which
@@ -218,18 +241,19 @@ class _BlockedLossRows(torch.autograd.Function):
             if want_grad:
                 grad_scaled[rows] = grad_block
         if want_grad:
-            ctx.save_for_backward(grad_scaled, unit)
+            ctx.save_for_backward(grad_scaled, unit, embeddings)
         ctx.embeddings_dtype = embeddings.dtype
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_scaled, unit = ctx.saved_tensors
+        grad_scaled, unit, embeddings = ctx.saved_tensors
         # The upstream factor in the row's units, then the division by the unit last: a
         # gradient entry that is subnormal in float32 is rounded once.
-        grad = (grad_loss.to(grad_scaled.dtype).view(-1, 1) * grad_scaled) / unit
-        return grad.to(ctx.embeddings_dtype), None, None, None, None, None, None, None, None
+        grad = ((grad_loss.to(grad_scaled.dtype).view(-1, 1) * grad_scaled) / unit).to(ctx.embeddings_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: the backward is recorded
+            grad = _FirstDerivativeOnly.apply(grad, embeddings)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def loss_rows_blocked(embeddings, class_weights, labels, queue_weights, queue_labels, margin, *, dtype=None,
@@ -257,7 +281,7 @@ def loss_rows_blocked(embeddings, class_weights, labels, queue_weights, queue_la
     block_rows : int, optional
         Rows per block (default min(N, 1024)).
     block_slots : int, optional
-        Queue slots per block (default about 2^22 / block_rows).
+        Queue slots per block (default BLOCK_LOGITS / block_rows, at least 1).
 
     Returns
     -------
