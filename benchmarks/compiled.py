@@ -129,7 +129,7 @@ def _compile_one(index: int) -> dict:
             path = Path(cubins) / _cubin_name(entry)
             path.write_bytes(compiled.asm["cubin"])
             entry["cubin"] = str(path)
-        if arch == 90 and entry["kernel"] != "merge" and not entry["kernel"].startswith("merge"):
+        if arch == 90 and not entry["kernel"].startswith("merge"):
             sass = disassemble(compiled.asm["cubin"])
             loop = mma_loop(sass)
             if loop is not None:
