@@ -109,3 +109,39 @@ def test_a_frozen_rank_ends_the_other_within_the_dist_timeout(tmp_path):
             proc.wait()
             for stream in (proc.stdout, proc.stderr):
                 stream.close()
+
+
+STOPPING = """import sys
+sys.path.insert(0, {repo!r})
+sys.setswitchinterval(10.0)
+import math
+from dcq_ops.training import cli
+from dcq_ops.training.trainer import Trainer
+
+generate = Trainer._class_weights
+
+def class_weights(self, images):  # rank 1's batches from step 2 on get a NaN class weight
+    weights = generate(self, images)
+    if self.rank == 1 and self.step + 1 >= 2:
+        weights = weights.clone()
+        weights[0, 0] = math.nan
+    return weights
+
+Trainer._class_weights = class_weights
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_every_rank_makes_ends_every_rank_with_status_1(tmp_path):
+    """Too many bad steps stop every rank at the same step: they meet before leaving,
+    each exits 1 with the reason (no abort at exit), torchrun exits 1."""
+    launcher = tmp_path / "stop.py"
+    launcher.write_text(STOPPING.format(repo=str(REPO)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+           *TINY, "--steps", "6", "--log-every", "1", "--progress", "none", "--queue-mode", "sharded",
+           "--max-bad-steps", "0", "--output", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), start_new_session=True)
+    log = done.stdout + done.stderr
+    assert done.returncode == 1 and "terminate called" not in log, log[-3000:]
+    assert log.count("dcq-train: error: stopped at step 2: 1 bad steps, more than --max-bad-steps 0") == 2, log[-3000:]
+    assert "exitcode  : -6" not in log and "SIGABRT" not in log, log[-3000:]
