@@ -112,6 +112,8 @@ def merge_kernel(block_d: int, finalize: bool, arch: int, compute_grad: bool = T
     pointers = {name: "*fp32" for name in ("max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "out_max_ptr", "out_sum_ptr",
                                            "out_acc_ptr", "pos_logit_ptr", "pos_slope_ptr", "q_ptr", "w_ptr",
                                            "inv_norm_ptr", "loss_ptr", "grad_ptr")}
+    if finalize:
+        pointers["inv_norm_ptr"] = "*fp64"  # 1 / ||x||, below fp32's normal range for rows near 1e38
     scalars = dict(num_rows="i32", dim="i32", num_splits="i32", scale="fp32")
     constants = dict(FINALIZE=finalize, COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_S=block_s,
                      BLOCK_D=block_d)

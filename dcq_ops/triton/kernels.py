@@ -238,7 +238,14 @@ def _finalize_rows(rows, row_ok, m_nat, row_sum, acc, cols, col_ok,
     units). A row with every queue entry excluded (row_sum = 0) has loss 0 and
     gradient 0, with harmless stand-ins, unless its own embedding or class
     weight is not finite (z_pos is then NaN): NaN. A row that keeps a
-    non-finite entry has a NaN row_sum, which makes it NaN throughout."""
+    non-finite entry has a NaN row_sum, which makes it NaN throughout.
+
+    ``inv_norm_ptr``: 1 / max(||x||, 1e-12) in float64, negated for a row whose
+    norm is below 1e-12 (F.normalize's floor: q = x / 1e-12 there, a linear map
+    whose derivative has no projection). float64 because for rows near 1e38 it
+    is below float32's normal range: the gradient is computed in fp32 up to that
+    factor, multiplied in float64 and rounded to fp32 once, so that its entries,
+    subnormal in fp32 for such rows, keep every bit fp32 can hold."""
     all_excluded = row_sum == 0.0
     z_pos = tl.load(pos_logit_ptr + rows, mask=row_ok, other=0.0)
     zero_or_nan = z_pos - z_pos
@@ -263,10 +270,10 @@ def _finalize_rows(rows, row_ok, m_nat, row_sum, acc, cols, col_ok,
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         grad_q = coef_pos[:, None] * w + coef_neg[:, None] * acc
         # Through q = x / ||x||: (I - q q^T) grad_q / ||x||.
-        projection = tl.sum(q * grad_q, axis=1)
         inv_norm = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
-        grad_x = (grad_q - q * projection[:, None]) * inv_norm[:, None]
-        tl.store(grad_ptr + offs, grad_x, mask=mask)
+        projection = tl.where(inv_norm < 0.0, 0.0, tl.sum(q * grad_q, axis=1))
+        grad_x = (grad_q - q * projection[:, None]).to(tl.float64) * tl.abs(inv_norm)[:, None]
+        tl.store(grad_ptr + offs, grad_x.to(tl.float32), mask=mask)
 
 
 @triton.jit

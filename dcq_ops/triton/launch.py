@@ -293,10 +293,11 @@ class Workspace(NamedTuple):
 
 
 class FinalizeInputs(NamedTuple):
-    """What finalize needs of each row besides its partials (fp32, contiguous), in
-    the order of the merge kernel's pointers: the positive's logit z_pos [N] and its
+    """What finalize needs of each row besides its partials (contiguous), in the
+    order of the merge kernel's pointers: the positive's logit z_pos [N] and its
     slope dz_pos/dc [N], the normalised embeddings q [N, D] and class weights w
-    [N, D], and 1 / ||x|| [N]."""
+    [N, D] (fp32), and 1 / max(||x||, 1e-12) [N] in float64, negated below 1e-12
+    (dcq_ops.triton.ops._normalised)."""
 
     pos_logit: torch.Tensor
     pos_slope: torch.Tensor

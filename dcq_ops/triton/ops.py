@@ -31,24 +31,31 @@ from dcq_ops.triton.launch import FinalizeInputs
 
 
 def _normalised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / max(||x||, 1e-12), max(||x||, 1e-12)) in fp32, as the chunked
-    backend's normalise: ||x|| in units of the row's largest magnitude, so that
-    the sum of squares neither overflows (|x| >= 1e19) nor underflows; an
-    all-zero row stays zero, and a NaN or inf makes the row NaN (inf / inf)."""
+    """(x / max(||x||, 1e-12) in fp32 [N, D], 1 / max(||x||, 1e-12) in float64 [N],
+    negated where ||x|| < 1e-12), as the chunked backend's normalise: ||x|| in units
+    of the row's largest magnitude, so that the sum of squares neither overflows
+    (|x| >= 1e19) nor underflows; an all-zero row stays zero, and a NaN or inf
+    makes the row NaN (inf / inf). The inverse norm is float64 because for rows
+    near 1e38 it is below float32's normal range (the finalize kernel's
+    ``inv_norm_ptr`` says how it is used)."""
     x = x.float()
     largest = x.abs().amax(dim=1, keepdim=True)
     unit = torch.where(largest > 0, largest, torch.ones_like(largest))  # all-zero row, or NaN
     scaled = x / unit
-    scaled_norm = torch.maximum(scaled.norm(dim=1, keepdim=True), 1e-12 / unit)
-    return (scaled / scaled_norm).contiguous(), unit * scaled_norm
+    norm = scaled.norm(dim=1, keepdim=True)
+    floor = torch.full_like(unit, 1e-12) / unit  # not 1e-12 * (1 / unit), which overflows for a subnormal unit
+    scaled_norm = torch.maximum(norm, floor)
+    inv_norm = 1.0 / (unit.double() * scaled_norm.double())  # the product is exact in float64
+    inv_norm = torch.where(norm < floor, -inv_norm, inv_norm)  # below 1e-12: x / 1e-12, no projection
+    return (scaled / scaled_norm).contiguous(), inv_norm.reshape(-1)
 
 
 def prologue(embeddings, class_weights, scale, m1, m2, m3, straight_through_margin) -> FinalizeInputs:
     """What finalize needs of each row besides its partials: the normalised
     embeddings and class weights, the positive's logit and its slope (with
     dcq_ops.margin's functions; the slope of s * c with straight_through_margin),
-    and the inverse norm of the embeddings, fp32."""
-    q, x_norm = _normalised(embeddings)
+    and the inverse norm of the embeddings (float64, negated below 1e-12: _normalised)."""
+    q, inv_norm = _normalised(embeddings)
     w, _ = _normalised(class_weights)
     positive_cos = (q * w).sum(dim=1)
     pos_logit = (scale * margin_value(positive_cos, m1, m2, m3)).contiguous()
@@ -56,8 +63,7 @@ def prologue(embeddings, class_weights, scale, m1, m2, m3, straight_through_marg
         pos_slope = torch.full_like(positive_cos, scale)
     else:
         pos_slope = (scale * margin_derivative(positive_cos, m1, m2)).contiguous()
-    inv_norm = (1.0 / x_norm).reshape(-1).contiguous()
-    return FinalizeInputs(pos_logit, pos_slope, q, w, inv_norm)
+    return FinalizeInputs(pos_logit, pos_slope, q, w, inv_norm.contiguous())
 
 
 def _queue_pass(q, labels, queue_weights, queue_labels, scale, interclass_filtering_threshold, compute_grad,
