@@ -25,8 +25,11 @@ from dcq_ops.rounding_bound import GemmRounding, arithmetic_dtype, difference_bo
 # of the launch's last row block.
 CHECK_ROWS = 16
 
-# Bytes of a float64 block of the queue in the float64 loss (2048 slots at D = 512).
-EXACT_BLOCK_BYTES = 8 << 20
+# Bytes of a float64 block of the queue in the float64 loss, per device type: on the CPU
+# 1 MiB (256 slots at D = 512), where the fused call itself needs a few MiB and freed blocks
+# stay in the process's memory (8 MiB blocks measured 45-65 MiB of peak RSS, 1 MiB 5 MiB);
+# on a GPU 16 MiB (4096 slots), a fraction of the fused call's workspaces, in few launches.
+EXACT_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 16 << 20}
 
 # How the float64 loss rounds: not at all, at the scale of an fp32 or 16-bit backend.
 EXACT = GemmRounding(None, 0.0, False)
@@ -63,6 +66,23 @@ def check_rows(rows: int, device, last_row_block: int = 1) -> torch.Tensor:
     return torch.cat([spread, tail]).unique().to(device)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On the CPU, torch's intra-op threads set to one for the block (then restored): the
+    float64 loss runs hundreds of small per-block operations ([rows, 256] logits), which more
+    threads slow down (measured on a busy 2-core machine: 11 s with 2 threads, 0.5 s with 1,
+    at K = 2 x 10^4, D = 512)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def exact_loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_labels, margin: MarginConfig,
                         compute_grad: bool, *, block_slots: int | None = None):
     """The loss rows of docs/loss.md, and the gradient of each row's loss with respect to
@@ -79,7 +99,7 @@ def exact_loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_
     margin : MarginConfig
     compute_grad : bool
     block_slots : int, optional
-        Queue entries per block (default: ``EXACT_BLOCK_BYTES`` of float64).
+        Queue entries per block (default: ``EXACT_BLOCK_BYTES`` of float64 for the device).
 
     Returns
     -------
@@ -88,8 +108,9 @@ def exact_loss_and_grad(embeddings, class_weights, labels, queue_weights, queue_
         detached. Non-finite exactly where the reference's are (docs/loss.md).
     """
     rows, dim = embeddings.shape
-    block_slots = block_slots or max(64, EXACT_BLOCK_BYTES // (8 * max(dim, 1)))
-    with no_autocast(embeddings.device.type), torch.enable_grad():
+    block_bytes = EXACT_BLOCK_BYTES.get(embeddings.device.type, EXACT_BLOCK_BYTES["cpu"])
+    block_slots = block_slots or max(64, block_bytes // (8 * max(dim, 1)))
+    with no_autocast(embeddings.device.type), torch.enable_grad(), _one_cpu_thread(embeddings.device):
         # float64 rows, so that the gradient comes back in float64 too (never rounded to fp32).
         x = embeddings.detach().to(torch.float64).requires_grad_(compute_grad)
         loss = reference.loss_rows_blocked(x, class_weights.detach(), labels, queue_weights.detach(), queue_labels,
