@@ -27,7 +27,7 @@ from dcq_ops.validation import check_positive_int
 # [rows, slots] tensor in float32: large enough that the per-block overhead is noise),
 # so that both cost the same order of memory.
 BLOCK_LOGITS = 1 << 20
-# Rows per block by default (the slots per block follow from BLOCK_LOGITS).
+# Rows per block by default (the slots per block follow from BLOCK_LOGITS and D).
 BLOCK_ROWS = 1024
 
 
@@ -281,7 +281,8 @@ def loss_rows_blocked(embeddings, class_weights, labels, queue_weights, queue_la
     block_rows : int, optional
         Rows per block (default min(N, 1024)).
     block_slots : int, optional
-        Queue slots per block (default BLOCK_LOGITS / block_rows, at least 1).
+        Queue slots per block (default BLOCK_LOGITS / max(block_rows, D), at least 1: neither
+        the block's logits nor its copy of the queue exceed BLOCK_LOGITS elements).
 
     Returns
     -------
@@ -293,7 +294,8 @@ def loss_rows_blocked(embeddings, class_weights, labels, queue_weights, queue_la
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     rows = embeddings.shape[0]
     block_rows = check_positive_int("block_rows", block_rows, allow_none=True) or max(1, min(rows, BLOCK_ROWS))
-    block_slots = check_positive_int("block_slots", block_slots, allow_none=True) or max(1, BLOCK_LOGITS // block_rows)
+    block_slots = (check_positive_int("block_slots", block_slots, allow_none=True)
+                   or max(1, BLOCK_LOGITS // max(block_rows, embeddings.shape[1])))
     return _BlockedLossRows.apply(embeddings, class_weights, labels, queue_weights, queue_labels, margin, dtype,
                                   block_rows, block_slots)
 

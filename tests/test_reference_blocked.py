@@ -256,7 +256,7 @@ def test_the_fallback_peak_memory_does_not_grow_with_the_logits():
     assert result["warned"], "the call did not fall back to the reference"
     assert result["finite"] and result["loss"] > 0
     block_rows = min(rows, reference.BLOCK_ROWS)
-    block_slots = reference.BLOCK_LOGITS // block_rows
+    block_slots = reference.BLOCK_LOGITS // max(block_rows, dim)
     bound = (8 * block_rows * block_slots + 4 * block_slots * dim + 16 * rows * dim) * 4 + 4 * 2**20
     logits_bytes = rows * slots * 4
     assert bound < logits_bytes
