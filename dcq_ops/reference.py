@@ -220,6 +220,24 @@ class _FirstDerivativeOnly(torch.autograd.Function):
             "logits")
 
 
+def _rows_in_blocks(embeddings, class_weights, labels, queue_weights, queue_labels, margin, dtype, block_rows,
+                    block_slots, want_grad):
+    """(loss rows [N], gradient with respect to x / unit [N, D] or None, unit [N, 1]), one
+    block of rows at a time (_block_of_rows)."""
+    n, dim = embeddings.shape
+    loss = embeddings.new_empty((n,), dtype=dtype)
+    unit = embeddings.new_empty((n, 1), dtype=dtype)
+    grad_scaled = embeddings.new_empty((n, dim), dtype=dtype) if want_grad else None
+    for start in range(0, n, block_rows):
+        rows = slice(start, start + block_rows)
+        loss[rows], grad_block, unit[rows] = _block_of_rows(
+            embeddings[rows], class_weights[rows], labels[rows], queue_weights, queue_labels, margin, dtype,
+            block_slots, want_grad)
+        if want_grad:
+            grad_scaled[rows] = grad_block
+    return loss, grad_scaled, unit
+
+
 class _BlockedLossRows(torch.autograd.Function):
     """Loss rows computed block by block, with their gradient produced in the forward (as
     the fused backends do): the backward scales it and never reads the queue, which
@@ -228,20 +246,9 @@ class _BlockedLossRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, class_weights, labels, queue_weights, queue_labels, margin, dtype, block_rows,
                 block_slots):
-        want_grad = bool(ctx.needs_input_grad[0])
-        n, dim = embeddings.shape
-        loss = embeddings.new_empty((n,), dtype=dtype)
-        unit = embeddings.new_empty((n, 1), dtype=dtype)
-        grad_scaled = embeddings.new_empty((n, dim), dtype=dtype) if want_grad else None
-        for start in range(0, n, block_rows):
-            rows = slice(start, start + block_rows)
-            loss[rows], grad_block, unit[rows] = _block_of_rows(
-                embeddings[rows], class_weights[rows], labels[rows], queue_weights, queue_labels, margin, dtype,
-                block_slots, want_grad)
-            if want_grad:
-                grad_scaled[rows] = grad_block
-        if want_grad:
-            ctx.save_for_backward(grad_scaled, unit, embeddings)
+        loss, grad_scaled, unit = _rows_in_blocks(embeddings, class_weights, labels, queue_weights, queue_labels,
+                                                  margin, dtype, block_rows, block_slots, want_grad=True)
+        ctx.save_for_backward(grad_scaled, unit, embeddings)
         ctx.embeddings_dtype = embeddings.dtype
         return loss
 
@@ -296,6 +303,10 @@ def loss_rows_blocked(embeddings, class_weights, labels, queue_weights, queue_la
     block_rows = check_positive_int("block_rows", block_rows, allow_none=True) or max(1, min(rows, BLOCK_ROWS))
     block_slots = (check_positive_int("block_slots", block_slots, allow_none=True)
                    or max(1, BLOCK_LOGITS // max(block_rows, embeddings.shape[1])))
+    if not (embeddings.requires_grad and torch.is_grad_enabled()):  # the loss only: no gradient pass
+        with torch.no_grad():
+            return _rows_in_blocks(embeddings, class_weights, labels, queue_weights, queue_labels, margin, dtype,
+                                   block_rows, block_slots, want_grad=False)[0]
     return _BlockedLossRows.apply(embeddings, class_weights, labels, queue_weights, queue_labels, margin, dtype,
                                   block_rows, block_slots)
 

@@ -108,6 +108,22 @@ def test_gradient_in_the_embeddings_dtype_and_rows_without_negatives():
     assert (loss[excluded_rows] == 0).all() and (grad[excluded_rows] == 0).all()
 
 
+def test_without_grad_mode_only_the_loss_is_computed(monkeypatch):
+    """Under no_grad (the first-contact check's comparisons, evaluation) the blocked rows
+    skip the gradient pass: the same loss, nothing recorded."""
+    x, k, y, w, yq = make_inputs(rows=9, dim=8, slots=30, dtype=torch.float64, seed=3)
+    x.requires_grad_(True)
+    passes = []
+    original = reference._block_of_rows
+    monkeypatch.setattr(reference, "_block_of_rows", lambda *a: passes.append(a[-1]) or original(*a))
+    margin = MarginConfig(**MARGINS["arcface"])
+    with torch.no_grad():
+        loss = reference.loss_rows_blocked(x, k, y, w, yq, margin, block_rows=4, block_slots=7)
+    assert not loss.requires_grad and passes == [False] * 3
+    assert_same(loss, reference.dcq_cross_entropy(x, k, y, w, yq, **margin.kwargs(), reduction="none").detach(),
+                "loss")
+
+
 @pytest.mark.parametrize("where", ["embedding", "class_weight", "kept_slot", "excluded_slot", "inf_embedding"])
 def test_non_finite_input_is_never_hidden(where):
     """docs/loss.md, "Non-finite input": NaN exactly where the plain reference is NaN."""
