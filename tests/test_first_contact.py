@@ -806,3 +806,16 @@ def test_a_compiled_enqueue_that_raises_falls_back_to_plain_pytorch_once(monkeyp
     assert torch.equal(queue.weights, expected.weights) and torch.equal(queue.labels, expected.labels)
     assert int(queue.ptr) == int(expected.ptr) == 21
     assert "its queue enqueue failed on its first call (RuntimeError" in dcq_ops.backends("cpu")["chunked"]
+
+
+def test_the_triton_launch_plan_is_what_the_queue_pass_launches(triton_ops):
+    from dcq_ops.triton import launch
+
+    for rows, slots in ((5, 40), (21, 300), (48, 1000), (45, 129)):
+        x, _, y, w, yq = make_inputs(rows=rows, dim=16, slots=slots, num_classes=12, empty=3, seed=rows)
+        q = torch.nn.functional.normalize(x, dim=1)
+        plan = launch.launch_plan(rows, slots, 16, torch.float32, True, torch.device("cpu"))
+        workspace = launch.queue_pass(q, y, w, yq, 50.0, 0.0, True)
+        assert workspace.num_splits == plan.num_splits, (rows, slots, plan)
+        assert plan.last_row_block == rows - (rows - 1) // plan.block_m * plan.block_m
+        assert plan.queue_tail == (slots - (plan.num_splits - 1) * plan.split_size) % plan.align

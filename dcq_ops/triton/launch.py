@@ -247,13 +247,13 @@ class LaunchPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_plan(rows, queue_size, dim, gemm_dtype, compute_grad, device, precision) -> LaunchPlan:
+def _launch_plan(rows, queue_size, dim, gemm_dtype, compute_grad, device, precision, autotune) -> LaunchPlan:
     if INTERPRETED or device.type != "cuda":
         tile, candidates = _INTERPRETER_CONFIG, ()
     else:
         architecture, _ = device_architecture(_device_index(device))
         options = tuple(tile_configs(architecture, gemm_dtype.itemsize, dim, tf32=precision == "tf32"))
-        tile, candidates = options[0], (options if _autotune_enabled() else ())
+        tile, candidates = options[0], (options if autotune else ())
     split_size, num_splits = _split_plan(rows, queue_size, dim, tile, compute_grad, device, None)
     align = SPLIT_ALIGN if candidates or device.type == "cuda" else tile.block_k
     last_split = queue_size - (num_splits - 1) * split_size
@@ -270,7 +270,7 @@ def launch_plan(rows: int, queue_size: int, dim: int, gemm_dtype: torch.dtype, c
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return _launch_plan(int(rows), int(queue_size), int(dim), gemm_dtype, bool(compute_grad), device,
-                        input_precision(gemm_dtype))
+                        input_precision(gemm_dtype), _autotune_enabled())
 
 
 # ----------------------------------------------------------------------------
