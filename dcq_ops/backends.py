@@ -22,9 +22,10 @@ module (and Triton) is imported on first use only:
 ``backend="auto"`` takes the first backend of ``AUTO_ORDER[device type]`` that can
 run the call; falling back to ``reference`` warns once per device type.
 
-The first call of a fused backend for a shape class is checked against an independent
-backend (dcq_ops.first_contact); a backend that fails it is *demoted* for that shape
-class, which this module records (``record_demotion``) and ``backends()`` reports.
+The first call of a fused backend for a shape class is checked (dcq_ops.first_contact); a
+backend that fails it is *demoted* for that shape class, which dcq_ops.demotions records
+and ``backends()`` reports; the compiled enqueue's first call on a device type falls back
+to plain PyTorch if it raises (``enqueue_function``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import torch
 
 from dcq_ops import reference
 from dcq_ops._extension import EXTENSION_ERROR, extension_loaded, has_cuda_kernels
+from dcq_ops.demotions import (Demotion, any_demotions, clear_demotions, demotion_keys,  # noqa: F401 (re-exported)
+                               demotion_of, demotions, record_demotion)
 from dcq_ops.ops import chunked
 from dcq_ops.ops import queue as queue_ops
 
@@ -347,79 +350,9 @@ def enqueue_function(device: torch.device | str) -> Callable:
     return _first_enqueue
 
 
-@dataclass(frozen=True)
-class Demotion:
-    """A fused backend that failed its first-contact check for one shape class
-    (dcq_ops.first_contact): calls of that class run ``fallback`` instead.
-
-    Attributes
-    ----------
-    backend, fallback : str
-        The demoted backend and the one that runs instead.
-    device : str
-        The device, e.g. "cuda:0" or "cpu".
-    shape_class : str
-        The shape class in words (dtypes, row and queue buckets, D, gradient, filtering).
-    reason : str
-        What disagreed, with the numbers (e.g. "loss error 5.0e-02 > bound 1.1e-03").
-    message : str
-        The warning's text.
-    """
-
-    backend: str
-    fallback: str
-    device: str
-    shape_class: str
-    reason: str
-    message: str
-
-
-_DEMOTIONS: dict = {}  # shape-class key (dcq_ops.first_contact) -> Demotion
-
-
-def record_demotion(key, demotion: Demotion) -> None:
-    """Record that ``demotion.backend`` runs ``demotion.fallback`` for the shape class ``key``
-    (dcq_ops.first_contact calls this; ``backends()`` reports it)."""
-    _DEMOTIONS[key] = demotion
-
-
-def demotion_of(key) -> Demotion | None:
-    """The demotion recorded for the shape class ``key``, or None."""
-    return _DEMOTIONS.get(key) if _DEMOTIONS else None
-
-
-def any_demotions() -> bool:
-    """Whether any shape class is demoted (one test of an empty dict: cheap, and traceable)."""
-    return bool(_DEMOTIONS)
-
-
-def demotion_keys() -> tuple:
-    """The shape-class keys that are demoted."""
-    return tuple(_DEMOTIONS)
-
-
-def demotions(device: torch.device | str | None = None) -> list[Demotion]:
-    """The demotions recorded so far, of every device, or of ``device``'s type only.
-
-    Parameters
-    ----------
-    device : torch.device or str, optional
-
-    Returns
-    -------
-    list of Demotion
-    """
-    found = list(_DEMOTIONS.values())
-    if device is not None:
-        kind = torch.device(device).type
-        found = [d for d in found if torch.device(d.device).type == kind]
-    return found
-
-
-def clear_demotions() -> None:
-    """Forget every demotion, and the compiled enqueue's first call (dcq_ops.first_contact.reset
+def clear_enqueue_state() -> None:
+    """Forget the compiled enqueue's first call and its failure (dcq_ops.first_contact.reset
     calls this)."""
-    _DEMOTIONS.clear()
     _ENQUEUE_CHECKED.clear()
     _ENQUEUE_FAILED.clear()
 

@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dcq_ops import launch_plans
-from dcq_ops.backends import (FUSED_BACKENDS, Demotion, clear_demotions, entry_point, record_demotion,
-                              why_unavailable)
+from dcq_ops.backends import FUSED_BACKENDS, clear_enqueue_state, entry_point, why_unavailable
+from dcq_ops.demotions import Demotion, clear_demotions, record_demotion
 from dcq_ops.margin import MarginConfig
 from dcq_ops.rounding_bound import gemm_rounding
 from dcq_ops.row_check import (CHECK_ROWS, EXACT, Comparison, check_rows, compare, no_autocast,  # noqa: F401
@@ -137,6 +137,7 @@ def reset() -> None:
     _TRACED_DEMOTIONS.clear()
     _SAID.clear()
     clear_demotions()
+    clear_enqueue_state()
 
 
 def skip_requested() -> bool:
