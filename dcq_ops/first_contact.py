@@ -16,9 +16,11 @@ reaching the user (docs/numerics.md, "The first-contact check").
   call (``dcq_ops.launch_plans``: the split of the queue, the row and queue tail blocks,
   the tile and the autotuner's buckets): another batch size with another split or tail is
   another class.
-- **What fails**: any exception of the fused call (a compile error, a launch error, a
-  wrong result detected later by CUDA; not ``torch.OutOfMemoryError``, which is the run's
-  memory, re-raised) and results outside the error bound (``dcq_ops.row_check``).
+- **What fails**: any exception of the fused call (a compile error, a launch error, an
+  asynchronous CUDA error: the first call synchronises once, so it surfaces there; not
+  ``torch.OutOfMemoryError``, which is the run's memory and is re-raised, nor
+  ``KeyboardInterrupt``; bad input was refused before, by validation) and results outside
+  the error bound (``dcq_ops.row_check``).
 - **Against what**: on ``row_check.CHECK_ROWS`` rows spread over the batch and every row
   of the launch's last row block (a row's loss depends on its own row and the queue only),
   loss and gradient: "triton" first against "chunked" where it runs; "chunked", and
@@ -34,9 +36,9 @@ reaching the user (docs/numerics.md, "The first-contact check").
 - **Skip**: ``DCQ_OPS_SKIP_FIRST_CONTACT=1`` (read at the first call of each shape class).
   A comparison that fails by itself (out of memory, or an error of the check's own code)
   is reported as "skipped" with a warning, and the call returns the fused result.
-- **Sharded queue** (``check_sharded``): the partials of the rank's own rows over its
-  shard, finalised on their own, are checked the same way against the float64 loss over
-  the shard, at the first call of each class.
+- **Sharded queue** (``dcq_ops.first_contact_sharded.sharded_partials``): the partials of
+  the rank's own rows over its shard, finalised on their own, are checked the same way
+  against the float64 loss over the shard, at the first call of each class.
 """
 
 from __future__ import annotations
