@@ -161,7 +161,8 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
                 if special:
                     entry["specialization"] = SPECIALIZATIONS[special]
 
-                def build(config=config, compute_grad=compute_grad, filtering=filtering, special=special):
+                def build(config=config, compute_grad=compute_grad, filtering=filtering, special=special,
+                          dtype=dtype, precision=precision):
                     compiled, chain_break = queue_pass(dtype, precision, block_d, config, compute_grad, arch,
                                                        filtering, special)
                     return compiled, dict(
@@ -181,7 +182,7 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
                 if special:
                     entry["specialization"] = SPECIALIZATIONS[special]
 
-                def build(tile=tile, filtering=filtering, special=special):
+                def build(tile=tile, filtering=filtering, special=special, dtype=dtype, precision=precision):
                     compiled, chain_break = repair(dtype, precision, block_d, tile, arch, filtering, special)
                     return compiled, dict(chain_break=chain_break)
                 out.append(Variant(entry, build))

@@ -236,3 +236,41 @@ ptxas info    : Compile time = 392.014 ms
     assert parsed["ptxas_warnings"] == [
         "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized",
         "Registers are spilled to local memory in function 'k', 8 bytes spill stores, 8 bytes spill loads"]
+
+
+def test_every_variant_builds_its_own_dtype_and_tiles(tmp_path):
+    """Each variant's build compiles the dtype, precision and tiles its entry names (no
+    closure sees a later loop's values), over several dtypes and targets; compile-free:
+    the builders are replaced by recorders."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    import os
+    import subprocess
+
+    script = tmp_path / "variants.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(BENCHMARKS)!r}, {str(BENCHMARKS.parent)!r}]\n"
+        "import types\n"
+        "import kernel_variants as kv\n"
+        "calls = []\n"
+        "fake = types.SimpleNamespace(asm=dict(ptx='', ttgir=''))\n"
+        "kv.queue_pass = lambda dtype, precision, block_d, config, *a: calls.append((dtype, precision, config)) "
+        "or (fake, 'i32')\n"
+        "kv.repair = lambda dtype, precision, block_d, config, *a: calls.append((dtype, precision, config)) "
+        "or (fake, 'i32')\n"
+        "kv.loop_counts = kv.dot_layouts = lambda *a: {}\n"
+        "bad = 0\n"
+        "for arch in (80, 90):\n"
+        "    for v in kv.queue_pass_variants(arch, ['bf16', 'fp16', 'fp32', 'tf32'], 512, False):\n"
+        "        v.build()\n"
+        "        dtype, precision, config = calls[-1]\n"
+        "        want = kv.DTYPES[v.entry['dtype']]\n"
+        "        e = v.entry\n"
+        "        bad += (dtype, precision) != (want[0], want[2]) or (config.block_m, config.block_k, "
+        "config.num_warps, config.num_stages) != (e['BLOCK_M'], e['BLOCK_K'], e['num_warps'], e['num_stages'])\n"
+        "print(len(calls), bad)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    calls, bad = (int(n) for n in run.stdout.split())
+    assert calls > 50 and bad == 0, run.stdout
