@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from dcq_ops import reference
+from dcq_ops import downgrades, reference
 from dcq_ops._extension import EXTENSION_ERROR, extension_loaded, has_cuda_kernels
 from dcq_ops.demotions import (Demotion, any_demotions, clear_demotions, demotion_keys,  # noqa: F401 (re-exported)
                                demotion_of, demotions, record_demotion)
@@ -188,7 +188,7 @@ BACKENDS = {
         loss_rows=chunked.loss_rows, partials=chunked.partials, finalize=chunked.finalize,
         enqueue=queue_ops.queue_enqueue_, loss_and_grad=_chunked_loss_and_grad),
     "reference": Backend(
-        "reference", "plain PyTorch: materialises the N x K logits (the tests' oracle)",
+        "reference", "plain PyTorch: the N x K logits in blocks of at most reference.BLOCK_LOGITS (the tests' oracle)",
         ("cpu", "cuda", "meta", "mps", "xpu"), (_F32, _F16, _BF16, _F64), _always, _any_dtype,
         loss_rows=reference.loss_rows, partials=None, finalize=None, enqueue=queue_ops.enqueue_fallback),
 }
@@ -236,7 +236,7 @@ _WARNED_FALLBACK: set = set()
 
 def _warn_reference_fallback(device: torch.device) -> None:
     """"auto" found no fused kernel for ``device``: say once per device type what that
-    costs and how to get the kernels, instead of materialising N x K logits in silence."""
+    costs and how to get the kernels, instead of running the plain PyTorch logits in silence."""
     if device.type in _WARNED_FALLBACK:
         return
     _WARNED_FALLBACK.add(device.type)
@@ -244,8 +244,8 @@ def _warn_reference_fallback(device: torch.device) -> None:
                         for name in AUTO_ORDER.get(device.type, AUTO_ORDER_DEFAULT) if name != "reference")
     warnings.warn(
         f"dcq_ops: backend='auto' runs the plain PyTorch 'reference' backend on {device.type}, because no fused "
-        f"backend can run there ({reasons}). The reference materialises the N x K logits: memory grows with "
-        "batch x queue size, and it is several times slower. Build the extension against your torch "
+        f"backend can run there ({reasons}). The reference computes the N x K logits in plain PyTorch (in blocks "
+        "above reference.BLOCK_LOGITS, so memory stays bounded), several times slower. Build the extension against your torch "
         "(`pip install --no-build-isolation .`), or pass backend='reference' to silence this warning.",
         RuntimeWarning, stacklevel=3)
 
@@ -391,5 +391,8 @@ def backends(device: torch.device | str | None = None) -> dict[str, str]:
         if name == "chunked" and device.type in _ENQUEUE_FAILED:
             report[name] += (f"; its queue enqueue failed on its first call ({_ENQUEUE_FAILED[device.type]}): "
                              "the pure-PyTorch enqueue runs")
+        said = downgrades.summary(device, backend=name)
+        if said:
+            report[name] += f"; downgraded: {said}"
     report["auto"] = f"-> {select_backend(device, warn=False)}"  # a report, not a call: no warning
     return report

@@ -291,7 +291,7 @@ def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
     monkeypatch.setattr(backends, "EXTENSION_ERROR", "dcq_ops._C is not built (test)")
     monkeypatch.setattr(backends, "_WARNED_FALLBACK", set())
     x, k, y, W, Y = make_inputs(rows=4, dim=5, slots=6)
-    with pytest.warns(RuntimeWarning, match="runs the plain PyTorch 'reference' backend.*N x K logits"):
+    with pytest.warns(RuntimeWarning, match="runs the plain PyTorch 'reference' backend.*N x K logits in plain PyTorch"):
         loss = dcq_ops.dcq_cross_entropy(x, k, y, W, Y)
     assert torch.equal(loss, dcq_ops.dcq_cross_entropy(x, k, y, W, Y, backend="reference"))
     with warnings.catch_warnings():

@@ -148,3 +148,29 @@ def test_this_torch_has_every_feature():
     if torch.version.cuda is None:
         pytest.skip("a torch built without CUDA has no CUDA device properties")
     assert "shared_memory_per_block_optin" in dir(torch._C._CudaDeviceProperties)
+
+
+def test_backends_and_the_check_report_a_downgrade(monkeypatch, tmp_path):
+    import importlib
+
+    from dcq_ops.check import command
+    backends_module = importlib.import_module("dcq_ops.backends")  # dcq_ops.backends is also a function
+    assert "downgraded" not in backends_module.backends("cuda")["chunked"]
+    monkeypatch.setattr(downgrades, "mm_dtype_out_available", lambda: False)
+    monkeypatch.setattr(downgrades, "_MM_DTYPE_OUT", [])
+    with pytest.warns(RuntimeWarning):
+        downgrades.note_chunked_gemm(torch.device("cuda"), torch.bfloat16)
+    report = backends_module.backends("cuda")
+    assert "downgraded: aten::mm.dtype_out missing on cuda" in report["chunked"]
+    assert "downgraded" not in report["triton"]
+    # The check JSON lists the downgrades of its device (the CPU has none; a CUDA record concerns CUDA only).
+    skips = [arg for part in ("numerics", "triton_configuration", "first_contact", "sync_free_step", "timing")
+             for arg in ("--skip", part)]
+    args = command.parser().parse_args(["--device", "cpu", *skips, "--out", str(tmp_path / "c.json")])
+    args.timing_shape = (64, 256, 32)
+    assert command.run(args)["downgrades"] == []
+    simulated = {"feature": "simulated", "what": "w", "consequence": "c", "fix": "f", "device": "cpu",
+                 "backend": "chunked"}
+    monkeypatch.setattr(downgrades, "downgrades", lambda device=None: [simulated])
+    data = command.run(args)
+    assert data["downgrades"] == [simulated] and "downgraded: simulated" in data["backends"]["chunked"]

@@ -10,7 +10,7 @@ import platform
 import torch
 
 import dcq_ops
-from dcq_ops import first_contact
+from dcq_ops import downgrades, first_contact
 from dcq_ops.check.first_contact_part import first_contact_check
 from dcq_ops.check.gpu_parts import sync_free_step, timing, triton_configuration
 from dcq_ops.check.numerics import numerics
@@ -101,6 +101,7 @@ def run(args) -> dict:
             part()
         if args.out != "-":
             write(dict(data, ok=None, unfinished=True), args.out)
+    data["downgrades"] = downgrades.downgrades(device)
     data["ok"] = not data["failures"]
     return data
 
