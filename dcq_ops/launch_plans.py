@@ -87,7 +87,7 @@ def launch_plan(backend: str, rows: int, queue_size: int, dim: int, embeddings_d
     Returns
     -------
     tuple
-        Ints and bools; the first element is the number of rows of the launch's last row
+        Ints, bools and (triton) the sm_90 kernel's name; the first element is the number of rows of the launch's last row
         block.
     """
     device = torch.device(device)
@@ -99,7 +99,7 @@ def launch_plan(backend: str, rows: int, queue_size: int, dim: int, embeddings_d
         plan = launch.launch_plan(rows, queue_size, dim, gemm_dtype(embeddings_dtype, queue_dtype), compute_grad,
                                   device)
         return (plan.last_row_block, plan.block_m, plan.block_k, plan.autotuned, plan.split_size, plan.num_splits,
-                plan.queue_tail, plan.row_bucket, plan.split_bucket)
+                plan.queue_tail, plan.row_bucket, plan.split_bucket, plan.sm90_kernel)
     if device.type == "cuda":
         return _cuda_chunked_plan(rows, queue_size, dim, gemm_dtype(embeddings_dtype, queue_dtype).itemsize, device)
     return _cpu_chunked_plan(rows, queue_size, max(1, torch.get_num_threads()))

@@ -552,6 +552,17 @@ def test_the_split_plan_is_part_of_the_class(triton_ops):
     assert len(keys) == 2
 
 
+def test_the_sm90_kernel_asked_for_is_part_of_the_class(triton_ops, monkeypatch):
+    # DCQ_OPS_SM90_KERNEL=pipelined launches another kernel: its first call is checked on its own.
+    x, k, _, w, _ = make_inputs(rows=20, dim=16, slots=300)
+    config = first_contact.MarginConfig(**MARGINS["cosface"])
+    keys = set()
+    for kernel in ("classic", "pipelined"):
+        monkeypatch.setenv("DCQ_OPS_SM90_KERNEL", kernel)
+        keys.add(first_contact.shape_class("triton", x, k, w, config, True))
+    assert len(keys) == 2
+
+
 # ----------------------------------------------------------------------------
 # The float64 loss decides, the queue read in blocks (holes 2 and 3)
 

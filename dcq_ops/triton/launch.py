@@ -232,7 +232,8 @@ class LaunchPlan(NamedTuple):
     keys on it, dcq_ops.first_contact): the tile configuration (the autotuner's candidates
     share BLOCK_M; their BLOCK_K divides ``align``), the split of the queue, the row and
     queue tails (rows of the last row block; entries of the last split past its last full
-    ``align``), and the autotuner's row and split buckets."""
+    ``align``), the autotuner's row and split buckets, and the sm_90 kernel asked for
+    (``DCQ_OPS_SM90_KERNEL``: another kernel is another launch, so another class)."""
 
     block_m: int
     block_k: int
@@ -244,10 +245,12 @@ class LaunchPlan(NamedTuple):
     queue_tail: int
     row_bucket: int
     split_bucket: int
+    sm90_kernel: str
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_plan(rows, queue_size, dim, gemm_dtype, compute_grad, device, precision, autotune) -> LaunchPlan:
+def _launch_plan(rows, queue_size, dim, gemm_dtype, compute_grad, device, precision, autotune,
+                 sm90_kernel) -> LaunchPlan:
     if INTERPRETED or device.type != "cuda":
         tile, candidates = _INTERPRETER_CONFIG, ()
     else:
@@ -259,7 +262,8 @@ def _launch_plan(rows, queue_size, dim, gemm_dtype, compute_grad, device, precis
     last_split = queue_size - (num_splits - 1) * split_size
     return LaunchPlan(tile.block_m, tile.block_k, bool(candidates), split_size, num_splits, align,
                       rows - (cdiv(rows, tile.block_m) - 1) * tile.block_m if rows else 0, last_split % align,
-                      max(16, 1 << max(0, rows - 1).bit_length()), 1 << max(0, split_size - 1).bit_length())
+                      max(16, 1 << max(0, rows - 1).bit_length()), 1 << max(0, split_size - 1).bit_length(),
+                      sm90_kernel)
 
 
 def launch_plan(rows: int, queue_size: int, dim: int, gemm_dtype: torch.dtype, compute_grad: bool,
@@ -270,7 +274,7 @@ def launch_plan(rows: int, queue_size: int, dim: int, gemm_dtype: torch.dtype, c
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return _launch_plan(int(rows), int(queue_size), int(dim), gemm_dtype, bool(compute_grad), device,
-                        input_precision(gemm_dtype), _autotune_enabled())
+                        input_precision(gemm_dtype), _autotune_enabled(), hopper_launch.selected_kernel())
 
 
 # ----------------------------------------------------------------------------
