@@ -306,7 +306,8 @@ class DCQLoss(nn.Module):
             The rows N the loss will see, as ints or shapes ``(N, embedding_size)`` (e.g. the
             batch, and a smaller last batch). In the sharded mode give the gathered rows
             (world size x the local batch): this compiles and autotunes the queue pass the
-            partials run (the sharded path itself is not checked).
+            partials run; the sharded partials and finalize are checked on each rank at their
+            first training call (dcq_ops.first_contact_sharded).
         dtype : torch.dtype
             The embeddings' dtype (e.g. torch.bfloat16 under autocast).
         evaluation : bool
