@@ -150,7 +150,7 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
         configs = tile_configs(target, element_size, dim, tf32=precision == "tf32")
         repairs = {}
         for rank, config in enumerate(configs[:1] if first_only else configs):
-            repairs.setdefault(launch.repair_tile(config), []).append(rank)
+            repairs.setdefault(launch.repair_tile(config, fma=precision == "ieee"), []).append(rank)
             flags = [(g, f, None) for g in (True, False) for f in (False, True)]
             flags += [(True, False, s) for s in SPECIALIZATIONS] if rank == 0 else []
             for compute_grad, filtering, special in flags:

@@ -173,7 +173,7 @@ def _entries(report):
 def test_report_fails_on_a_spill_of_the_repair_kernel(tmp_path):
     """The repair kernel at the queue pass's own tiles (as launched before
     launch.repair_tile: 64 x 64, 8 warps, 2 stages on sm_90) spills, and the report exits 1 on it."""
-    run, report = _run_report(tmp_path, "compiled.launch.repair_tile = lambda tile: tile")
+    run, report = _run_report(tmp_path, "compiled.launch.repair_tile = lambda tile, fma=False: tile")
     assert run.returncode == 1, run.stdout + run.stderr
     repairs = [e for e in _entries(report) if e["kernel"] == "repair"]
     assert len(repairs) == 4 and {e["filter"] for e in repairs} == {False, True}

@@ -145,15 +145,19 @@ def queue_pass_grid(rows: int, block_m: int, num_splits: int) -> tuple[int]:
     return (programs,)
 
 
-def repair_tile(tile: TileConfig) -> TileConfig:
-    """The repair kernel's configuration after a queue pass run with ``tile``: at most
-    32 x 32, 8 warps, one stage. The repair holds the queue tile in registers (its
-    non-finite values zeroed for the second GEMM), which spills at the queue pass's
-    own tiles (sm_90's 64 x 64: 468 B under Triton 3.8, 830 B under 3.6; sm_86's 16 x
-    32 at 4 warps too); it runs only when the queue holds a non-finite value. It
-    recomputes whole rows of a split, so its tiles need not be the queue pass's. The
-    interpreter's tiles (16 x 32, 32 x 16) are kept, and with them its results."""
-    return TileConfig(min(tile.block_m, 32), min(tile.block_k, 32), num_warps=8, num_stages=1)
+def repair_tile(tile: TileConfig, fma: bool = False) -> TileConfig:
+    """The repair kernel's configuration on a GPU after a queue pass run with ``tile``.
+    The repair holds the queue tile in registers (its non-finite values zeroed for the
+    second GEMM), which spills at the queue pass's own tiles (sm_90's 64 x 64: 468 B
+    under Triton 3.8, 830 B under 3.6; sm_86's 16 x 32 at 4 warps too) and, under
+    Triton 3.6, even at 32 x 32 on 8 warps; it runs only when the queue holds a
+    non-finite value. At most 16 x 32 at 8 warps, one stage; with ``fma`` (exact fp32
+    products on the FMA units, twice the bytes a tile) 16 x 16 at 16 warps. It
+    recomputes whole rows of a split, so its tiles need not be the queue pass's
+    (benchmarks/compiled.py compiles each without a spill under Triton 3.6 and 3.8)."""
+    if fma:
+        return TileConfig(min(tile.block_m, 16), min(tile.block_k, 16), num_warps=16, num_stages=1)
+    return TileConfig(min(tile.block_m, 16), min(tile.block_k, 32), num_warps=8, num_stages=1)
 
 
 def merge_blocks(rows: int, num_splits: int, block_d: int, programs: int) -> tuple[int, int]:
@@ -322,7 +326,8 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
     tile, candidates = _tile_plan(q_gemm, config)
     split_size, num_splits = _split_plan(rows, queue_size, dim, tile, compute_grad, device, split_size)
     grid = queue_pass_grid(rows, tile.block_m, num_splits)  # checked before the workspace is allocated
-    repair = repair_tile(tile)
+    # The interpreter's repair keeps the queue pass's tiles (and so its results bit for bit).
+    repair = tile if INTERPRETED else repair_tile(tile, fma=input_precision(q_gemm.dtype) == "ieee")
     repair_grid = queue_pass_grid(rows, repair.block_m, num_splits) if compute_grad else None
     f32 = dict(dtype=torch.float32, device=device)
     workspace = Workspace(torch.empty((rows, num_splits), **f32), torch.empty((rows, num_splits), **f32),
