@@ -19,7 +19,10 @@ EXTRA_KERNELS):
   filtering;
 - the merge kernel, writing merged partials or finalizing (the loss and the
   gradient), with and without the gradient, at every (BLOCK_R, BLOCK_S) that
-  launch.merge_blocks can choose at that D.
+  launch.merge_blocks can choose at that D;
+- with ``--specializations``, also Triton's value specialisations of the
+  defaults (num_splits = 1 a constant, sizes not multiples of 16), each a kernel
+  of its own (some spill today: kernel_variants.SPECIALIZE).
 
 For each it reads:
 
@@ -72,6 +75,7 @@ from cycle_model import cycle_model  # noqa: E402
 from kernel_variants import (DTYPES, EXTRA_KERNELS, KERNELS, SPECIALIZATIONS, TARGETS, Variant,  # noqa: E402,F401
                              kernels, launch)
 from sass_counts import count, disassemble, mma_loop  # noqa: E402
+import kernel_variants  # noqa: E402
 
 from dcq_ops.triton.configs import ARCHITECTURES, mma_family  # noqa: E402
 
@@ -238,6 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cubins", type=Path, default=None, help="write each kernel's cubin into this directory")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--specializations", action="store_true",
+                        help="also Triton's value specialisations of the defaults (kernel_variants.SPECIALIZATIONS)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the reports of other Triton versions already in --out (this version's is replaced)")
     args = parser.parse_args(argv)
@@ -257,6 +263,7 @@ def main(argv=None) -> int:
     if args.cubins is not None:
         args.cubins.mkdir(parents=True, exist_ok=True)
 
+    kernel_variants.SPECIALIZE = args.specializations
     print(f"triton {triton.__version__}, D={args.dim}")
     variants = [(v, arch) for arch in arches for family in KERNELS + EXTRA_KERNELS
                 for v in family(arch, dtypes, args.dim, args.first_only)]

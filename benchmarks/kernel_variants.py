@@ -62,6 +62,11 @@ SPECIALIZATIONS = {
     "one_split": "num_splits = 1 (a constant)",
     "unaligned": "num_rows, queue_size, split_size not multiples of 16",
 }
+# Whether the variants include SPECIALIZATIONS (compiled.py --specializations). Off by
+# default: some spill today (the sm_100 16-bit and every exact-fp32 default with sizes
+# that are not multiples of 16; under Triton 3.6 also sm_90's 16-bit default), which is
+# for the queue pass's configurations to fix, not for CI to hide.
+SPECIALIZE = False
 
 
 def _compile_queue_kernel(fn, dtype: str, precision, block_d: int, config, flags: dict, arch: int, keys: bool,
@@ -152,7 +157,7 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
         for rank, config in enumerate(configs[:1] if first_only else configs):
             repairs.setdefault(launch.repair_tile(config, fma=precision == "ieee"), []).append(rank)
             flags = [(g, f, None) for g in (True, False) for f in (False, True)]
-            flags += [(True, False, s) for s in SPECIALIZATIONS] if rank == 0 else []
+            flags += [(True, False, s) for s in SPECIALIZATIONS] if rank == 0 and SPECIALIZE else []
             for compute_grad, filtering, special in flags:
                 entry = dict(target=target.name, kernel="queue_pass", gradient=compute_grad, filter=filtering,
                              dtype=name, default=rank == 0, BLOCK_D=block_d, **config.as_dict(),
@@ -174,7 +179,8 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
                 ideal = IDEAL_WORK.get((target.name, name)) if rank == 0 else None
                 out.append(Variant(entry, build, model if not special else None, ideal))
         for tile, ranks in repairs.items():
-            flags = [(f, None) for f in (False, True)] + ([(False, s) for s in SPECIALIZATIONS] if 0 in ranks else [])
+            flags = [(f, None) for f in (False, True)] + (
+                [(False, s) for s in SPECIALIZATIONS] if 0 in ranks and SPECIALIZE else [])
             for filtering, special in flags:
                 entry = dict(target=target.name, kernel="repair", gradient=True, filter=filtering, dtype=name,
                              default=0 in ranks, BLOCK_D=block_d, **tile.as_dict(),
@@ -197,7 +203,7 @@ def merge_variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> 
     block_d = block_d_of(dim)
     out = []
     for rank, blocks in enumerate(merge_block_plans(block_d)):
-        for one_split in (False, True) if blocks[1] == 2 else (False,):
+        for one_split in (False, True) if blocks[1] == 2 and SPECIALIZE else (False,):
             for finalize in (False, True):
                 for compute_grad in (True, False):
                     entry = dict(target=target.name, kernel="merge_finalize" if finalize else "merge",
