@@ -17,7 +17,8 @@ import torch.distributed as dist
 from dcq_ops.atomic_write import atomic_write
 from dcq_ops.training import trainer as trainer_module
 from dcq_ops.training.config import CHOICES, FIELD_BOUNDS, ConfigError, TrainConfig, parse_device
-from dcq_ops.training.runtime import CommunicationError, end_process, is_communication_error
+from dcq_ops.training.runtime import (CommunicationError, end_process, ended_multi_rank, exit_now,
+                                      is_communication_error)
 from dcq_ops.training.step_guard import TrainingError
 from dcq_ops.training.trainer import Trainer
 
@@ -167,9 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``dcq-train`` console script: 0 when the run finished, 1 when it stopped
     (too many bad steps, no readable checkpoint, processes that lost contact), 2 for a
     bad argument (argparse)."""
+    status = 0
     try:
         run(argv)
     except (TrainingError, CommunicationError) as exc:
         print(f"dcq-train: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    except SystemExit as exc:  # argparse's exit 2 (a setting found wrong), under torchrun too
+        if not ended_multi_rank():
+            raise
+        status = exc.code if isinstance(exc.code, int) else 2
+    if ended_multi_rank():
+        exit_now(status)  # not through the interpreter's shutdown (runtime.exit_now says why)
+    return status
