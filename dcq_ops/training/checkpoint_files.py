@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.utils.serialization.config as serialization_config
 
-from dcq_ops.atomic_write import AtomicFile, fsync_directory, remove_quietly, temporary_path
+from dcq_ops.atomic_write import AtomicFile, atomic_write, fsync_directory, remove_quietly, temporary_path
 from dcq_ops.training.step_guard import TrainingError
 
 STEP_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt")
@@ -42,19 +42,10 @@ def step_checkpoint_name(step: int) -> str:
 
 
 def _save(state: dict, path: str) -> None:
-    """torch.save ``state`` to ``path`` whole (:class:`AtomicFile`), with the CRC-32 of every
+    """torch.save ``state`` to ``path`` whole (:func:`atomic_write`), with the CRC-32 of every
     member computed whatever the process's torch.serialization config says."""
-    target = AtomicFile(path)
-    try:
-        with serialization_config.patch({"save.compute_crc32": True}):
-            torch.save(state, target.file)
-        target.publish()
-    except BaseException as exc:
-        target.discard()
-        failure = target.failure(exc)
-        if failure is not exc:
-            raise failure from exc
-        raise
+    with atomic_write(path) as file, serialization_config.patch({"save.compute_crc32": True}):
+        torch.save(state, file)
 
 
 def _copy(source: str, path: str) -> None:
