@@ -27,8 +27,12 @@ def run_ranks(module: str, world: int, out_dir: Path, deadline_s: float) -> list
     rank order. Fails the test on a hang or a non-zero exit, with the log's tail."""
     script = out_dir / f"rank_main{world}.py"
     # The tests, and the repository they test (installed or not), come first on the path.
+    # A rank that returns ends through runtime.exit_now, as dcq-train's ranks do: after
+    # destroy_process_group, gloo's thread can still hold the last collective's tensors,
+    # and the interpreter's shutdown then kills it (SIGABRT after every result was saved).
     script.write_text(f"import sys\nsys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]\n"
-                      f"import {module}\n{module}.worker_main(sys.argv[1])\n")
+                      f"import {module}\n{module}.worker_main(sys.argv[1])\n"
+                      "from dcq_ops.training.runtime import exit_now\nexit_now(0)\n")
     log_path = out_dir / f"log{world}.txt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
