@@ -140,6 +140,8 @@ def reset() -> None:
     _SAID.clear()
     clear_demotions()
     clear_enqueue_state()
+    from dcq_ops.triton import hopper_probe  # (no Triton import) the pipelined sm_90 kernel's verdicts
+    hopper_probe.forget()
 
 
 def skip_requested() -> bool:

@@ -2,13 +2,19 @@
 (dcq_ops.triton.hopper; under Triton's CPU interpreter its plain-Triton twin,
 dcq_ops.triton.hopper_twin) instead of kernels.queue_pass_kernel.
 
-Not the default: DCQ_OPS_SM90_KERNEL=pipelined selects it (``classic``, the
-default, keeps queue_pass_kernel). It has never run on a GPU; it may become
-the sm_90 default only behind the first-contact check, with the classic kernel
-as its fallback. Where the pipelined kernel does not apply (another
-architecture or dtype, a split size that is not a multiple of its BLOCK_K, an
-empty queue, D not a multiple of 8 or above 512, an explicit tile
-configuration other than its own), the classic kernel runs.
+The sm_90 default, behind its probe: DCQ_OPS_SM90_KERNEL is ``pipelined`` unless
+set (``classic`` forces kernels.queue_pass_kernel; another value raises
+ValueError). Before its first launch of a probe class in a process
+(dcq_ops.triton.hopper_probe_class: the control flow of each program), a child
+process runs it and judges it (dcq_ops.triton.hopper_probe, its verdict cached on
+disk): a hang, a crash, a compile or launch error or wrong numbers there make the
+classic kernel run that class, with a warning and a recorded demotion. Under
+Triton's interpreter the default is ``classic`` and no probe runs: the twin stands
+in for the Gluon kernel where a test asks for it by name (the interpreter is no
+sm_90). Where the pipelined kernel does not apply (another architecture or dtype,
+a split size that is not a multiple of its BLOCK_K, an empty queue, D not a
+multiple of 8 or above 512, an explicit tile configuration other than its own),
+the classic kernel runs.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import os
 import torch
 import triton
 
-from dcq_ops.triton import hopper
+from dcq_ops.triton import hopper, hopper_probe
+from dcq_ops.triton.hopper_probe_class import ProbeClass
 from dcq_ops.triton.kernels import INTERPRETED
 
 ENV = "DCQ_OPS_SM90_KERNEL"
@@ -37,19 +44,35 @@ RESCALE_ON_GROWTH = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= 
 OVERLAP_SOFTMAX = False
 
 
+def default_kernel() -> str:
+    """The sm_90 kernel when DCQ_OPS_SM90_KERNEL is not set: ``pipelined`` (behind its
+    probe), ``classic`` under Triton's interpreter (see the module docstring)."""
+    return "classic" if INTERPRETED else "pipelined"
+
+
 def selected_kernel() -> str:
-    """The sm_90 queue-pass kernel that DCQ_OPS_SM90_KERNEL asks for."""
-    value = os.environ.get(ENV, "classic").strip().lower() or "classic"
+    """The sm_90 queue-pass kernel that DCQ_OPS_SM90_KERNEL asks for (``default_kernel()``
+    when it is not set).
+
+    Raises
+    ------
+    ValueError
+        The variable is set to something else than ``classic`` or ``pipelined``.
+    """
+    value = os.environ.get(ENV, "").strip().lower() or default_kernel()
     if value not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {value!r}")
     return value
 
 
 def applies(q_gemm: torch.Tensor, queue_weights: torch.Tensor, split_size: int, block_k: int,
-            config: dict | None, capability: tuple[int, int] | None) -> bool:
-    """Whether the pipelined kernel runs this queue pass (see the module's docstring).
+            config: dict | None, capability: tuple[int, int] | None, *, compute_grad: bool = True,
+            filtering: bool = False) -> bool:
+    """Whether the pipelined kernel runs this queue pass (see the module's docstring):
+    it applies, and on a GPU its probe cleared the launch's class (``probe_class``).
     ``capability`` is the device's (None under the interpreter); ``block_k`` the
-    tile of the plan (under the interpreter the interpreter's)."""
+    tile of the plan (under the interpreter the interpreter's); ``compute_grad`` and
+    ``filtering`` the kernel's branches (part of the probe class)."""
     if selected_kernel() != "pipelined" or queue_weights.shape[0] == 0 or split_size % block_k:
         return False
     if q_gemm.data_ptr() % 16 or queue_weights.data_ptr() % 16:  # TMA's base alignment
@@ -62,7 +85,18 @@ def applies(q_gemm: torch.Tensor, queue_weights: torch.Tensor, split_size: int, 
     if config is not None and (config["BLOCK_M"], config["BLOCK_K"], config["num_warps"]) != (
             hopper.BLOCK_M, hopper.BLOCK_K, hopper.NUM_WARPS):
         return False
-    return block_k == hopper.BLOCK_K and dim % 8 == 0 and 64 <= _block_d(dim) <= 512
+    if not (block_k == hopper.BLOCK_K and dim % 8 == 0 and 64 <= _block_d(dim) <= 512):
+        return False
+    return hopper_probe.cleared(probe_class(q_gemm, queue_weights, split_size, compute_grad, filtering),
+                                q_gemm.device)
+
+
+def probe_class(q_gemm: torch.Tensor, queue_weights: torch.Tensor, split_size: int, compute_grad: bool,
+                filtering: bool) -> ProbeClass:
+    """The probe class of a launch of the Gluon kernel (its tile and stages; ``split_size``
+    a multiple of its BLOCK_K, a non-empty queue)."""
+    return ProbeClass.of_launch(q_gemm.dtype, q_gemm.shape[0], queue_weights.shape[0], q_gemm.shape[1],
+                                split_size, compute_grad, filtering, hopper.BLOCK_M, hopper.BLOCK_K, hopper.STAGES)
 
 
 def _block_d(dim: int) -> int:

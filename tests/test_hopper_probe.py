@@ -1,0 +1,472 @@
+"""The probe of the pipelined sm_90 kernel in a child process (dcq_ops/triton/hopper_probe.py)
+and the kernel's selection behind it (dcq_ops/triton/hopper_launch.py).
+
+The parent's side is host code, tested for real here with children that stand in for the
+kernel's child (``hopper_probe.CHILD_COMMAND``): one that hangs past a short deadline
+(with a grandchild, to see the whole group killed), ones that die by SIGABRT or exit 1,
+one that reports wrong numbers, and one that passes (its verdict cached on disk, and
+invalidated by another source hash or version). The real child runs under Triton's
+interpreter on CPU tensors (the plain-Triton twin stands in for the Gluon kernel), and
+on an sm_90 GPU for real (skipped elsewhere).
+"""
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+
+from dcq_ops.triton import import_ops  # noqa: E402  (sets TRITON_INTERPRET for Triton's first import)
+
+try:
+    import_ops(interpret=not ON_CUDA)
+except ImportError:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+import dcq_ops  # noqa: E402
+from dcq_ops import demotions, first_contact  # noqa: E402
+from dcq_ops.triton import hopper, hopper_launch, hopper_probe, hopper_probe_cache, hopper_probe_child  # noqa: E402
+from dcq_ops.triton import kernels  # noqa: E402
+from dcq_ops.triton.hopper_probe_class import ProbeClass, cdiv, representative_tiles  # noqa: E402
+
+PREFIX = hopper_probe_child.VERDICT_PREFIX
+# A class of the interpreter's tiles (16 x 32): 2 row blocks with a partial last, 2 splits of
+# 5 tiles, the last split one partial tile; fp16 (the interpreter's bf16 dot is wrong).
+CLASS = ProbeClass.of_launch(torch.float16, 20, 5 * 32 + 7, 32, 5 * 32, True, True, 16, 32, 2)
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch, tmp_path):
+    """Each test with its own cache folder, no verdict or demotion of an earlier one, and the
+    real child's command unless it replaces it."""
+    monkeypatch.setenv(hopper_probe_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(hopper_probe_cache.CACHE_ENV, raising=False)
+    monkeypatch.delenv(hopper_probe.TIMEOUT_ENV, raising=False)
+    monkeypatch.setattr(hopper_probe, "CHILD_COMMAND", None)
+    first_contact.reset()
+    yield
+    first_contact.reset()
+
+
+@pytest.fixture
+def spawned(monkeypatch):
+    """The probes run (their classes): a cached verdict runs none."""
+    runs = []
+    original = hopper_probe.run_probe
+
+    def spy(probe_class, device):
+        runs.append(probe_class)
+        return original(probe_class, device)
+
+    monkeypatch.setattr(hopper_probe, "run_probe", spy)
+    return runs
+
+
+def fake_child(monkeypatch, code: str) -> None:
+    """Replace the child with ``python -c code`` (it gets --device DEVICE CLASS_JSON too)."""
+    monkeypatch.setattr(hopper_probe, "CHILD_COMMAND", [sys.executable, "-c", code])
+
+
+def verdict_line(**verdict) -> str:
+    return f"print({PREFIX + json.dumps(verdict)!r}, flush=True)"
+
+
+def probe_warnings(record) -> list:
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "failed its probe" in str(w.message)]
+
+
+def cleared_with_warnings(probe_class=CLASS, device="cpu"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = hopper_probe.cleared(probe_class, torch.device(device))
+    return result, probe_warnings(record)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def assert_demoted_once(runs, what: str, reason_part: str):
+    """The failed verdict: classic for the class, one warning, the demotion reported; a
+    second launch of the class neither probes nor warns again."""
+    assert hopper_probe.verdicts()[0]["what"] == what
+    assert reason_part in hopper_probe.verdicts()[0]["reason"]
+    demoted = [d for d in demotions.demotions() if d.fallback == hopper_probe.FALLBACK]
+    assert len(demoted) == 1 and demoted[0].backend == "triton" and what in demoted[0].reason
+    report = dcq_ops.backends("cpu")["triton"]
+    assert "demoted by the first-contact check" in report and hopper_probe.FALLBACK in report and what in report
+    again, said = cleared_with_warnings()
+    assert again is False and said == [] and len(runs) == 1
+
+
+# ----------------------------------------------------------------------------
+# Children that fail: (a) a hang, (b) a crash, (c) wrong numbers
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to see the grandchild gone")
+def test_a_hanging_child_is_killed_with_its_group_and_the_classic_kernel_runs(monkeypatch, tmp_path, spawned):
+    pid_file = tmp_path / "grandchild.pid"
+    fake_child(monkeypatch, "import subprocess, sys, time\n"
+                            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+                            f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
+                            "time.sleep(120)\n")
+    monkeypatch.setenv(hopper_probe.TIMEOUT_ENV, "4")
+    start = time.perf_counter()
+    result, said = cleared_with_warnings()
+    assert time.perf_counter() - start < 60, "the parent waited for the hung child"
+    assert result is False and len(said) == 1 and "timeout" in str(said[0].message)
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):  # the killed grandchild is reaped by init (or a subreaper)
+        if not alive(grandchild):
+            break
+        time.sleep(0.05)
+    assert not alive(grandchild), "the child's process group was not killed"
+    assert_demoted_once(spawned, "timeout", "did not finish within 4 s")
+
+
+@pytest.mark.parametrize("code, reason", [("import os; os.abort()", "SIGABRT"),
+                                          ("import os; os._exit(1)", "exited with status 1"),
+                                          ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "SIGSEGV")])
+def test_a_crashing_child_demotes_the_class(monkeypatch, spawned, code, reason):
+    fake_child(monkeypatch, code)
+    result, said = cleared_with_warnings()
+    assert result is False and len(said) == 1 and reason in str(said[0].message)
+    assert_demoted_once(spawned, "crash", reason)
+
+
+def test_a_child_reporting_wrong_numbers_demotes_the_class(monkeypatch, spawned):
+    fake_child(monkeypatch, verdict_line(status="failed", what="wrong numbers", reason="loss error 1e+00 > bound 1e-03",
+                                         rows_compared=25, loss_error=1.0, loss_bound=1e-3) + "\nraise SystemExit(1)")
+    result, said = cleared_with_warnings()
+    assert result is False and len(said) == 1 and "loss error 1e+00 > bound 1e-03" in str(said[0].message)
+    assert hopper_probe.verdicts()[0]["numbers"]["loss_error"] == 1.0
+    assert_demoted_once(spawned, "wrong numbers", "loss error")
+
+
+def test_a_compile_error_in_the_child_demotes_the_class(monkeypatch, spawned):
+    fake_child(monkeypatch, verdict_line(status="failed", what="error",
+                                         reason="CompilationError: shared memory overflow") + "\nraise SystemExit(1)")
+    result, said = cleared_with_warnings()
+    assert result is False and len(said) == 1
+    assert_demoted_once(spawned, "error", "CompilationError")
+
+
+def test_a_passing_verdict_with_a_failing_exit_is_a_crash(monkeypatch, spawned):
+    # The verdict printed, then the process died at exit (e.g. a CUDA error at teardown).
+    fake_child(monkeypatch, verdict_line(status="passed", what="passed", reason="") + "\nimport os; os._exit(3)")
+    result, said = cleared_with_warnings()
+    assert result is False and len(said) == 1
+    assert_demoted_once(spawned, "crash", "status 3")
+
+
+def test_a_failed_verdict_is_cached_and_said_again_in_a_new_process(monkeypatch, spawned):
+    fake_child(monkeypatch, "import os; os.abort()")
+    assert cleared_with_warnings()[0] is False
+    hopper_probe.forget()  # as a new process: memory empty, the disk cache holds the verdict
+    first_contact.reset()
+    result, said = cleared_with_warnings()
+    assert result is False and len(spawned) == 1 and len(said) == 1
+    assert "cached in" in str(said[0].message) and hopper_probe.verdicts()[0]["source"] == "cache"
+    assert [d.fallback for d in demotions.demotions()] == [hopper_probe.FALLBACK]
+
+
+# ----------------------------------------------------------------------------
+# (d) a child that passes; the cache
+
+
+def passing_child(monkeypatch):
+    fake_child(monkeypatch, verdict_line(status="passed", what="passed", reason="", rows_compared=25,
+                                         loss_error=1e-7, loss_bound=1e-2))
+
+
+def test_a_passing_child_clears_the_class_and_its_verdict_is_cached(monkeypatch, spawned):
+    passing_child(monkeypatch)
+    result, said = cleared_with_warnings()
+    assert result is True and said == [] and len(spawned) == 1
+    assert demotions.demotions() == [] and "demoted" not in dcq_ops.backends("cpu")["triton"]
+    verdict = hopper_probe.verdicts()[0]
+    assert verdict["source"] == "probe" and Path(verdict["cache_path"]).is_file()
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 1  # memory
+    hopper_probe.forget()  # a new process: the disk cache answers, no child
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 1
+    assert hopper_probe.verdicts()[0]["source"] == "cache"
+    # Another class is probed on its own.
+    other = CLASS._replace(compute_grad=False)
+    assert hopper_probe.cleared(other, torch.device("cpu")) and spawned == [CLASS, other]
+
+
+@pytest.mark.parametrize("change", ["source", "triton", "torch", "cache off"])
+def test_another_source_or_version_probes_again(monkeypatch, tmp_path, spawned, change):
+    import triton
+
+    passing_child(monkeypatch)
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 1
+    hopper_probe.forget()
+    if change == "source":
+        edited = tmp_path / "hopper.py"
+        edited.write_text(Path(hopper.__file__).read_text() + "\n# edited\n")
+        monkeypatch.setattr(hopper_probe_cache, "SOURCES", (edited,) + hopper_probe_cache.SOURCES[1:])
+    elif change == "triton":
+        monkeypatch.setattr(triton, "__version__", triton.__version__ + ".post1")
+    elif change == "torch":
+        monkeypatch.setattr(torch, "__version__", str(torch.__version__) + ".post1")
+    else:
+        monkeypatch.setenv(hopper_probe_cache.CACHE_ENV, "0")
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 2
+    if change == "cache off":
+        assert hopper_probe.verdicts()[0]["cache_path"] is None
+
+
+def test_a_corrupt_or_foreign_cache_file_is_no_verdict(monkeypatch, spawned):
+    passing_child(monkeypatch)
+    key = hopper_probe_cache.key_of(torch.device("cpu"), CLASS)
+    path = hopper_probe_cache.path_of(key)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"key": ')  # half a file
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 1
+    data = json.loads(path.read_text())
+    assert data["verdict"]["status"] == "passed" and data["key"] == json.loads(json.dumps(key))
+    data["key"]["class"]["dim"] += 1  # a file of another key under this name
+    path.write_text(json.dumps(data))
+    assert hopper_probe_cache.read(key) is None
+
+
+def test_the_cache_write_never_goes_through_a_shared_temporary(monkeypatch, tmp_path):
+    # Another rank writing the same verdict at this moment holds PATH.tmp (atomic_write's
+    # temporary): a write of this process must leave it alone and publish a whole file.
+    key = hopper_probe_cache.key_of(torch.device("cpu"), CLASS)
+    path = hopper_probe_cache.path_of(key)
+    path.parent.mkdir(parents=True)
+    other = Path(str(path) + ".tmp")
+    other.write_text("another rank's half")
+    assert hopper_probe_cache.write(key, {"status": "passed"}) == path
+    assert other.read_text() == "another rank's half"
+    assert hopper_probe_cache.read(key)[0] == {"status": "passed"}
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.name])
+
+
+def test_concurrent_writers_and_a_reader_see_whole_files(tmp_path):
+    # Ranks probing the same class at once: every read finds no file or a whole one.
+    key = hopper_probe_cache.key_of(torch.device("cpu"), CLASS)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch\n"
+            "from dcq_ops.triton import hopper_probe_cache as c\n"
+            "from dcq_ops.triton.hopper_probe_class import ProbeClass\n"
+            "key = {'machine': c.fingerprint(torch.device('cpu')), 'class': ProbeClass.from_json(sys.argv[2])._asdict()}\n"
+            "for i in range(40): assert c.write(key, {'status': 'passed', 'pad': 'x' * 20000, 'i': i})\n")
+    import subprocess
+
+    root = str(Path(hopper_probe.__file__).resolve().parents[2])
+    env = dict(os.environ, **{hopper_probe_cache.CACHE_DIR_ENV: str(tmp_path / "cache")})
+    writers = [subprocess.Popen([sys.executable, "-c", code, root, CLASS.to_json()], env=env) for _ in range(3)]
+    seen = 0
+    while any(w.poll() is None for w in writers):
+        found = hopper_probe_cache.read(key)
+        if found is not None:
+            assert found[0]["status"] == "passed" and len(found[0]["pad"]) == 20000
+            seen += 1
+    assert [w.wait() for w in writers] == [0, 0, 0]
+    assert hopper_probe_cache.read(key) is not None
+    assert not [p for p in hopper_probe_cache.path_of(key).parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------
+# Where no probe can run
+
+
+def test_no_probe_under_tracing_or_capture_the_cached_verdict_or_classic(monkeypatch, spawned):
+    passing_child(monkeypatch)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert hopper_probe.cleared(CLASS, torch.device("cpu")) is False
+        assert hopper_probe.cleared(CLASS, torch.device("cpu")) is False
+    assert spawned == [] and len([w for w in record if "cannot run" in str(w.message)]) == 1
+    assert hopper_probe.verdicts() == []  # nothing decided: an eager launch probes
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 1
+    hopper_probe.forget()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert hopper_probe.cleared(CLASS, torch.device("cpu")) and len(spawned) == 1  # the cached verdict
+
+
+def test_the_deadline_variable_is_checked(monkeypatch):
+    assert hopper_probe.timeout_s() == hopper_probe.DEFAULT_TIMEOUT_S == 120.0
+    monkeypatch.setenv(hopper_probe.TIMEOUT_ENV, "2.5")
+    assert hopper_probe.timeout_s() == 2.5
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv(hopper_probe.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=hopper_probe.TIMEOUT_ENV):
+            hopper_probe.timeout_s()
+
+
+# ----------------------------------------------------------------------------
+# The selection: the sm_90 default behind the probe
+
+
+@pytest.fixture
+def as_on_sm90(monkeypatch):
+    """hopper_launch as on an sm_90 GPU (not interpreted): its GPU branch runs on CPU tensors."""
+    if not hopper.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(hopper_launch, "INTERPRETED", False)
+    monkeypatch.delenv(hopper_launch.ENV, raising=False)
+
+
+def sm90_operands(rows=100, slots=1000, dim=64):
+    q = torch.zeros(rows, dim, dtype=torch.bfloat16)
+    w = torch.zeros(slots, dim, dtype=torch.bfloat16)
+    return q, w
+
+
+def test_the_pipelined_kernel_is_the_sm90_default_behind_its_probe(monkeypatch, as_on_sm90, spawned):
+    assert hopper_launch.selected_kernel() == "pipelined"
+    passing_child(monkeypatch)
+    q, w = sm90_operands()
+    split, tile = 2 * hopper.BLOCK_K, hopper.BLOCK_K
+    assert hopper_launch.applies(q, w, split, tile, None, (9, 0), compute_grad=True, filtering=False)
+    assert spawned == [hopper_launch.probe_class(q, w, split, True, False)]
+    last_split = 1000 % split or split
+    assert spawned[0] == ProbeClass("bfloat16", 64, True, False, hopper.BLOCK_M, tile, hopper.STAGES,
+                                    1 if 100 <= hopper.BLOCK_M else 2, 100 % hopper.BLOCK_M != 0, 2, 2,
+                                    cdiv(last_split, tile), last_split % tile != 0)
+    # The same class again: no probe; another one (no gradient): its own.
+    assert hopper_launch.applies(q, w, split, tile, None, (9, 0), compute_grad=True, filtering=False)
+    assert hopper_launch.applies(q, w, split, tile, None, (9, 0), compute_grad=False, filtering=False)
+    assert len(spawned) == 2 and not spawned[1].compute_grad
+    # Where it does not apply, no probe.
+    assert not hopper_launch.applies(q, w, split, tile, None, (8, 0))
+    assert not hopper_launch.applies(q, w, split + tile // 2, tile, None, (9, 0))
+    assert len(spawned) == 2
+
+
+def test_a_failed_probe_selects_the_classic_kernel(monkeypatch, as_on_sm90, spawned):
+    fake_child(monkeypatch, "import os; os.abort()")
+    q, w = sm90_operands()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert not hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0),
+                                             compute_grad=True, filtering=True)
+    assert len(probe_warnings(record)) == 1 and len(spawned) == 1
+    assert "SIGABRT" in dcq_ops.backends("cpu")["triton"]
+
+
+def test_classic_forces_the_old_kernel_without_a_probe_and_bad_values_raise(monkeypatch, as_on_sm90, spawned):
+    passing_child(monkeypatch)
+    q, w = sm90_operands()
+    monkeypatch.setenv(hopper_launch.ENV, "classic")
+    assert not hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0)) and spawned == []
+    monkeypatch.setenv(hopper_launch.ENV, "fastest")
+    with pytest.raises(ValueError, match="DCQ_OPS_SM90_KERNEL must be one of classic, pipelined, got 'fastest'"):
+        hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0))
+
+
+def test_under_the_interpreter_the_default_stays_classic_and_nothing_is_probed(monkeypatch, spawned):
+    if not kernels.INTERPRETED:
+        pytest.skip("the interpreter's default")
+    monkeypatch.delenv(hopper_launch.ENV, raising=False)
+    assert hopper_launch.selected_kernel() == "classic"
+    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+    q, w = sm90_operands()
+    assert hopper_launch.applies(q.half(), w.half(), 64, 32, None, None) and spawned == []
+
+
+# ----------------------------------------------------------------------------
+# The probe class
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_the_representative_launch_has_the_class_of_the_launch(stages):
+    """Every program of the small launch runs the representative tile counts: the class of
+    the small launch is the class itself, and its counts keep the residue modulo 2 STAGES."""
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(300):
+        rows = int(torch.randint(1, 700, (1,), generator=generator))
+        tiles = int(torch.randint(1, 300, (1,), generator=generator))
+        split_size = 64 * tiles
+        slots = int(torch.randint(1, 6 * split_size, (1,), generator=generator))
+        c = ProbeClass.of_launch(torch.bfloat16, rows, slots, 512, split_size, True, False, 64, 64, stages)
+        small_rows, small_slots, small_split = c.launch_shape()
+        assert ProbeClass.of_launch(torch.bfloat16, small_rows, small_slots, 512, small_split, True, False, 64, 64,
+                                    stages) == c
+        last = cdiv(slots - (cdiv(slots, split_size) - 1) * split_size, 64)
+        assert c.tiles_last % (2 * stages) == last % (2 * stages) and c.tiles_last < 6 * stages
+        if c.splits > 1:
+            assert c.tiles_full % (2 * stages) == tiles % (2 * stages) and c.tiles_full >= c.tiles_last
+        assert ProbeClass.from_json(c.to_json()) == c
+    assert [representative_tiles(n, 2) for n in (1, 7, 8, 9, 11, 12, 13, 1001)] == [1, 7, 8, 9, 11, 8, 9, 9]
+
+
+def test_a_malformed_class_is_refused():
+    with pytest.raises(ValueError, match="dim"):
+        ProbeClass.from_json(json.dumps(dict(CLASS._asdict(), dim="64")))
+    with pytest.raises(ValueError, match="fields"):
+        ProbeClass.from_json(json.dumps({"dtype": "float16"}))
+
+
+# ----------------------------------------------------------------------------
+# The real child
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter; on a GPU the Gluon kernel runs")
+def test_the_real_child_passes_under_the_interpreter(monkeypatch, spawned):
+    """python -m dcq_ops.triton.hopper_probe_child on CPU tensors under TRITON_INTERPRET=1:
+    the twin runs the class's launch and matches the float64 loss within the bound."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    result, said = cleared_with_warnings(CLASS, "cpu")
+    verdict = hopper_probe.verdicts()[0]
+    assert result is True and said == [], verdict
+    rows, _, _ = CLASS.launch_shape()
+    assert verdict["numbers"]["rows_compared"] == rows and verdict["numbers"]["grad_bound"] > 0
+
+
+@pytest.mark.skipif(ON_CUDA or not kernels.INTERPRETED, reason="the twin, in this process, under the interpreter")
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_the_child_judges_a_wrong_kernel(monkeypatch, compute_grad):
+    """The child's judgement (run in this process): a kernel whose row sums are 1.5 times
+    what they should be is "wrong numbers"; one that never runs is an error."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read again at each interpreted launch
+    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+    probe_class = CLASS._replace(compute_grad=compute_grad, filtering=not compute_grad)
+    assert hopper_probe_child.run(probe_class, "cpu")["status"] == "passed"
+    original = hopper_launch.launch
+
+    def sums_too_large(*args, **kwargs):
+        original(*args, **kwargs)
+        args[5][1].mul_(1.5)  # the workspace's row sums
+
+    monkeypatch.setattr(hopper_launch, "launch", sums_too_large)
+    verdict = hopper_probe_child.run(probe_class, "cpu")
+    assert verdict["status"] == "failed" and verdict["what"] == "wrong numbers", verdict
+    assert "loss error" in verdict["reason"]
+    monkeypatch.setattr(hopper_launch, "launch", original)
+    monkeypatch.setenv(hopper_launch.ENV, "classic")
+    verdict = hopper_probe_child.run(probe_class, "cpu")
+    assert verdict["what"] == "error" and "did not run" in verdict["reason"]
+
+
+ON_HOPPER = ON_CUDA and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only (a GPU test)")
+@pytest.mark.parametrize("compute_grad, filtering", [(True, False), (False, True)])
+def test_the_real_probe_passes_on_sm90(monkeypatch, compute_grad, filtering):
+    """The real probe of the Gluon kernel on this GPU, for a class of several tiles past the
+    refills, both tails partial: the child passes within its deadline."""
+    monkeypatch.setenv(hopper_probe_cache.CACHE_ENV, "0")
+    q = torch.zeros(130, 512, dtype=torch.bfloat16, device="cuda")
+    w = torch.zeros(64 * 13 * 3 - 20, 512, dtype=torch.bfloat16, device="cuda")
+    probe_class = hopper_launch.probe_class(q, w, 64 * 13, compute_grad, filtering)
+    verdict = hopper_probe.run_probe(probe_class, torch.device("cuda"))
+    assert verdict.passed, verdict
