@@ -13,7 +13,8 @@ pipelined kernel. Here:
   and non-finite queue slots (the repair kernel after it), one and many splits;
 - the loss and gradient through the op with the pipelined kernel selected,
   against the float64 reference within the error model (tests/bounds.py);
-- when the pipelined kernel applies, and that it is never the default;
+- when the pipelined kernel applies, and the default (on a GPU the pipelined kernel
+  behind its probe, tests/test_hopper_probe.py; under the interpreter the classic one);
 - the Gluon kernel compiled for sm_90 (no GPU needed), its SASS read by
   benchmarks/hopper_sass.py: ideal work, no serialized wgmma, TMA tiles, no spills.
 """
@@ -204,10 +205,13 @@ def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype
                       gemm_dtype=dtype)
 
 
-def test_the_classic_kernel_is_the_default_and_the_choice_is_checked(monkeypatch):
+def test_the_default_kernel_and_the_choice_is_checked(monkeypatch):
     q, _, w, _ = scenario("random", torch.float16)
     monkeypatch.delenv(hopper_launch.ENV, raising=False)
-    assert hopper_launch.selected_kernel() == "classic"
+    assert hopper_launch.selected_kernel() == ("classic" if kernels.INTERPRETED else "pipelined")
+    if kernels.INTERPRETED:
+        assert not hopper_launch.applies(q, w, 64, 32, CONFIG, (9, 0))
+    monkeypatch.setenv(hopper_launch.ENV, "classic")
     assert not hopper_launch.applies(q, w, 64, 32, CONFIG, (9, 0))
     monkeypatch.setenv(hopper_launch.ENV, "fastest")
     with pytest.raises(ValueError, match="DCQ_OPS_SM90_KERNEL must be one of classic, pipelined, got 'fastest'"):
@@ -224,6 +228,7 @@ def test_where_the_pipelined_kernel_applies(monkeypatch):
         assert not hopper_launch.applies(q, w[:0], 64, block_k, CONFIG, None)  # an empty queue
         assert not hopper_launch.applies(q[:, :45], w[:, :45], 64, block_k, CONFIG, None)  # 90-byte rows
     else:
+        monkeypatch.setattr(hopper_launch.hopper_probe, "cleared", lambda *args: True)  # tests/test_hopper_probe.py
         q = q.to(torch.bfloat16)
         w = w.to(torch.bfloat16)
         assert not hopper_launch.applies(q, w, 128, 64, None, (8, 0))  # not sm_90
