@@ -470,3 +470,27 @@ def test_the_real_probe_passes_on_sm90(monkeypatch, compute_grad, filtering):
     probe_class = hopper_launch.probe_class(q, w, 64 * 13, compute_grad, filtering)
     verdict = hopper_probe.run_probe(probe_class, torch.device("cuda"))
     assert verdict.passed, verdict
+
+
+def test_the_check_command_reports_a_failed_probe_as_a_failure(monkeypatch):
+    """python -m dcq_ops.check's first-contact part: the probes its warm-up met are in the
+    JSON, and a failed one is a failure of the command, as a demotion is."""
+    from dcq_ops.check import first_contact_part
+    from dcq_ops.check.report import Report
+
+    fake_child(monkeypatch, "import os; os.abort()")
+
+    def warmup_meeting_the_kernel(*args, **kwargs):  # as the warm-up of a bf16 class on sm_90
+        hopper_probe.cleared(CLASS, torch.device("cpu"))
+        return []
+
+    monkeypatch.setattr(first_contact_part.dcq_ops, "warmup", warmup_meeting_the_kernel)
+    report = Report()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        first_contact_part.first_contact_check(report, torch.device("cpu"), seed=0)
+    failures = [f for f in report.data["failures"] if f["part"] == "first_contact/hopper_probe"]
+    assert len(failures) == 1 and "crash" in failures[0]["reason"] and "SIGABRT" in failures[0]["reason"]
+    probes = report.data["first_contact"]["hopper_probe"]
+    assert [p["what"] for p in probes] == ["crash"] and probes[0]["class"] == CLASS._asdict()
+    assert "demoted by the first-contact check" in report.data["first_contact"]["backends_after"]["triton"]
