@@ -494,3 +494,12 @@ def test_the_check_command_reports_a_failed_probe_as_a_failure(monkeypatch):
     probes = report.data["first_contact"]["hopper_probe"]
     assert [p["what"] for p in probes] == ["crash"] and probes[0]["class"] == CLASS._asdict()
     assert "demoted by the first-contact check" in report.data["first_contact"]["backends_after"]["triton"]
+
+
+def test_the_variables_are_the_documented_ones():
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "numerics.md").read_text()
+    for name in (hopper_launch.ENV, hopper_probe.TIMEOUT_ENV, hopper_probe_cache.CACHE_ENV,
+                 hopper_probe_cache.CACHE_DIR_ENV, hopper_probe.CHILD_MODULE):
+        assert name in docs, name
+    assert f"{hopper_launch.ENV}=classic" in (root / "README.md").read_text()
