@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine with no network access:
 #   1. build and install the package (CUDA extension included, for this GPU only),
+#      then, on sm_90, the pipelined kernel's probe in its child process (1b),
 #   2. `python -m dcq_ops.check` (the report every user can run, as JSON in
 #      $OUT/check.json): numerics of every backend and dtype against the reference,
 #      the Triton configuration chosen for this architecture and the autotuner's pick,
@@ -18,7 +19,7 @@
 #   bash scripts/gpu_check.sh                 # OUT=./gpu_check_out
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 #
-# Exit status: 0 when the install, the check command and the tests passed, 1 otherwise.
+# Exit status: 0 when the install, the probe, the check command and the tests passed, 1 otherwise.
 set -u
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -78,6 +79,34 @@ if (( install_rc != 0 )); then
     tail -n 30 "$OUT/install.log" | tee -a "$SUMMARY"
 fi
 "$PYTHON" -c "import dcq_ops; print('backends on cuda:', dcq_ops.backends('cuda'))" 2>&1 | tee -a "$SUMMARY"
+
+# 1b. The pipelined sm_90 kernel's probe on its own (sm_90 only; skipped elsewhere): the
+# child process for two classes of a D = 512 bf16 launch (with the gradient; without it,
+# with filtering), each under a 40 s deadline; verdicts and times in hopper_probe.json.
+# The verdicts are cached (~/.cache/dcq_ops/hopper_probe), so the check and the tests
+# below reuse them; a failed probe fails this run.
+say "pipelined sm_90 kernel's probe"
+DCQ_OPS_HOPPER_PROBE_TIMEOUT_S=40 timeout "$(budget 300 100)" "$PYTHON" - "$OUT/hopper_probe.json" \
+    > "$OUT/hopper_probe.log" 2>&1 <<'EOF'
+import json, sys, torch
+from dcq_ops.triton import hopper, hopper_launch, hopper_probe
+if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE):
+    print("skipped: not an sm_90 GPU with Gluon")
+    sys.exit(0)
+q = torch.zeros(130, 512, dtype=torch.bfloat16, device="cuda")
+w = torch.zeros(64 * 13 * 3 - 20, 512, dtype=torch.bfloat16, device="cuda")
+results = []
+for grad, filtering in ((True, False), (False, True)):
+    probe_class = hopper_launch.probe_class(q, w, 64 * 13, grad, filtering)
+    ok = hopper_probe.cleared(probe_class, torch.device("cuda"))
+    results.append({"cleared": ok, **hopper_probe.verdicts()[-1]})
+    print(json.dumps(results[-1]))
+json.dump(results, open(sys.argv[1], "w"), indent=1)
+sys.exit(0 if all(r["cleared"] for r in results) else 1)
+EOF
+probe_rc=$?
+say "probe exit status $probe_rc (log: hopper_probe.log, results: hopper_probe.json)"
+tail -n 3 "$OUT/hopper_probe.log" | cut -c1-400 | tee -a "$SUMMARY"
 
 # 2. The check command: what a user runs on their GPU (README, "On a GPU"). Its JSON
 # holds the configuration for this architecture and the autotuner's pick too.
@@ -175,5 +204,5 @@ for (n, k), rs in sorted(by_shape.items()):
           f"{ref.get('status', 'not run')}) {verdict}")
 EOF
 
-say "done in $(elapsed)s: install $install_rc, check $check_rc, tests $tests_rc, autotuned tests $autotuned_rc, benchmark $bench_rc"
-(( install_rc == 0 && check_rc == 0 && tests_rc == 0 && autotuned_rc == 0 ))
+say "done in $(elapsed)s: install $install_rc, probe $probe_rc, check $check_rc, tests $tests_rc, autotuned tests $autotuned_rc, benchmark $bench_rc"
+(( install_rc == 0 && probe_rc == 0 && check_rc == 0 && tests_rc == 0 && autotuned_rc == 0 ))
