@@ -3,9 +3,9 @@
 
 A verdict is valid for the machine and the code it was found with: its key holds the
 GPU (name and compute capability), the CUDA driver and runtime versions, the torch and
-Triton versions, a hash of the kernel's sources (``SOURCES``: the Gluon kernel, its
-launch and the probe's child, whose change changes what runs or what is checked) and
-the probe class. Each key is one file, ``<sha256 of the key>.json`` in ``cache_dir()``,
+Triton versions, a hash of the kernel's sources (``sources()``: every
+dcq_ops/triton/hopper*.py, the Gluon kernel, its launch and the probe's child among them,
+whose change changes what runs or what is checked) and the probe class. Each key is one file, ``<sha256 of the key>.json`` in ``cache_dir()``,
 holding the key itself (checked on reading) and the verdict.
 
 Several ranks of one machine may probe the same class at once: each writes its file
@@ -38,8 +38,15 @@ CACHE_ENV = "DCQ_OPS_HOPPER_PROBE_CACHE"
 CACHE_DIR_ENV = "DCQ_OPS_HOPPER_PROBE_CACHE_DIR"
 
 _HERE = Path(__file__).resolve().parent
-# The sources whose change invalidates a verdict (module attribute: tests replace it).
-SOURCES = (_HERE / "hopper.py", _HERE / "hopper_launch.py", _HERE / "hopper_probe_child.py")
+# The sources whose change invalidates a verdict (tests replace it); None: every
+# dcq_ops/triton/hopper*.py (the Gluon kernel and any kernel file beside it, its launch,
+# its twin, the probe and its child).
+SOURCES: tuple | None = None
+
+
+def sources() -> tuple:
+    """The files ``source_digest`` hashes (``SOURCES``, or every hopper*.py here, sorted)."""
+    return tuple(SOURCES) if SOURCES is not None else tuple(sorted(_HERE.glob("hopper*.py")))
 
 
 def enabled() -> bool:
@@ -57,9 +64,16 @@ def cache_dir() -> Path:
 
 
 def source_digest() -> str:
-    """sha256 of ``SOURCES``' bytes, in order (a missing file hashes as its name only)."""
+    """sha256 of the bytes of ``sources()``, in order (a missing file hashes as its name only),
+    read once per process: a verdict is about the code the process imported, which a file
+    edited later does not change."""
+    return _digest(sources())
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(paths: tuple) -> str:
     digest = hashlib.sha256()
-    for path in SOURCES:
+    for path in paths:
         digest.update(str(Path(path).name).encode())
         with contextlib.suppress(OSError):
             digest.update(Path(path).read_bytes())
