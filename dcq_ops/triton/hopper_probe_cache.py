@@ -5,8 +5,9 @@ A verdict is valid for the machine and the code it was found with: its key holds
 GPU (name and compute capability), the CUDA driver and runtime versions, the torch and
 Triton versions, a hash of the kernel's sources (``sources()``: every
 dcq_ops/triton/hopper*.py, the Gluon kernel, its launch and the probe's child among them,
-whose change changes what runs or what is checked) and the probe class. Each key is one file, ``<sha256 of the key>.json`` in ``cache_dir()``,
-holding the key itself (checked on reading) and the verdict.
+whose change changes what runs or what is checked) and the probe class. Each key is one
+file, ``<sha256 of the key>.json`` in ``cache_dir()``, holding the key itself (checked on
+reading) and the verdict.
 
 Several ranks of one machine may probe the same class at once: each writes its file
 whole under a name of its own (``atomic_write``), then renames it over the shared name
