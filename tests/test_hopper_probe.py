@@ -7,11 +7,11 @@ kernel's child (``hopper_probe.CHILD_COMMAND``): one that hangs past a short dea
 one that reports wrong numbers, and one that passes (its verdict cached on disk, and
 invalidated by another source hash or version). The real child runs under Triton's
 interpreter on CPU tensors (the plain-Triton twin stands in for the Gluon kernel), and
-on an sm_90 GPU for real (skipped elsewhere).
+on an sm_90 GPU for real (skipped elsewhere). The cache's files:
+tests/test_hopper_probe_cache.py; the probe class: tests/test_hopper_probe_class.py.
 """
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -33,7 +33,7 @@ import dcq_ops  # noqa: E402
 from dcq_ops import demotions, first_contact  # noqa: E402
 from dcq_ops.triton import hopper, hopper_launch, hopper_probe, hopper_probe_cache, hopper_probe_child  # noqa: E402
 from dcq_ops.triton import kernels  # noqa: E402
-from dcq_ops.triton.hopper_probe_class import ProbeClass, cdiv, representative_tiles  # noqa: E402
+from dcq_ops.triton.hopper_probe_class import ProbeClass, cdiv  # noqa: E402
 
 PREFIX = hopper_probe_child.VERDICT_PREFIX
 # A class of the interpreter's tiles (16 x 32): 2 row blocks with a partial last, 2 splits of
@@ -244,41 +244,16 @@ def test_a_corrupt_or_foreign_cache_file_is_no_verdict(monkeypatch, spawned):
     assert hopper_probe_cache.read(key) is None
 
 
-def test_the_cache_write_never_goes_through_a_shared_temporary(monkeypatch, tmp_path):
-    # Another rank writing the same verdict at this moment holds PATH.tmp (atomic_write's
-    # temporary): a write of this process must leave it alone and publish a whole file.
+def test_a_malformed_cached_verdict_is_probed_again(monkeypatch, spawned):
+    passing_child(monkeypatch)
     key = hopper_probe_cache.key_of(torch.device("cpu"), CLASS)
-    path = hopper_probe_cache.path_of(key)
-    path.parent.mkdir(parents=True)
-    other = Path(str(path) + ".tmp")
-    other.write_text("another rank's half")
-    assert hopper_probe_cache.write(key, {"status": "passed"}) == path
-    assert other.read_text() == "another rank's half"
-    assert hopper_probe_cache.read(key)[0] == {"status": "passed"}
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.name])
-
-
-def test_concurrent_writers_and_a_reader_see_whole_files(tmp_path):
-    # Ranks probing the same class at once: every read finds no file or a whole one.
-    key = hopper_probe_cache.key_of(torch.device("cpu"), CLASS)
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1])\n"
-            "from dcq_ops.triton import hopper_probe_cache as c\n"
-            "key = json.loads(sys.argv[2])\n"
-            "for i in range(40): assert c.write(key, {'status': 'passed', 'pad': 'x' * 20000, 'i': i})\n")
-    import subprocess
-
-    root = str(Path(hopper_probe.__file__).resolve().parents[2])
-    env = dict(os.environ, **{hopper_probe_cache.CACHE_DIR_ENV: str(tmp_path / "cache")})
-    writers = [subprocess.Popen([sys.executable, "-c", code, root, json.dumps(key)], env=env) for _ in range(3)]
-    seen = 0
-    while any(w.poll() is None for w in writers):
-        found = hopper_probe_cache.read(key)
-        if found is not None:
-            assert found[0]["status"] == "passed" and len(found[0]["pad"]) == 20000
-            seen += 1
-    assert [w.wait() for w in writers] == [0, 0, 0]
-    assert hopper_probe_cache.read(key) is not None
-    assert not [p for p in hopper_probe_cache.path_of(key).parent.iterdir() if p.name.endswith(".tmp")]
+    for verdict in ({"status": "passed", "what": "timeout"}, {"status": "maybe", "what": "passed"},
+                    {"status": "passed", "what": "passed", "seconds": "slow"}):
+        hopper_probe_cache.write(key, verdict)
+        hopper_probe.forget()
+        assert hopper_probe.cleared(CLASS, torch.device("cpu"))
+        assert hopper_probe.verdicts()[0]["source"] == "probe"
+    assert len(spawned) == 3
 
 
 # ----------------------------------------------------------------------------
@@ -381,39 +356,6 @@ def test_under_the_interpreter_the_default_stays_classic_and_nothing_is_probed(m
     monkeypatch.setenv(hopper_launch.ENV, "pipelined")
     q, w = sm90_operands()
     assert hopper_launch.applies(q.half(), w.half(), 64, 32, None, None) and spawned == []
-
-
-# ----------------------------------------------------------------------------
-# The probe class
-
-
-@pytest.mark.parametrize("stages", [2, 3])
-def test_the_representative_launch_has_the_class_of_the_launch(stages):
-    """Every program of the small launch runs the representative tile counts: the class of
-    the small launch is the class itself, and its counts keep the residue modulo 2 STAGES."""
-    generator = torch.Generator().manual_seed(7)
-    for _ in range(300):
-        rows = int(torch.randint(1, 700, (1,), generator=generator))
-        tiles = int(torch.randint(1, 300, (1,), generator=generator))
-        split_size = 64 * tiles
-        slots = int(torch.randint(1, 6 * split_size, (1,), generator=generator))
-        c = ProbeClass.of_launch(torch.bfloat16, rows, slots, 512, split_size, True, False, 64, 64, stages)
-        small_rows, small_slots, small_split = c.launch_shape()
-        assert ProbeClass.of_launch(torch.bfloat16, small_rows, small_slots, 512, small_split, True, False, 64, 64,
-                                    stages) == c
-        last = cdiv(slots - (cdiv(slots, split_size) - 1) * split_size, 64)
-        assert c.tiles_last % (2 * stages) == last % (2 * stages) and c.tiles_last < 6 * stages
-        if c.splits > 1:
-            assert c.tiles_full % (2 * stages) == tiles % (2 * stages) and c.tiles_full >= c.tiles_last
-        assert ProbeClass.from_json(c.to_json()) == c
-    assert [representative_tiles(n, 2) for n in (1, 7, 8, 9, 11, 12, 13, 1001)] == [1, 7, 8, 9, 11, 8, 9, 9]
-
-
-def test_a_malformed_class_is_refused():
-    with pytest.raises(ValueError, match="dim"):
-        ProbeClass.from_json(json.dumps(dict(CLASS._asdict(), dim="64")))
-    with pytest.raises(ValueError, match="fields"):
-        ProbeClass.from_json(json.dumps({"dtype": "float16"}))
 
 
 # ----------------------------------------------------------------------------

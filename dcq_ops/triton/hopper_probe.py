@@ -170,10 +170,8 @@ def cleared(probe_class: ProbeClass, device: torch.device) -> bool:
         return verdict.passed
     cache_key = hopper_probe_cache.key_of(device, probe_class)
     cached = hopper_probe_cache.read(cache_key)
-    if cached is not None:
-        data, path = cached
-        verdict = Verdict(str(data.get("status")), str(data.get("what")), str(data.get("reason", "")),
-                          float(data.get("seconds", 0.0)), "cache", str(path), dict(data.get("numbers") or {}))
+    verdict = None if cached is None else _cached_verdict(*cached)
+    if verdict is not None:
         _record(key, probe_class, verdict)
         return verdict.passed
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -193,6 +191,18 @@ def cleared(probe_class: ProbeClass, device: torch.device) -> bool:
                           verdict.numbers)
     _record(key, probe_class, verdict)
     return verdict.passed
+
+
+def _cached_verdict(data: dict, path) -> Verdict | None:
+    """The verdict of a cache file, or None when it is not one (the class is probed again)."""
+    what = data.get("what")
+    valid = {"passed": ("passed",), "failed": ("timeout", "crash", "error", "wrong numbers")}
+    if what not in valid.get(data.get("status"), ()) or not isinstance(data.get("reason", ""), str):
+        return None
+    seconds, numbers = data.get("seconds", 0.0), data.get("numbers") or {}
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not isinstance(numbers, dict):
+        return None
+    return Verdict(data["status"], what, data.get("reason", ""), float(seconds), "cache", str(path), dict(numbers))
 
 
 def _record(key: tuple, probe_class: ProbeClass, verdict: Verdict) -> None:

@@ -1,0 +1,42 @@
+"""The probe class of a launch of the pipelined sm_90 kernel
+(dcq_ops/triton/hopper_probe_class.py): the small launch the probe runs has the class of
+the launch it stands for, its tile counts keep their residue modulo 2 STAGES (the
+mbarrier phases), and a malformed class is refused."""
+
+import json
+
+import pytest
+import torch
+
+from dcq_ops.triton.hopper_probe_class import ProbeClass, cdiv, representative_tiles
+
+CLASS = ProbeClass.of_launch(torch.float16, 20, 5 * 32 + 7, 32, 5 * 32, True, True, 16, 32, 2)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_the_representative_launch_has_the_class_of_the_launch(stages):
+    """Every program of the small launch runs the representative tile counts: the class of
+    the small launch is the class itself, and its counts keep the residue modulo 2 STAGES."""
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(300):
+        rows = int(torch.randint(1, 700, (1,), generator=generator))
+        tiles = int(torch.randint(1, 300, (1,), generator=generator))
+        split_size = 64 * tiles
+        slots = int(torch.randint(1, 6 * split_size, (1,), generator=generator))
+        c = ProbeClass.of_launch(torch.bfloat16, rows, slots, 512, split_size, True, False, 64, 64, stages)
+        small_rows, small_slots, small_split = c.launch_shape()
+        assert ProbeClass.of_launch(torch.bfloat16, small_rows, small_slots, 512, small_split, True, False, 64, 64,
+                                    stages) == c
+        last = cdiv(slots - (cdiv(slots, split_size) - 1) * split_size, 64)
+        assert c.tiles_last % (2 * stages) == last % (2 * stages) and c.tiles_last < 6 * stages
+        if c.splits > 1:
+            assert c.tiles_full % (2 * stages) == tiles % (2 * stages) and c.tiles_full >= c.tiles_last
+        assert ProbeClass.from_json(c.to_json()) == c
+    assert [representative_tiles(n, 2) for n in (1, 7, 8, 9, 11, 12, 13, 1001)] == [1, 7, 8, 9, 11, 8, 9, 9]
+
+
+def test_a_malformed_class_is_refused():
+    with pytest.raises(ValueError, match="dim"):
+        ProbeClass.from_json(json.dumps(dict(CLASS._asdict(), dim="64")))
+    with pytest.raises(ValueError, match="fields"):
+        ProbeClass.from_json(json.dumps({"dtype": "float16"}))
