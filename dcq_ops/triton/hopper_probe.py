@@ -236,7 +236,10 @@ def _kill_group(process: subprocess.Popen) -> None:
     """SIGKILL the child's whole process group (the child leads its own session), so that
     what it started (ptxas, a compile worker) dies with it."""
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:  # no process groups (Windows): the child alone
+            process.kill()
     except (ProcessLookupError, PermissionError):
         pass
 
