@@ -348,6 +348,26 @@ def test_classic_forces_the_old_kernel_without_a_probe_and_bad_values_raise(monk
         hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0))
 
 
+@pytest.mark.skipif(ON_CUDA or not kernels.INTERPRETED, reason="launches on CPU tensors, under the interpreter")
+@pytest.mark.parametrize("compute_grad, threshold", [(True, 0.0), (False, 0.2)])
+def test_the_queue_pass_tells_the_selection_its_branches(monkeypatch, compute_grad, threshold):
+    """launch.queue_pass passes the gradient and filtering to hopper_launch.applies: they are
+    part of the probe class (another compiled branch of the kernel)."""
+    from dcq_ops.triton import launch
+
+    asked = []
+
+    def no_pipelined(*args, **kwargs):
+        asked.append(kwargs)
+        return False
+
+    monkeypatch.setattr(hopper_launch, "applies", no_pipelined)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    launch.queue_pass(q, torch.arange(5), q.repeat(8, 1), torch.arange(40) + 10, 30.0, threshold, compute_grad)
+    assert asked == [{"compute_grad": compute_grad, "filtering": threshold > 0}]
+
+
 def test_under_the_interpreter_the_default_stays_classic_and_nothing_is_probed(monkeypatch, spawned):
     if not kernels.INTERPRETED:
         pytest.skip("the interpreter's default")
