@@ -111,6 +111,23 @@ def _time_ms(fn, device, repeats: int) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def _time_sm90_kernels(section: dict, fn, device: torch.device, repeats: int, flops: float) -> None:
+    """On sm_90, the Triton backend once more with each queue-pass kernel forced
+    (DCQ_OPS_SM90_KERNEL: the pipelined Gluon kernel and the classic one), side by side
+    with the GEMM pair; with the pipelined kernel's probe verdicts (a failed probe runs
+    the classic kernel, which the verdicts then show)."""
+    from dcq_ops.triton import hopper_launch, hopper_probe
+
+    for kernel in hopper_launch.CHOICES:
+        with environment(**{hopper_launch.ENV: kernel}):
+            ms = _time_ms(fn, device, repeats)
+        section[f"triton_{kernel}_ms"] = ms
+        section[f"triton_{kernel}_tflops"] = flops / ms / 1e9
+        section[f"triton_{kernel}_vs_gemm_pair"] = section["gemm_pair_ms"] / ms
+    section["pipelined_vs_classic"] = section["triton_classic_ms"] / section["triton_pipelined_ms"]
+    section["hopper_probe"] = hopper_probe.verdicts()
+
+
 def timing(report: Report, device: torch.device, rows: int, slots: int, dim: int, repeats: int, seed: int) -> None:
     if device.type != "cuda":
         report.skip("timing", "no CUDA GPU: the timings compare GPU kernels")
@@ -146,6 +163,8 @@ def timing(report: Report, device: torch.device, rows: int, slots: int, dim: int
             fn = lambda: torch.ops.dcq_ops.dcq_cross_entropy(*args, 0)  # noqa: E731
         section[f"{backend}_ms"] = _time_ms(fn, device, repeats)
         section[f"{backend}_tflops"] = flops / section[f"{backend}_ms"] / 1e9
+        if backend == "triton" and torch.cuda.get_device_capability(device) == (9, 0):
+            _time_sm90_kernels(section, fn, device, repeats, flops)
     if "triton_ms" in section:
         section["triton_vs_gemm_pair"] = section["gemm_pair_ms"] / section["triton_ms"]
         if "chunked_ms" in section:
