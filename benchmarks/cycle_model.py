@@ -43,7 +43,7 @@ import json
 import sys
 from pathlib import Path
 
-from sass_counts import count, disassemble, hgmma_shape, instructions, load_loop, mma_loop, positions
+from sass_counts import count, disassemble, hgmma_shape, instructions, load_loop, loops, mma_loop, positions
 
 # H100 SXM5 (132 SMs); peak rates per SM and clock.
 HOPPER = dict(
@@ -80,7 +80,7 @@ def _clocks_of_instructions(instructions: int, warps: int, hw: dict) -> float:
 
 def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *, mma_warpgroups: int | None = None,
                 tiles_per_iteration: float = 1, num_stages: int = 2, element_bytes: int = 2, label_bytes: int = 8,
-                gemms: int = 2, hardware: dict | None = None) -> dict:
+                gemms: int = 2, interleave: int = 1, hardware: dict | None = None) -> dict:
     """The estimated clocks of one SM per tile_m x tile_n tile, broken down (see the
     module docstring), and the fraction of the bf16 peak they give.
 
@@ -104,6 +104,14 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
         Bytes of one queue element and of one queue label (the tile's load).
     gemms : int
         GEMMs per tile in the ideal (2 with the gradient, 1 without).
+    interleave : int
+        Warpgroups that take the tiles in turn, each running its own copy of the
+        MMA loop on its own tiles (2 for the seesaw, dcq_ops.triton.hopper_seesaw;
+        ``warps`` is then one copy's). The loop read is the innermost one with the
+        most MMA instructions (not the dispatch loop of the warp-specialized
+        partitions around the copies), and a tile load issued in one copy is
+        waited for after interleave - 1 iterations of the other copies besides
+        its own: it runs that much further ahead.
     hardware : dict, optional
         Rates as in HOPPER (the default).
 
@@ -117,7 +125,7 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
         ``ms_at_benchmark`` (N=4096, K=2^20, D=512 at that fraction), ``assumptions``.
     """
     hw = dict(HOPPER, **(hardware or {}))
-    loop = mma_loop(sass)
+    loop = _innermost_mma_loop(sass) if interleave > 1 else mma_loop(sass)
     if loop is None:
         raise ValueError("no loop with MMA instructions in this SASS")
     c = count(loop.body)
@@ -147,7 +155,7 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
     l2 = tiles_per_iteration * tile_bytes / hw["l2_bytes_per_clock"]
 
     # How many iterations of work lie between a load's issue and its wait.
-    loads = load_loop(sass)
+    loads = loop if interleave > 1 and count(loop.body)["utmaldg"] else load_loop(sass)
     if loads is None:
         ahead, structure = 0.0, "no asynchronous tile load in a loop"
     elif loads.start != loop.start:
@@ -173,9 +181,11 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
             after_issue = where["first_wait"] - where["last_load"]
             if after_issue < 0:  # the wait at the top, the loads later: it waits on the previous iteration's
                 after_issue += span
-            ahead = distance - 1 + after_issue / span
+            ahead = distance - 1 + after_issue / span + (interleave - 1)
             structure += (f"; the last load is instruction {where['last_load']} of {span}, the wait instruction "
                           f"{where['first_wait']}")
+            if interleave > 1:
+                structure += f"; {interleave} warpgroups take the tiles in turn: {interleave - 1} more iteration(s) ahead"
 
     def per_tile_clocks(busy: float) -> tuple[float, float]:
         """(clocks, exposed load) per tile for an iteration busy this long without its loads."""
@@ -209,6 +219,15 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
     )
 
 
+def _innermost_mma_loop(sass: str):
+    """The loop with the most MMA instructions among those that hold no other loop."""
+    found = loops(sass)
+    inner = [lp for lp in found if not any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in found)]
+    candidates = [(count(lp.body)["hgmma"] + count(lp.body)["hmma"], lp) for lp in inner]
+    candidates = [c for c in candidates if c[0] > 0]
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="per-tile cycle model of a Hopper kernel, read from its cubin")
     parser.add_argument("cubin", type=Path)
@@ -218,6 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mma-warpgroups", type=int, default=None)
     parser.add_argument("--tiles-per-iteration", type=float, default=1)
     parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--interleave", type=int, default=1, help="warpgroups taking the tiles in turn (seesaw: 2)")
     args = parser.parse_args(argv)
     try:
         tile_m, tile_n = (int(v) for v in args.tile.lower().split("x"))
@@ -225,7 +245,7 @@ def main(argv=None) -> int:
         parser.error(f"--tile must be MxN, e.g. 64x64, got {args.tile!r}")
     result = cycle_model(disassemble(args.cubin.read_bytes()), tile_m, tile_n, args.dim, args.warps,
                          mma_warpgroups=args.mma_warpgroups, tiles_per_iteration=args.tiles_per_iteration,
-                         num_stages=args.num_stages)
+                         num_stages=args.num_stages, interleave=args.interleave)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -5,11 +5,15 @@ without a GPU under the running Triton:
     python benchmarks/hopper_sass.py                       # bf16 and fp16, with and without the gradient
     /tmp/t36h/bin/python benchmarks/hopper_sass.py --json out36.json   # another Triton
 
-For each variant it compiles the Gluon kernel for sm_90a (D=512, 64 x 64 tiles,
+Two kernels: dcq_ops/triton/hopper.py (the launched one, its two schedules) and
+dcq_ops/triton/hopper_seesaw.py (the seesaw: two warp-specialized consumer
+warpgroups taking the tiles in turn; compiled here, not launched). For each
+variant it compiles the Gluon kernel for sm_90a (D=512, 64 x 64 tiles,
 8 warps, STAGES buffers), reads Triton's own ptxas log (registers, spills, every
 warning and performance advisory, e.g. C7510/C7515/C7516 for serialized wgmma) and
 disassembles the cubin with Triton's own nvdisasm. In the SASS loop that holds
-the most HGMMA (the loop over queue tiles) it counts, per iteration and per
+the most HGMMA (the loop over queue tiles; for the seesaw each consumer's own
+loop, the first one the default partition's) it counts, per iteration and per
 thread: HGMMA (and their FLOPs over the ideal two GEMMs of 64 x 64 x D),
 WARPGROUP.DEPBAR (the wgmma waits), UTMALDG (TMA loads), LDGSTS (cp.async),
 MUFU.EX2 (exponentials per logit), BAR.SYNC, FMUL and all instructions; and
@@ -38,7 +42,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dcq_ops.triton import hopper, hopper_launch  # noqa: E402
+from dcq_ops.triton import hopper, hopper_launch, hopper_seesaw  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
@@ -64,10 +68,8 @@ def descriptor_types(dtype: str, dim: int) -> tuple[str, str]:
     return tuple(out)
 
 
-def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
-                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH,
-                   overlap_softmax: bool = hopper_launch.OVERLAP_SOFTMAX):
-    """The Gluon kernel compiled for sm_90 (as a launch with these operands would)."""
+def _compile(kernel, dtype: str, dim: int, constants: dict, options: dict):
+    """A queue-pass Gluon kernel on the launcher's descriptors, compiled for sm_90."""
     q_type, w_type = descriptor_types(dtype, dim)
     signature = dict(
         q_desc=q_type,
@@ -75,14 +77,31 @@ def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hoppe
         labels_ptr="*i64", queue_labels_ptr="*i64", max_ws_ptr="*fp32", sum_ws_ptr="*fp32", acc_ws_ptr="*fp32",
         num_rows="i32", queue_size="i32", dim="i32", num_splits="i32", split_size="i32", scale_log2="fp32",
         interclass_filtering_threshold="fp32")
-    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages, RESCALE_ON_GROWTH=rescale_on_growth,
-                     OVERLAP_SOFTMAX=overlap_softmax)
     names = list(signature) + list(constants)
     signature.update({name: "constexpr" for name in constants})
     aligned = ["labels_ptr", "queue_labels_ptr", "max_ws_ptr", "sum_ws_ptr", "acc_ws_ptr", "dim", "split_size"]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    source = GluonASTSource(hopper.hopper_queue_pass_kernel, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=hopper.NUM_WARPS))
+    source = GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
+                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH,
+                   overlap_softmax: bool = hopper_launch.OVERLAP_SOFTMAX):
+    """The Gluon kernel compiled for sm_90 (as a launch with these operands would)."""
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, STAGES=stages, RESCALE_ON_GROWTH=rescale_on_growth,
+                     OVERLAP_SOFTMAX=overlap_softmax)
+    return _compile(hopper.hopper_queue_pass_kernel, dtype, dim, constants, dict(num_warps=hopper.NUM_WARPS))
+
+
+def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
+                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH):
+    """The seesaw kernel compiled for sm_90, on the same descriptors."""
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth)
+    options = dict(num_warps=hopper_seesaw.NUM_WARPS)
+    if hopper_seesaw.MAXNREG:
+        options["maxnreg"] = hopper_seesaw.MAXNREG
+    return _compile(hopper_seesaw.seesaw_queue_pass_kernel, dtype, dim, constants, options)
 
 
 def ptxas_report(compiled) -> dict:
@@ -128,12 +147,27 @@ def _instructions(body: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", body)]
 
 
-def loop_counts(sass: str, block_m: int, block_k: int, block_d: int, gemms: int) -> dict:
-    body = main_loop(sass)
+def consumer_loops(sass: str) -> list[str]:
+    """The bodies of the innermost SASS loops that hold HGMMA, in code order: for
+    the seesaw kernel each consumer warpgroup's loop over its tiles (the default
+    partition's first), not the dispatch loop of the partitions around them."""
+    from sass_counts import loops
+
+    found = loops(sass)
+    inner = [lp for lp in found if not any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in found)]
+    return [lp.body for lp in sorted(inner, key=lambda lp: lp.start) if "HGMMA" in lp.body]
+
+
+def loop_counts(sass: str, block_m: int, block_k: int, block_d: int, gemms: int, body: str | None = None,
+                warpgroups: int = 2) -> dict:
+    """Per iteration and thread of the loop ``body`` (default: the loop with the most
+    HGMMA), which ``warpgroups`` warpgroups run together on one tile an iteration."""
+    body = main_loop(sass) if body is None else body
     instructions = _instructions(body)
     counts = {name: sum(1 for ins in instructions if re.search(r"(^|\s|\})" + re.escape(name) + r"\b", ins))
               for name in _COUNTED}
-    flops = sum(2 * int(m) * int(n) * int(k) * 2  # two warpgroups issue the loop's stream each
+    counts["local"] = sum(1 for ins in instructions if re.match(r"(@!?P\d+\s+)?(LDL|STL)\b", ins))
+    flops = sum(2 * int(m) * int(n) * int(k) * warpgroups  # each warpgroup issues the loop's stream
                 for m, n, k in _HGMMA.findall(body))
     ideal = gemms * 2 * block_m * block_k * block_d
     # What is issued while a wgmma group is still in flight: between a wait that
@@ -148,7 +182,7 @@ def loop_counts(sass: str, block_m: int, block_k: int, block_d: int, gemms: int)
         loop_instructions=len(instructions), per_iteration={k.lower(): v for k, v in counts.items()},
         hgmma_shapes=sorted(set("x".join(s) for s in _HGMMA.findall(body))),
         mma_flops_over_ideal=round(flops / ideal, 3) if ideal else None,
-        exponentials_per_logit=round(counts["MUFU.EX2"] * 32 * hopper.NUM_WARPS / (block_m * block_k), 3),
+        exponentials_per_logit=round(counts["MUFU.EX2"] * 128 * warpgroups / (block_m * block_k), 3),
         depbar_at_most_quarter_of_hgmma=counts["WARPGROUP.DEPBAR"] * 4 <= counts["HGMMA"],
         ex2_under_mma=under["MUFU.EX2"], utmaldg_under_mma=under["UTMALDG"],
     )
@@ -174,6 +208,40 @@ def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES
                             hopper.NUM_WARPS, num_stages=stages, gemms=2)
         entry["cycle_model"] = {k: model[k] for k in ("clocks_per_tile", "clocks_serialized", "clocks_pipelined",
                                                       "serialized", "fraction_of_peak", "components")}
+    return entry
+
+
+def report_seesaw(dtype: str, dim: int, compute_grad: bool,
+                  rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH) -> dict:
+    """The seesaw kernel's entry: its counts per iteration of consumer 0's loop (one
+    tile: its S GEMM and softmax, and its half of two tiles' P W), each consumer
+    loop's HGMMA, waits and local-memory accesses, and the cycle model with the two
+    consumers taking the tiles in turn."""
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    entry = dict(kernel="hopper_seesaw_queue_pass", target="sm_90", dtype=dtype, gradient=compute_grad,
+                 BLOCK_M=hopper.BLOCK_M, BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d,
+                 num_warps=2 * hopper_seesaw.NUM_WARPS, stages=hopper_seesaw.STAGES, schedule="seesaw",
+                 rescale_on_growth=rescale_on_growth, default=False)
+    compiled = compile_seesaw(dtype, dim, compute_grad, rescale_on_growth)
+    entry.update(ptxas_report(compiled), shared=compiled.metadata.shared)
+    sass = sass_of(compiled.asm["cubin"])
+    bodies = consumer_loops(sass)
+    gemms = 2 if compute_grad else 1
+    entry.update(loop_counts(sass, hopper.BLOCK_M, hopper.BLOCK_K, block_d, gemms, body=bodies[0], warpgroups=1))
+    entry["consumer_loops"] = []
+    for body in bodies:
+        c = loop_counts(sass, hopper.BLOCK_M, hopper.BLOCK_K, block_d, gemms, body=body, warpgroups=1)
+        entry["consumer_loops"].append(dict(instructions=c["loop_instructions"], **{
+            k: c["per_iteration"][k] for k in ("hgmma", "warpgroup.depbar", "utmaldg", "mufu.ex2", "bar.sync", "local")}))
+    if compute_grad:
+        from cycle_model import cycle_model
+        from sass_counts import disassemble
+        model = cycle_model(disassemble(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, dim,
+                            hopper_seesaw.NUM_WARPS, mma_warpgroups=1, num_stages=hopper_seesaw.STAGES, gemms=2,
+                            interleave=2)
+        entry["cycle_model"] = {k: model[k] for k in ("clocks_per_tile", "clocks_serialized", "clocks_pipelined",
+                                                      "serialized", "fraction_of_peak", "components",
+                                                      "load_structure")}
     return entry
 
 
@@ -240,10 +308,21 @@ def main(argv=None) -> int:
                 entries.append(dict(kernel="hopper_queue_pass", dtype=dtype, gradient=compute_grad,
                                     schedule=SCHEDULES[overlap_softmax], rescale_on_growth=rescale_on_growth,
                                     error=f"{type(exc).__name__}: {str(exc)[:600]}"))
+        # The seesaw (not launched): with the gradient under both rescale rules, and without.
+        seesaw = [(True, hopper_launch.RESCALE_ON_GROWTH), (False, hopper_launch.RESCALE_ON_GROWTH)]
+        if not args.defaults_only:
+            seesaw.append((True, not hopper_launch.RESCALE_ON_GROWTH))
+        for compute_grad, rescale_on_growth in seesaw:
+            try:
+                entries.append(report_seesaw(dtype, args.dim, compute_grad, rescale_on_growth))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported
+                entries.append(dict(kernel="hopper_seesaw_queue_pass", dtype=dtype, gradient=compute_grad,
+                                    schedule="seesaw", rescale_on_growth=rescale_on_growth,
+                                    error=f"{type(exc).__name__}: {str(exc)[:600]}"))
     print(f"triton {triton.__version__}, sm_90, D={args.dim}")
     failures = 0
     for e in entries:
-        name = (f"{e['dtype']} {'grad' if e['gradient'] else 'loss'} {e['schedule']} "
+        name = (f"{e['kernel']} {e['dtype']} {'grad' if e['gradient'] else 'loss'} {e['schedule']} "
                 f"{'rescale-on-growth' if e['rescale_on_growth'] else 'rescale-always'}")
         if "error" in e:
             failures += 1
@@ -257,6 +336,10 @@ def main(argv=None) -> int:
               f"{e['mma_flops_over_ideal']} exp/logit {e['exponentials_per_logit']} | under a wgmma in flight: EX2 "
               f"{e['ex2_under_mma']} UTMALDG {e['utmaldg_under_mma']} | ptxas warnings: "
               f"{e['ptxas_warnings'] or 'none'}")
+        if "consumer_loops" in e:
+            print("    consumer loops: " + "; ".join(
+                f"HGMMA {c['hgmma']} DEPBAR {c['warpgroup.depbar']} UTMALDG {c['utmaldg']} EX2 {c['mufu.ex2']} "
+                f"BAR {c['bar.sync']} LDL/STL {c['local']} all {c['instructions']}" for c in e["consumer_loops"]))
         if "cycle_model" in e:
             m = e["cycle_model"]
             print(f"    cycle model: {m['clocks_per_tile']} clocks a tile ({m['fraction_of_peak']:.0%} of bf16 peak), "

@@ -1,0 +1,349 @@
+"""The seesaw sm_90 queue pass (16-bit operands), in Gluon: the partials of
+dcq_ops.triton.kernels.queue_pass_kernel from two consumer warpgroups that take
+turns, FlashMLA's schedule, with a one-warp TMA producer and register
+reallocation (``gl.warp_specialize``).
+
+Why: in dcq_ops.triton.hopper the two warpgroups split every tile's columns, so
+each tile's softmax meets across them at every row max (CTA barriers) and its
+first GEMM (``m64n32k16``, q and W both from shared memory) is bound by shared
+memory at 1.5x its ideal. Here each consumer warpgroup owns every other tile
+whole:
+
+- warpgroup ``p`` computes S_t = q W_t^T for the tiles t = p, p + 2, ...
+  (``m64n64k16``, 1,024 tensor-core clocks a tile, at the ideal) and the
+  online softmax of the whole tile: the row max and sum it starts from,
+  m_{t-1} and l_{t-1}, are the other warpgroup's, handed over in shared
+  memory, so the chain of (m, l) runs from tile to tile in the classic order;
+- it hands m_t, l_t, alpha_t and P_t to the other warpgroup (shared memory, an
+  mbarrier), and both accumulate acc += P_t W_t in tile order, each over its half
+  of D (``m64n256k16``), after rescaling by alpha_t (only when some row's max
+  grew, with RESCALE_ON_GROWTH);
+- so one warpgroup's softmax runs while the other's GEMMs occupy the tensor
+  cores (the ping-pong), with no reduction across warpgroups;
+- a one-warp producer partition (24 registers) issues q's TMA and each queue
+  tile's into the buffer of its owner's parity as soon as both warpgroups have
+  released it (an mbarrier each way), the consumers running at 240 registers.
+
+The algebra is kernels._block_partials', operation for operation: the same
+(m, l) recurrence per tile in tile order, the same rescale-then-accumulate of the
+accumulator per tile; so the plain-Triton twin (dcq_ops.triton.hopper_twin) is
+the algebra of this kernel too. Gluon has no interpreter: the twin's bits, the
+GPU's first-contact check and dcq_ops.check stand for it.
+
+Shared memory at 64 x 64 tiles, D = 512, bf16: q 64 KiB + 2 queue buffers 128 KiB
++ 2 P buffers 16 KiB + the handed statistics and barriers: about 209 KiB of the
+227. A third buffer does not fit beside q: one load in flight.
+
+Requirements of the launch: those of dcq_ops.triton.hopper (the same host
+descriptors, dcq_ops.triton.hopper_launch.gluon_descriptors).
+"""
+
+from __future__ import annotations
+
+from dcq_ops.triton import hopper
+
+# The kernel's warps: the default partition (consumer 0) runs NUM_WARPS, the
+# worker partition (consumer 1) 4 more: two warpgroups, no producer warp. Each
+# consumer issues the TMA loads of its own tiles (FlashMLA's arrangement): a
+# producer warpgroup would take 128 x 24 registers and leave the consumers 240
+# (there the softmax of a whole 64 x 64 tile beside a 64 x 256 accumulator
+# spilled: 372 B under Triton 3.8, 1,248 B under 3.6); without it each consumer
+# may use CONSUMER_REGS.
+NUM_WARPS = 4
+CONSUMER_REGS = 256
+MAXNREG = None
+# One buffer per consumer: tile t in buffer t % 2, its owner's parity.
+STAGES = 2
+
+if hopper.AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+
+    # The partition-wide barrier: gl.thread_barrier in Triton 3.6, gl.barrier in 3.8.
+    _barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
+
+    @gluon.jit
+    def _program(num_rows, queue_size, split_size, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
+        """The program's first row, split, its queue range and its number of tiles
+        (kernels._block: row blocks vary fastest)."""
+        row_blocks = gl.cdiv(num_rows, BLOCK_M)
+        pid = gl.program_id(0)
+        split = pid // row_blocks
+        row0 = (pid % row_blocks) * BLOCK_M
+        k_begin = split * split_size
+        k_end = gl.minimum(k_begin + split_size, queue_size)
+        return row0, split, k_begin, k_end, gl.cdiv(k_end - k_begin, BLOCK_K)
+
+    @gluon.jit
+    def _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
+                      interclass_filtering_threshold, filtered_slot, FILTER: gl.constexpr, BLOCK_K: gl.constexpr,
+                      col_layout: gl.constexpr):
+        """kernels._block_partials' online log-sum-exp step of one whole tile:
+        (m_new, l, alpha, P) with filtered entries of P set to 0. The filter's mask
+        waits in this thread's part of filtered_slot (shared memory) from the cosines
+        to P: kept in registers across the row reductions, its 32 flags a thread made
+        the consumer spill."""
+        # The tile's labels loaded one per thread and then spread to the columns each
+        # thread holds: loaded in col_layout directly, their 64-bit addresses (16
+        # columns a thread) stay live across the loop and spill.
+        flat: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        ks = k0 + gl.arange(0, BLOCK_K, layout=flat)
+        queue_labels = gl.convert_layout(gl.load(queue_labels_ptr + ks, mask=ks < k_end, other=-1), col_layout)
+        keep = (queue_labels[None, :] >= 0) & (queue_labels[None, :] != labels[:, None])
+        z = cos * scale_log2
+        filtered = cos > interclass_filtering_threshold  # used only with FILTER
+        if FILTER:
+            z = gl.where(filtered, 0.0, z)
+            filtered_slot.store(filtered.to(gl.int8))
+        z = gl.where(keep, z + cos * 0.0, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(z, axis=1))
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_ref)
+        p = gl.exp2(z - m_ref[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        if FILTER:
+            p = gl.where(filtered_slot.load(cos.type.layout) != 0, 0.0, p)
+        return m_new, l_i, alpha, p
+
+    @gluon.jit
+    def _load_tile(w_desc, w_smem, ready, t, k_begin, BLOCK_K: gl.constexpr):
+        """Queue tile t into buffer t % 2 (its owner's), completing on ready[t % 2]."""
+        mbarrier.expect(ready.index(t % 2), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [k_begin + t * BLOCK_K, 0], ready.index(t % 2), w_smem.index(t % 2))
+
+    @gluon.jit
+    def _hand_over(p, m_new, l_i, alpha, p_slot, stats, SLOT: gl.constexpr, handoff_bar, COMPUTE_GRAD: gl.constexpr):
+        """Tile t's (m, l, alpha) and P into this consumer's slot for the other one
+        (free: the other released tile t - 2 before this consumer loaded tile t)."""
+        BLOCK_M: gl.constexpr = m_new.shape[0]
+        stats.slice((4 * SLOT) * BLOCK_M, BLOCK_M).store(m_new)
+        stats.slice((4 * SLOT + 1) * BLOCK_M, BLOCK_M).store(l_i)
+        stats.slice((4 * SLOT + 2) * BLOCK_M, BLOCK_M).store(alpha)
+        if COMPUTE_GRAD:
+            p_slot.store(p.to(p_slot.dtype))
+            # P is written by ordinary stores and read by the tensor cores (the async proxy).
+            fence_async_shared()
+        _barrier()  # every thread's stores before the one arrive
+        mbarrier.arrive(handoff_bar, count=1)
+
+    @gluon.jit
+    def _other_tile(acc, stats, SLOT: gl.constexpr, p_slot, w_half, rows_layout: gl.constexpr,
+                    acc_rows: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr):
+        """The other consumer's tile t - 1 as handed over: its (m, l), and with the
+        gradient this consumer's half of acc rescaled and P W issued (async; the
+        first value returned is then its pending accumulator)."""
+        BLOCK_M: gl.constexpr = acc.shape[0]
+        m_i = stats.slice((4 * SLOT) * BLOCK_M, BLOCK_M).load(rows_layout)
+        l_i = stats.slice((4 * SLOT + 1) * BLOCK_M, BLOCK_M).load(rows_layout)
+        if COMPUTE_GRAD:
+            alpha = stats.slice((4 * SLOT + 2) * BLOCK_M, BLOCK_M).load(acc_rows)
+            acc = hopper._rescaled(acc, alpha, acc_rows, RESCALE_ON_GROWTH)
+            pending = warpgroup_mma(p_slot, w_half, acc, is_async=True)
+        else:
+            pending = acc
+        return pending, m_i, l_i
+
+    @gluon.jit
+    def _own_tile_end(acc, alpha, p_slot, w_half, w_desc, w_smem, ready, released, t, j, num_tiles, k_begin,
+                      acc_rows: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr):
+        """After tile t's softmax: this consumer's half of P_t W_t, then tile t + 2
+        into the same buffer once the other consumer has released tile t (its P_t
+        W_t done, its reads of the handed statistics done)."""
+        BLOCK_K: gl.constexpr = w_smem.shape[1]
+        if COMPUTE_GRAD:
+            acc = hopper._rescaled(acc, gl.convert_layout(alpha, acc_rows), acc_rows, RESCALE_ON_GROWTH)
+            pv_tok = warpgroup_mma(p_slot, w_half, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
+        if t + 2 < num_tiles:
+            mbarrier.wait(released.index(t % 2), j & 1)
+            _barrier()  # every warp of this warpgroup done with tile t too
+            _load_tile(w_desc, w_smem, ready, t + 2, k_begin, BLOCK_K)
+        return acc
+
+    @gluon.jit
+    def _consumer(w_desc, q_smem, w_smem, p_smem, stats, filtered, finite, q_bar, ready, released, handoff, done,
+                  labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
+                  num_rows, queue_size, dim, num_splits, split_size, scale_log2, interclass_filtering_threshold,
+                  FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
+                  PARITY: gl.constexpr):
+        """Consumer warpgroup PARITY: the S GEMM and softmax of tiles PARITY,
+        PARITY + 2, ... and their loads; P W of every tile over its half of D; its
+        half of the accumulator to the workspace, and (consumer 0) the row max and
+        sum."""
+        BLOCK_M: gl.constexpr = q_smem.shape[0]
+        BLOCK_D: gl.constexpr = q_smem.shape[1]
+        BLOCK_K: gl.constexpr = w_smem.shape[1]
+        HALF: gl.constexpr = BLOCK_D // 2
+        OTHER: gl.constexpr = 1 - PARITY
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_K, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HALF, 16])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        acc_cols: gl.constexpr = gl.SliceLayout(0, acc_layout)
+
+        row0, split, k_begin, k_end, num_tiles = _program(num_rows, queue_size, split_size, BLOCK_M, BLOCK_K)
+        rows = row0 + gl.arange(0, BLOCK_M, layout=rows_layout)
+        row_ok = rows < num_rows
+        labels = gl.load(labels_ptr + rows, mask=row_ok, other=-1)  # padded rows: -1, never stored
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_layout)
+        acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=acc_layout)
+        mbarrier.wait(q_bar, 0)
+
+        if PARITY == 0:
+            # Tile 0 has no predecessor: (m, l) start at (-inf, 0).
+            mbarrier.wait(ready.index(0), 0)
+            s_tok = warpgroup_mma(q_smem, w_smem.index(0).permute((1, 0)),
+                                  gl.zeros([BLOCK_M, BLOCK_K], gl.float32, layout=s_layout), use_acc=False,
+                                  is_async=True)
+            cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+            m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin, k_end, scale_log2,
+                                               interclass_filtering_threshold, filtered.index(PARITY), FILTER, BLOCK_K,
+                                               cols_layout)
+            _hand_over(p, m_i, l_i, alpha, p_smem.index(0), stats, 0, handoff.index(0), COMPUTE_GRAD)
+            acc = _own_tile_end(acc, alpha, p_smem.index(0), w_smem.index(0).slice(0, HALF, dim=1), w_desc, w_smem,
+                                ready, released, 0, 0, num_tiles, k_begin, acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH)
+
+        own_tiles = (num_tiles - PARITY + 1) // 2
+        for j in range(1 - PARITY, own_tiles):
+            t = 2 * j + PARITY
+            # t % 2 is PARITY: indexing the buffers by it, not by the constant, keeps the
+            # wgmma descriptors from being hoisted out of the loop (64 bits each, they spill).
+            tile_w = w_smem.index(t % 2)
+            prev_w = w_smem.index((t + 1) % 2)
+            # q likewise, by an index the compiler cannot prove constant (t >= 0): its 32
+            # descriptors hoisted out of the loop take 64 registers.
+            q_tile = w_smem.index(2 + (t < 0).to(gl.int32))
+            # S_t as soon as its tile is in; it runs while the other consumer's softmax of t - 1 does.
+            mbarrier.wait(ready.index(PARITY), j & 1)
+            # use_acc=False ignores the accumulator's input, but a zero tile made once
+            # would hold 32 registers for the whole loop: made here, it costs 32 moves.
+            s_tok = warpgroup_mma(q_tile, tile_w.permute((1, 0)),
+                                  gl.zeros([BLOCK_M, BLOCK_K], gl.float32, layout=s_layout), use_acc=False,
+                                  is_async=True)
+            # Tile t - 1 (the other consumer's, its (j - 1 + PARITY)-th) handed over.
+            mbarrier.wait(handoff.index(OTHER), (j - 1 + PARITY) & 1)
+            pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, p_smem.index(OTHER),
+                                           prev_w.slice(PARITY * HALF, HALF, dim=1), rows_layout, acc_rows,
+                                           COMPUTE_GRAD, RESCALE_ON_GROWTH)
+            # Both done before the softmax: tile t - 1 is released at once (the other
+            # consumer loads tile t + 1 into its buffer), and no accumulator is held
+            # by a wgmma in flight while the softmax needs the registers; the tensor
+            # cores meanwhile run the other consumer's GEMMs.
+            if COMPUTE_GRAD:
+                cos, acc = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, pv_tok])
+            else:
+                cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+            _barrier()  # every warp's reads of tile t - 1 done
+            mbarrier.arrive(released.index(OTHER), count=1)
+            m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + t * BLOCK_K,
+                                               k_end, scale_log2, interclass_filtering_threshold, filtered.index(PARITY),
+                                               FILTER, BLOCK_K, cols_layout)
+            _hand_over(p, m_i, l_i, alpha, p_smem.index(PARITY), stats, PARITY, handoff.index(PARITY),
+                       COMPUTE_GRAD)
+            acc = _own_tile_end(acc, alpha, p_smem.index(PARITY), tile_w.slice(PARITY * HALF, HALF, dim=1), w_desc,
+                                w_smem, ready, released, t, j, num_tiles, k_begin, acc_rows, COMPUTE_GRAD,
+                                RESCALE_ON_GROWTH)
+
+        if (num_tiles - 1) % 2 == OTHER:
+            # The last tile is the other consumer's: its (m, l), and its P W here.
+            mbarrier.wait(handoff.index(OTHER), ((num_tiles - 1) // 2) & 1)
+            pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, p_smem.index(OTHER),
+                                           w_smem.index(OTHER).slice(PARITY * HALF, HALF, dim=1), rows_layout,
+                                           acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH)
+            if COMPUTE_GRAD:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
+
+        # The workspace, as queue_pass_kernel writes it: each consumer its half of
+        # the accumulator; consumer 0 the row max (NaN where the sum is finite and
+        # either half of the accumulator is not, which marks the row for
+        # repair_kernel) and the row sum.
+        ws = rows.to(gl.int64) * num_splits + split  # workspace layout [N, S(, D)]
+        if COMPUTE_GRAD:
+            acc_rows_idx = row0 + gl.arange(0, BLOCK_M, layout=acc_rows)
+            cols = PARITY * HALF + gl.arange(0, HALF, layout=acc_cols)
+            ws_acc = acc_rows_idx.to(gl.int64) * num_splits + split
+            gl.store(acc_ws_ptr + ws_acc[:, None] * dim + cols[None, :], acc,
+                     mask=(acc_rows_idx < num_rows)[:, None] & (cols < dim)[None, :])
+            # A padded column (past dim) holds 0: it never makes a row non-finite.
+            half_finite = gl.min(gl.where(acc - acc == 0.0, 1, 0), axis=1)
+            finite.slice(PARITY * BLOCK_M, BLOCK_M).store(gl.convert_layout(half_finite, rows_layout))
+            _barrier()
+            mbarrier.arrive(done, count=1)
+            if PARITY == 0:
+                mbarrier.wait(done, 0)
+                both = finite.slice(0, BLOCK_M).load(rows_layout) * finite.slice(BLOCK_M, BLOCK_M).load(rows_layout)
+                m_i = gl.where((l_i - l_i == 0.0) & (both == 0), float("nan"), m_i)
+        if PARITY == 0:
+            gl.store(max_ws_ptr + ws, m_i, mask=row_ok)
+            gl.store(sum_ws_ptr + ws, l_i, mask=row_ok)
+
+    @gluon.jit
+    def seesaw_queue_pass_kernel(
+        q_desc, w_desc, labels_ptr, queue_labels_ptr,
+        max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
+        num_rows, queue_size, dim, num_splits, split_size,
+        scale_log2, interclass_filtering_threshold,
+        FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
+    ):
+        """queue_pass_kernel's program (same grid, same workspace) on the
+        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel; launched
+        with num_warps=NUM_WARPS and maxnreg=MAXNREG."""
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+        BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = w_desc.block_type.shape[0]
+        dtype: gl.constexpr = w_desc.dtype
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
+        plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+
+        # The two queue buffers and q (BLOCK_M = BLOCK_K, the same layout) as one array.
+        gl.static_assert(BLOCK_M == BLOCK_K)
+        w_smem = gl.allocate_shared_memory(dtype, [3, BLOCK_K, BLOCK_D], w_desc.layout)
+        q_smem = w_smem.index(2)
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_K], p_layout)
+        # Rows 4p, 4p + 1, 4p + 2 of BLOCK_M: consumer p's (m, l, alpha) of its last
+        # tile, for the other one (4 rows each: shapes are powers of two).
+        stats = gl.allocate_shared_memory(gl.float32, [8 * BLOCK_M], plain)
+        # Per consumer: the filter's mask of its tile, each thread its own elements.
+        filtered = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_K], plain2)
+        finite = gl.allocate_shared_memory(gl.int32, [2 * BLOCK_M], plain)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        # Per buffer (= per owner): its tile arrived; the other consumer released it;
+        # the owner handed its softmax over.
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        released = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(done, count=2)
+        for s in gl.static_range(2):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(released.index(s), count=1)
+            mbarrier.init(handoff.index(s), count=1)
+        fence_async_shared()
+
+        # q and the first two tiles, in flight before the consumers fork.
+        row0, split, k_begin, k_end, num_tiles = _program(num_rows, queue_size, split_size, BLOCK_M, BLOCK_K)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_smem)
+        _load_tile(w_desc, w_smem, ready, 0, k_begin, BLOCK_K)
+        if num_tiles > 1:
+            _load_tile(w_desc, w_smem, ready, 1, k_begin, BLOCK_K)
+
+        gl.warp_specialize([
+            (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, filtered, finite, q_bar, ready, released, handoff, done,
+                         labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr, num_rows, queue_size, dim,
+                         num_splits, split_size, scale_log2, interclass_filtering_threshold, FILTER, COMPUTE_GRAD,
+                         RESCALE_ON_GROWTH, 0)),
+            (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, filtered, finite, q_bar, ready, released, handoff, done,
+                         labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr, num_rows, queue_size, dim,
+                         num_splits, split_size, scale_log2, interclass_filtering_threshold, FILTER, COMPUTE_GRAD,
+                         RESCALE_ON_GROWTH, 1)),
+        ], [4], [_CONSUMER_REGS])
