@@ -98,10 +98,8 @@ def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
                    rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH):
     """The seesaw kernel compiled for sm_90, on the same descriptors."""
     constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth)
-    options = dict(num_warps=hopper_seesaw.NUM_WARPS)
-    if hopper_seesaw.MAXNREG:
-        options["maxnreg"] = hopper_seesaw.MAXNREG
-    return _compile(hopper_seesaw.seesaw_queue_pass_kernel, dtype, dim, constants, options)
+    return _compile(hopper_seesaw.seesaw_queue_pass_kernel, dtype, dim, constants,
+                    dict(num_warps=hopper_seesaw.NUM_WARPS))
 
 
 def ptxas_report(compiled) -> dict:

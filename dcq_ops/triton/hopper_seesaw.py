@@ -1,7 +1,6 @@
 """The seesaw sm_90 queue pass (16-bit operands), in Gluon: the partials of
 dcq_ops.triton.kernels.queue_pass_kernel from two consumer warpgroups that take
-turns, FlashMLA's schedule, with a one-warp TMA producer and register
-reallocation (``gl.warp_specialize``).
+the tiles in turn (FlashMLA's schedule), each a partition of ``gl.warp_specialize``.
 
 Why: in dcq_ops.triton.hopper the two warpgroups split every tile's columns, so
 each tile's softmax meets across them at every row max (CTA barriers) and its
@@ -10,32 +9,41 @@ memory at 1.5x its ideal. Here each consumer warpgroup owns every other tile
 whole:
 
 - warpgroup ``p`` computes S_t = q W_t^T for the tiles t = p, p + 2, ...
-  (``m64n64k16``, 1,024 tensor-core clocks a tile, at the ideal) and the
-  online softmax of the whole tile: the row max and sum it starts from,
-  m_{t-1} and l_{t-1}, are the other warpgroup's, handed over in shared
-  memory, so the chain of (m, l) runs from tile to tile in the classic order;
+  (``m64n64k16``, 1,024 tensor-core clocks a tile, its ideal) and the online
+  softmax of the whole tile: the row max and sum it starts from, m_{t-1} and
+  l_{t-1}, are the other warpgroup's, handed over in shared memory, so the chain
+  of (m, l) runs from tile to tile in the classic order;
 - it hands m_t, l_t, alpha_t and P_t to the other warpgroup (shared memory, an
   mbarrier), and both accumulate acc += P_t W_t in tile order, each over its half
   of D (``m64n256k16``), after rescaling by alpha_t (only when some row's max
   grew, with RESCALE_ON_GROWTH);
 - so one warpgroup's softmax runs while the other's GEMMs occupy the tensor
   cores (the ping-pong), with no reduction across warpgroups;
-- a one-warp producer partition (24 registers) issues q's TMA and each queue
-  tile's into the buffer of its owner's parity as soon as both warpgroups have
-  released it (an mbarrier each way), the consumers running at 240 registers.
+- each consumer issues the TMA of its own next tile (t + 2, into the buffer of
+  its parity) the moment the other consumer has released tile t (its half of
+  P_t W_t done); the load then has the other consumer's whole tile t + 1 to
+  arrive in. A producer warp would issue it at the same moment, and its
+  warpgroup's registers would leave each consumer 240 instead of 255.
+
+Per own tile a consumer's loop: wait for its tile, issue S_t; wait for tile
+t - 1's hand-over, rescale, issue P_{t-1} W_{t-1}; wait for both (2 wgmma waits
+a tile in all), release tile t - 1; softmax of t, hand it over; rescale, P_t W_t,
+wait; load tile t + 2.
 
 The algebra is kernels._block_partials', operation for operation: the same
 (m, l) recurrence per tile in tile order, the same rescale-then-accumulate of the
 accumulator per tile; so the plain-Triton twin (dcq_ops.triton.hopper_twin) is
 the algebra of this kernel too. Gluon has no interpreter: the twin's bits, the
-GPU's first-contact check and dcq_ops.check stand for it.
+GPU's first-contact check and dcq_ops.check stand for it. It has never run on a
+GPU and nothing launches it (benchmarks/hopper_sass.py compiles it).
 
 Shared memory at 64 x 64 tiles, D = 512, bf16: q 64 KiB + 2 queue buffers 128 KiB
-+ 2 P buffers 16 KiB + the handed statistics and barriers: about 209 KiB of the
-227. A third buffer does not fit beside q: one load in flight.
++ 2 P buffers 16 KiB + the handed statistics and barriers: 211 KiB of the 227.
+A third buffer does not fit beside q: one load in flight.
 
 Requirements of the launch: those of dcq_ops.triton.hopper (the same host
-descriptors, dcq_ops.triton.hopper_launch.gluon_descriptors).
+descriptors, dcq_ops.triton.hopper_launch.gluon_descriptors), BLOCK_M = BLOCK_K,
+num_warps=NUM_WARPS (the default partition; 8 warps in all).
 """
 
 from __future__ import annotations
@@ -43,15 +51,10 @@ from __future__ import annotations
 from dcq_ops.triton import hopper
 
 # The kernel's warps: the default partition (consumer 0) runs NUM_WARPS, the
-# worker partition (consumer 1) 4 more: two warpgroups, no producer warp. Each
-# consumer issues the TMA loads of its own tiles (FlashMLA's arrangement): a
-# producer warpgroup would take 128 x 24 registers and leave the consumers 240
-# (there the softmax of a whole 64 x 64 tile beside a 64 x 256 accumulator
-# spilled: 372 B under Triton 3.8, 1,248 B under 3.6); without it each consumer
-# may use CONSUMER_REGS.
+# worker partition (consumer 1) 4 more: two warpgroups, no producer warp, both at
+# the full 255 registers (CONSUMER_REGS asks no reallocation).
 NUM_WARPS = 4
 CONSUMER_REGS = 256
-MAXNREG = None
 # One buffer per consumer: tile t in buffer t % 2, its owner's parity.
 STAGES = 2
 
@@ -79,25 +82,17 @@ if hopper.AVAILABLE:
 
     @gluon.jit
     def _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
-                      interclass_filtering_threshold, filtered_slot, FILTER: gl.constexpr, BLOCK_K: gl.constexpr,
+                      interclass_filtering_threshold, FILTER: gl.constexpr, BLOCK_K: gl.constexpr,
                       col_layout: gl.constexpr):
         """kernels._block_partials' online log-sum-exp step of one whole tile:
-        (m_new, l, alpha, P) with filtered entries of P set to 0. The filter's mask
-        waits in this thread's part of filtered_slot (shared memory) from the cosines
-        to P: kept in registers across the row reductions, its 32 flags a thread made
-        the consumer spill."""
-        # The tile's labels loaded one per thread and then spread to the columns each
-        # thread holds: loaded in col_layout directly, their 64-bit addresses (16
-        # columns a thread) stay live across the loop and spill.
-        flat: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        ks = k0 + gl.arange(0, BLOCK_K, layout=flat)
-        queue_labels = gl.convert_layout(gl.load(queue_labels_ptr + ks, mask=ks < k_end, other=-1), col_layout)
+        (m_new, l, alpha, P) with filtered entries of P set to 0."""
+        ks = k0 + gl.arange(0, BLOCK_K, layout=col_layout)
+        queue_labels = gl.load(queue_labels_ptr + ks, mask=ks < k_end, other=-1)
         keep = (queue_labels[None, :] >= 0) & (queue_labels[None, :] != labels[:, None])
         z = cos * scale_log2
         filtered = cos > interclass_filtering_threshold  # used only with FILTER
         if FILTER:
             z = gl.where(filtered, 0.0, z)
-            filtered_slot.store(filtered.to(gl.int8))
         z = gl.where(keep, z + cos * 0.0, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(z, axis=1))
         m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -105,7 +100,7 @@ if hopper.AVAILABLE:
         p = gl.exp2(z - m_ref[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
         if FILTER:
-            p = gl.where(filtered_slot.load(cos.type.layout) != 0, 0.0, p)
+            p = gl.where(filtered, 0.0, p)
         return m_new, l_i, alpha, p
 
     @gluon.jit
@@ -164,7 +159,7 @@ if hopper.AVAILABLE:
         return acc
 
     @gluon.jit
-    def _consumer(w_desc, q_smem, w_smem, p_smem, stats, filtered, finite, q_bar, ready, released, handoff, done,
+    def _consumer(w_desc, q_smem, w_smem, p_smem, stats, finite, q_bar, ready, released, handoff, done,
                   labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
                   num_rows, queue_size, dim, num_splits, split_size, scale_log2, interclass_filtering_threshold,
                   FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
@@ -204,8 +199,7 @@ if hopper.AVAILABLE:
                                   is_async=True)
             cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
             m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin, k_end, scale_log2,
-                                               interclass_filtering_threshold, filtered.index(PARITY), FILTER, BLOCK_K,
-                                               cols_layout)
+                                               interclass_filtering_threshold, FILTER, BLOCK_K, cols_layout)
             _hand_over(p, m_i, l_i, alpha, p_smem.index(0), stats, 0, handoff.index(0), COMPUTE_GRAD)
             acc = _own_tile_end(acc, alpha, p_smem.index(0), w_smem.index(0).slice(0, HALF, dim=1), w_desc, w_smem,
                                 ready, released, 0, 0, num_tiles, k_begin, acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH)
@@ -213,13 +207,15 @@ if hopper.AVAILABLE:
         own_tiles = (num_tiles - PARITY + 1) // 2
         for j in range(1 - PARITY, own_tiles):
             t = 2 * j + PARITY
-            # t % 2 is PARITY: indexing the buffers by it, not by the constant, keeps the
-            # wgmma descriptors from being hoisted out of the loop (64 bits each, they spill).
-            tile_w = w_smem.index(t % 2)
-            prev_w = w_smem.index((t + 1) % 2)
-            # q likewise, by an index the compiler cannot prove constant (t >= 0): its 32
-            # descriptors hoisted out of the loop take 64 registers.
-            q_tile = w_smem.index(2 + (t < 0).to(gl.int32))
+            # The buffers by indices the compiler cannot prove constant (zero is 0: t >=
+            # 0): with constant ones it hoists every wgmma descriptor (64 bits each; q
+            # alone has 32) out of the loop, and they spill.
+            zero = (t < 0).to(gl.int32)
+            tile_w = w_smem.index(PARITY + zero)
+            prev_w = w_smem.index(OTHER + zero)
+            q_tile = w_smem.index(2 + zero)
+            own_p = p_smem.index(PARITY + zero)
+            other_p = p_smem.index(OTHER + zero)
             # S_t as soon as its tile is in; it runs while the other consumer's softmax of t - 1 does.
             mbarrier.wait(ready.index(PARITY), j & 1)
             # use_acc=False ignores the accumulator's input, but a zero tile made once
@@ -229,7 +225,7 @@ if hopper.AVAILABLE:
                                   is_async=True)
             # Tile t - 1 (the other consumer's, its (j - 1 + PARITY)-th) handed over.
             mbarrier.wait(handoff.index(OTHER), (j - 1 + PARITY) & 1)
-            pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, p_smem.index(OTHER),
+            pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, other_p,
                                            prev_w.slice(PARITY * HALF, HALF, dim=1), rows_layout, acc_rows,
                                            COMPUTE_GRAD, RESCALE_ON_GROWTH)
             # Both done before the softmax: tile t - 1 is released at once (the other
@@ -243,11 +239,11 @@ if hopper.AVAILABLE:
             _barrier()  # every warp's reads of tile t - 1 done
             mbarrier.arrive(released.index(OTHER), count=1)
             m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + t * BLOCK_K,
-                                               k_end, scale_log2, interclass_filtering_threshold, filtered.index(PARITY),
-                                               FILTER, BLOCK_K, cols_layout)
-            _hand_over(p, m_i, l_i, alpha, p_smem.index(PARITY), stats, PARITY, handoff.index(PARITY),
+                                               k_end, scale_log2, interclass_filtering_threshold, FILTER, BLOCK_K,
+                                               cols_layout)
+            _hand_over(p, m_i, l_i, alpha, own_p, stats, PARITY, handoff.index(PARITY),
                        COMPUTE_GRAD)
-            acc = _own_tile_end(acc, alpha, p_smem.index(PARITY), tile_w.slice(PARITY * HALF, HALF, dim=1), w_desc,
+            acc = _own_tile_end(acc, alpha, own_p, tile_w.slice(PARITY * HALF, HALF, dim=1), w_desc,
                                 w_smem, ready, released, t, j, num_tiles, k_begin, acc_rows, COMPUTE_GRAD,
                                 RESCALE_ON_GROWTH)
 
@@ -293,15 +289,14 @@ if hopper.AVAILABLE:
         FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
     ):
         """queue_pass_kernel's program (same grid, same workspace) on the
-        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel; launched
-        with num_warps=NUM_WARPS and maxnreg=MAXNREG."""
+        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel, with
+        num_warps=NUM_WARPS."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[0]
         dtype: gl.constexpr = w_desc.dtype
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
 
         # The two queue buffers and q (BLOCK_M = BLOCK_K, the same layout) as one array.
         gl.static_assert(BLOCK_M == BLOCK_K)
@@ -311,8 +306,6 @@ if hopper.AVAILABLE:
         # Rows 4p, 4p + 1, 4p + 2 of BLOCK_M: consumer p's (m, l, alpha) of its last
         # tile, for the other one (4 rows each: shapes are powers of two).
         stats = gl.allocate_shared_memory(gl.float32, [8 * BLOCK_M], plain)
-        # Per consumer: the filter's mask of its tile, each thread its own elements.
-        filtered = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_K], plain2)
         finite = gl.allocate_shared_memory(gl.int32, [2 * BLOCK_M], plain)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -338,11 +331,11 @@ if hopper.AVAILABLE:
             _load_tile(w_desc, w_smem, ready, 1, k_begin, BLOCK_K)
 
         gl.warp_specialize([
-            (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, filtered, finite, q_bar, ready, released, handoff, done,
+            (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, finite, q_bar, ready, released, handoff, done,
                          labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr, num_rows, queue_size, dim,
                          num_splits, split_size, scale_log2, interclass_filtering_threshold, FILTER, COMPUTE_GRAD,
                          RESCALE_ON_GROWTH, 0)),
-            (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, filtered, finite, q_bar, ready, released, handoff, done,
+            (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, finite, q_bar, ready, released, handoff, done,
                          labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr, num_rows, queue_size, dim,
                          num_splits, split_size, scale_log2, interclass_filtering_threshold, FILTER, COMPUTE_GRAD,
                          RESCALE_ON_GROWTH, 1)),
