@@ -99,7 +99,7 @@ def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
     """The seesaw kernel compiled for sm_90, on the same descriptors."""
     constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth)
     return _compile(hopper_seesaw.seesaw_queue_pass_kernel, dtype, dim, constants,
-                    dict(num_warps=hopper_seesaw.NUM_WARPS))
+                    dict(num_warps=hopper_seesaw.NUM_WARPS, maxnreg=hopper_seesaw.MAXNREG))
 
 
 def ptxas_report(compiled) -> dict:

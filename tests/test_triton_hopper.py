@@ -317,7 +317,7 @@ def test_seesaw_kernel_compiles_for_sm90_at_ideal_work(sass_report):
         gemms = {"64x64x16"} | ({"64x256x16"} if e["gradient"] else set())
         assert set(e["hgmma_shapes"]) == gemms and e["mma_flops_over_ideal"] == 1.0, e
         assert e["exponentials_per_logit"] <= 1.125, e
-        assert not any(w for w in e["ptxas_warnings"] if re.search(r"C751[056]", w)), e["ptxas_warnings"]
+        assert not any(w for w in e["ptxas_warnings"] if re.search(r"C751[056]|maxnreg", w)), e["ptxas_warnings"]
         assert e["shared"] <= 232448 and e["per_iteration"]["ldgsts"] == 0, e
         assert len(e["consumer_loops"]) == 2, e  # one loop per consumer warpgroup
         for loop in e["consumer_loops"]:

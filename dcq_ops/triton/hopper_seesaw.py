@@ -23,7 +23,7 @@ whole:
   its parity) the moment the other consumer has released tile t (its half of
   P_t W_t done); the load then has the other consumer's whole tile t + 1 to
   arrive in. A producer warp would issue it at the same moment, and its
-  warpgroup's registers would leave each consumer 240 instead of 255.
+  warpgroup's registers would come out of the consumers'.
 
 Per own tile a consumer's loop: wait for its tile, issue S_t; wait for tile
 t - 1's hand-over, rescale, issue P_{t-1} W_{t-1}; wait for both (2 wgmma waits
@@ -43,7 +43,7 @@ A third buffer does not fit beside q: one load in flight.
 
 Requirements of the launch: those of dcq_ops.triton.hopper (the same host
 descriptors, dcq_ops.triton.hopper_launch.gluon_descriptors), BLOCK_M = BLOCK_K,
-num_warps=NUM_WARPS (the default partition; 8 warps in all).
+num_warps=NUM_WARPS (the default partition; 8 warps in all), maxnreg=MAXNREG.
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ from __future__ import annotations
 from dcq_ops.triton import hopper
 
 # The kernel's warps: the default partition (consumer 0) runs NUM_WARPS, the
-# worker partition (consumer 1) 4 more: two warpgroups, no producer warp, both at
-# the full 255 registers (CONSUMER_REGS asks no reallocation).
+# worker partition (consumer 1) 4 more: two warpgroups, no producer warp. The
+# launch caps registers at MAXNREG (Triton's default for a warp-specialized kernel,
+# 256, is above ptxas's 255 and ignored with a warning); the worker asks for
+# CONSUMER_REGS, the default partition keeps the rest (248): 64,512 of the 65,536.
 NUM_WARPS = 4
 CONSUMER_REGS = 256
+MAXNREG = 255
 # One buffer per consumer: tile t in buffer t % 2, its owner's parity.
 STAGES = 2
 
@@ -290,7 +293,7 @@ if hopper.AVAILABLE:
     ):
         """queue_pass_kernel's program (same grid, same workspace) on the
         descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel, with
-        num_warps=NUM_WARPS."""
+        num_warps=NUM_WARPS and maxnreg=MAXNREG."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[0]
