@@ -185,7 +185,8 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
             structure += (f"; the last load is instruction {where['last_load']} of {span}, the wait instruction "
                           f"{where['first_wait']}")
             if interleave > 1:
-                structure += f"; {interleave} warpgroups take the tiles in turn: {interleave - 1} more iteration(s) ahead"
+                structure += (f"; {interleave} warpgroups take the tiles in turn: {interleave - 1} more "
+                              "iteration(s) ahead")
 
     def per_tile_clocks(busy: float) -> tuple[float, float]:
         """(clocks, exposed load) per tile for an iteration busy this long without its loads."""

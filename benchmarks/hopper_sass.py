@@ -229,8 +229,9 @@ def report_seesaw(dtype: str, dim: int, compute_grad: bool,
     entry["consumer_loops"] = []
     for body in bodies:
         c = loop_counts(sass, hopper.BLOCK_M, hopper.BLOCK_K, block_d, gemms, body=body, warpgroups=1)
-        entry["consumer_loops"].append(dict(instructions=c["loop_instructions"], **{
-            k: c["per_iteration"][k] for k in ("hgmma", "warpgroup.depbar", "utmaldg", "mufu.ex2", "bar.sync", "local")}))
+        kept = ("hgmma", "warpgroup.depbar", "utmaldg", "mufu.ex2", "bar.sync", "local")
+        entry["consumer_loops"].append(dict(instructions=c["loop_instructions"],
+                                            **{k: c["per_iteration"][k] for k in kept}))
     if compute_grad:
         from cycle_model import cycle_model
         from sass_counts import disassemble

@@ -16,7 +16,11 @@ pipelined kernel. Here:
 - when the pipelined kernel applies, and the default (on a GPU the pipelined kernel
   behind its probe, tests/test_hopper_probe.py; under the interpreter the classic one);
 - the Gluon kernel compiled for sm_90 (no GPU needed), its SASS read by
-  benchmarks/hopper_sass.py: ideal work, no serialized wgmma, TMA tiles, no spills.
+  benchmarks/hopper_sass.py: ideal work, no serialized wgmma, TMA tiles, no spills;
+- the seesaw kernel (dcq_ops/triton/hopper_seesaw.py, compiled, not launched: the
+  same algebra, so the twin stands for it too) likewise, and on a GPU its loss and
+  gradient against the reference in a child process with a deadline; the cycle
+  model's reading of its two interleaved consumer loops.
 """
 
 import json
@@ -42,7 +46,7 @@ except ImportError:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 from dcq_ops import reference  # noqa: E402
-from dcq_ops.triton import hopper, hopper_launch, kernels, launch  # noqa: E402
+from dcq_ops.triton import hopper, hopper_launch, hopper_seesaw, kernels, launch  # noqa: E402
 from bounds import assert_grad_close, assert_loss_close, cosine_rounding, positive_slope  # noqa: E402
 from inputs import MARGINS, make_inputs  # noqa: E402
 
@@ -206,6 +210,45 @@ def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype
                       gemm_dtype=dtype)
 
 
+class _SeesawInPlace:
+    """Stands for hopper.hopper_queue_pass_kernel in hopper_launch.launch: the same
+    arguments to the seesaw kernel (dcq_ops/triton/hopper_seesaw.py), which takes no
+    STAGES or schedule and runs with its own warps and register cap."""
+
+    def __getitem__(self, grid):
+        def run(*args, STAGES, OVERLAP_SOFTMAX, num_warps, **kwargs):
+            hopper_seesaw.seesaw_queue_pass_kernel[grid](*args, **kwargs, num_warps=hopper_seesaw.NUM_WARPS,
+                                                        maxnreg=hopper_seesaw.MAXNREG)
+        return run
+
+
+@pytest.mark.skipif(not ON_HOPPER or os.environ.get("DCQ_TEST_SEESAW_CHILD") != "1",
+                    reason="the seesaw kernel on sm_90, run by test_seesaw_kernel_on_sm90_in_a_child_process")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
+def test_seesaw_kernel_child(monkeypatch, launches, dtype, margin):
+    """test_gluon_kernel_on_sm90_matches_the_reference with the seesaw kernel launched
+    in place of the pipelined one (and the probe cleared: this process is the probe)."""
+    monkeypatch.setattr(hopper, "hopper_queue_pass_kernel", _SeesawInPlace())
+    monkeypatch.setattr(hopper_launch.hopper_probe, "cleared", lambda *args: True)
+    test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the seesaw kernel runs on sm_90 only (a GPU test)")
+def test_seesaw_kernel_on_sm90_in_a_child_process():
+    """The seesaw kernel has never run: its hand-over between the two warpgroups
+    (mbarrier phases per parity) could hang, so its checks against the float64
+    reference run in a child process with a deadline (test_seesaw_kernel_child)."""
+    env = dict(os.environ, DCQ_TEST_SEESAW_CHILD="1")
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              str(Path(__file__)), "-k", "test_seesaw_kernel_child"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the seesaw kernel did not finish in {exc.timeout} s (a hang in its hand-over?)")
+    assert run.returncode == 0 and re.search(r"^4 passed", run.stdout, re.M), run.stdout[-4000:] + run.stderr[-2000:]
+
+
 def test_the_default_kernel_and_the_choice_is_checked(monkeypatch):
     q, _, w, _ = scenario("random", torch.float16)
     monkeypatch.delenv(hopper_launch.ENV, raising=False)
@@ -334,7 +377,7 @@ def _synthetic_seesaw_sass(non_mma: int) -> str:
     """A consumer loop as the seesaw's looks to the cycle model: the wait for its
     tile at the top, 32 m64n64k16 and a wait, non_mma other instructions, the load of
     its next tile at the end; inside a dispatch loop holding 4 more HGMMA."""
-    lines = [".L_x_0:"] + [f"        /*{i:04x}*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;"
+    lines = [".L_x_0:"] + [f"        /*{i:04x}*/    HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;"
                            for i in range(4)]
     lines += [".L_x_1:", "        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR60], RZ ;"]
     lines += [f"        /*{0x200 + i:04x}*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;"
