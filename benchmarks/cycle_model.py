@@ -31,6 +31,13 @@ takes the pipelined busy = max(mma, issue, mufu). A tile then costs
 max(busy + exposed load, smem, l2); both bounds are reported, ``clocks_per_tile``
 is the one the structure says.
 
+Warp-specialized consumers that take the tiles in turn (``interleave``, the seesaw
+of dcq_ops/triton/hopper_seesaw.py): the model reads one consumer's innermost MMA
+loop (one tile an iteration, ``warps`` its own), and a load issued in it has the
+other consumers' iterations to arrive in as well. That the consumers' softmax and
+GEMMs overlap each other is the structure's claim, not something one loop's SASS
+shows: the serialized bound is reported beside it.
+
 The hardware numbers are in HOPPER with their sources; anything not published is
 marked an assumption there. The model ranks kernels and tells where the clocks go;
 only a GPU measures them.
