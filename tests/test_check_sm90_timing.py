@@ -19,14 +19,15 @@ def test_each_kernel_is_timed_with_itself_selected_and_the_setting_restored(monk
 
     def fake_time_ms(fn, device, repeats):
         seen.append(hopper_launch.selected_kernel())
-        return {"classic": 4.0, "pipelined": 2.0}[seen[-1]]
+        return {"classic": 4.0, "pipelined": 2.0, "seesaw": 1.6}[seen[-1]]
 
     monkeypatch.setattr(gpu_parts, "_time_ms", fake_time_ms)
     section = {"gemm_pair_ms": 1.0}
     gpu_parts._time_sm90_kernels(section, lambda: None, torch.device("cpu"), 3, 4e12)
     assert seen == list(hopper_launch.CHOICES)
     assert section["triton_classic_ms"] == 4.0 and section["triton_pipelined_ms"] == 2.0
-    assert section["pipelined_vs_classic"] == 2.0
+    assert section["pipelined_vs_classic"] == 2.0 and section["seesaw_vs_classic"] == 2.5
+    assert section["triton_seesaw_ms"] == 1.6 and "seesaw" in hopper_launch.CHOICES
     assert section["triton_pipelined_vs_gemm_pair"] == 0.5
     assert section["triton_classic_tflops"] == 4e12 / 4.0 / 1e9
     assert isinstance(section["hopper_probe"], list)

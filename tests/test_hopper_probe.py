@@ -1,13 +1,14 @@
-"""The probe of the pipelined sm_90 kernel in a child process (dcq_ops/triton/hopper_probe.py)
-and the kernel's selection behind it (dcq_ops/triton/hopper_launch.py).
+"""The probe of a Gluon sm_90 kernel (the seesaw, the pipelined one) in a child process
+(dcq_ops/triton/hopper_probe.py). The kernels' selection behind it
+(dcq_ops/triton/hopper_launch.py, the ranked chain): tests/test_hopper_probe_chain.py.
 
 The parent's side is host code, tested for real here with children that stand in for the
 kernel's child (``hopper_probe.CHILD_COMMAND``): one that hangs past a short deadline
 (with a grandchild, to see the whole group killed), ones that die by SIGABRT or exit 1,
 one that reports wrong numbers, and one that passes (its verdict cached on disk, and
 invalidated by another source hash or version). The real child runs under Triton's
-interpreter on CPU tensors (the plain-Triton twin stands in for the Gluon kernel), and
-on an sm_90 GPU for real (skipped elsewhere). The cache's files:
+interpreter on CPU tensors (the plain-Triton twin stands in for the Gluon kernel it is
+asked about), and on an sm_90 GPU for real (skipped elsewhere). The cache's files:
 tests/test_hopper_probe_cache.py; the probe class: tests/test_hopper_probe_class.py.
 """
 
@@ -33,59 +34,10 @@ import dcq_ops  # noqa: E402
 from dcq_ops import demotions, first_contact  # noqa: E402
 from dcq_ops.triton import hopper, hopper_launch, hopper_probe, hopper_probe_cache, hopper_probe_child  # noqa: E402
 from dcq_ops.triton import kernels  # noqa: E402
-from dcq_ops.triton.hopper_probe_class import ProbeClass, cdiv  # noqa: E402
+from dcq_ops.triton.hopper_probe_class import ProbeClass  # noqa: E402
 
-PREFIX = hopper_probe_child.VERDICT_PREFIX
-# A class of the interpreter's tiles (16 x 32): 2 row blocks with a partial last, 2 splits of
-# 5 tiles, the last split one partial tile; fp16 (the interpreter's bf16 dot is wrong).
-CLASS = ProbeClass.of_launch(torch.float16, 20, 5 * 32 + 7, 32, 5 * 32, True, True, 16, 32, 2)
-
-
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch, tmp_path):
-    """Each test with its own cache folder, no verdict or demotion of an earlier one, and the
-    real child's command unless it replaces it."""
-    monkeypatch.setenv(hopper_probe_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(hopper_probe_cache.CACHE_ENV, raising=False)
-    monkeypatch.delenv(hopper_probe.TIMEOUT_ENV, raising=False)
-    monkeypatch.setattr(hopper_probe, "CHILD_COMMAND", None)
-    first_contact.reset()
-    yield
-    first_contact.reset()
-
-
-@pytest.fixture
-def spawned(monkeypatch):
-    """The probes run (their classes): a cached verdict runs none."""
-    runs = []
-    original = hopper_probe.run_probe
-
-    def spy(probe_class, device):
-        runs.append(probe_class)
-        return original(probe_class, device)
-
-    monkeypatch.setattr(hopper_probe, "run_probe", spy)
-    return runs
-
-
-def fake_child(monkeypatch, code: str) -> None:
-    """Replace the child with ``python -c code`` (it gets --device DEVICE CLASS_JSON too)."""
-    monkeypatch.setattr(hopper_probe, "CHILD_COMMAND", [sys.executable, "-c", code])
-
-
-def verdict_line(**verdict) -> str:
-    return f"print({PREFIX + json.dumps(verdict)!r}, flush=True)"
-
-
-def probe_warnings(record) -> list:
-    return [w for w in record if issubclass(w.category, RuntimeWarning) and "failed its probe" in str(w.message)]
-
-
-def cleared_with_warnings(probe_class=CLASS, device="cpu"):
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        result = hopper_probe.cleared(probe_class, torch.device(device))
-    return result, probe_warnings(record)
+from hopper_probe_fakes import (CLASS, _clean, cleared_with_warnings, fake_child, passing_child,  # noqa: E402,F401
+                                spawned, verdict_line)
 
 
 def alive(pid: int) -> bool:
@@ -185,11 +137,6 @@ def test_a_failed_verdict_is_cached_and_said_again_in_a_new_process(monkeypatch,
 # (d) a child that passes; the cache
 
 
-def passing_child(monkeypatch):
-    fake_child(monkeypatch, verdict_line(status="passed", what="passed", reason="", rows_compared=25,
-                                         loss_error=1e-7, loss_bound=1e-2))
-
-
 def test_a_passing_child_clears_the_class_and_its_verdict_is_cached(monkeypatch, spawned):
     passing_child(monkeypatch)
     result, said = cleared_with_warnings()
@@ -287,98 +234,6 @@ def test_the_deadline_variable_is_checked(monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# The selection: the sm_90 default behind the probe
-
-
-@pytest.fixture
-def as_on_sm90(monkeypatch):
-    """hopper_launch as on an sm_90 GPU (not interpreted): its GPU branch runs on CPU tensors."""
-    if not hopper.AVAILABLE:
-        pytest.skip("this Triton has no Gluon")
-    monkeypatch.setattr(hopper_launch, "INTERPRETED", False)
-    monkeypatch.delenv(hopper_launch.ENV, raising=False)
-
-
-def sm90_operands(rows=100, slots=1000, dim=64):
-    q = torch.zeros(rows, dim, dtype=torch.bfloat16)
-    w = torch.zeros(slots, dim, dtype=torch.bfloat16)
-    return q, w
-
-
-def test_the_pipelined_kernel_is_the_sm90_default_behind_its_probe(monkeypatch, as_on_sm90, spawned):
-    assert hopper_launch.selected_kernel() == "pipelined"
-    passing_child(monkeypatch)
-    q, w = sm90_operands()
-    split, tile = 2 * hopper.BLOCK_K, hopper.BLOCK_K
-    assert hopper_launch.applies(q, w, split, tile, None, (9, 0), compute_grad=True, filtering=False)
-    assert spawned == [hopper_launch.probe_class(q, w, split, True, False)]
-    last_split = 1000 % split or split
-    assert spawned[0] == ProbeClass("bfloat16", 64, True, False, hopper.BLOCK_M, tile, hopper.STAGES,
-                                    1 if 100 <= hopper.BLOCK_M else 2, 100 % hopper.BLOCK_M != 0, 2, 2,
-                                    cdiv(last_split, tile), last_split % tile != 0)
-    # The same class again: no probe; another one (no gradient): its own.
-    assert hopper_launch.applies(q, w, split, tile, None, (9, 0), compute_grad=True, filtering=False)
-    assert hopper_launch.applies(q, w, split, tile, None, (9, 0), compute_grad=False, filtering=False)
-    assert len(spawned) == 2 and not spawned[1].compute_grad
-    # Where it does not apply, no probe.
-    assert not hopper_launch.applies(q, w, split, tile, None, (8, 0))
-    assert not hopper_launch.applies(q, w, split + tile // 2, tile, None, (9, 0))
-    assert len(spawned) == 2
-
-
-def test_a_failed_probe_selects_the_classic_kernel(monkeypatch, as_on_sm90, spawned):
-    fake_child(monkeypatch, "import os; os.abort()")
-    q, w = sm90_operands()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            assert not hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0),
-                                             compute_grad=True, filtering=True)
-    assert len(probe_warnings(record)) == 1 and len(spawned) == 1
-    assert "SIGABRT" in dcq_ops.backends("cpu")["triton"]
-
-
-def test_classic_forces_the_old_kernel_without_a_probe_and_bad_values_raise(monkeypatch, as_on_sm90, spawned):
-    passing_child(monkeypatch)
-    q, w = sm90_operands()
-    monkeypatch.setenv(hopper_launch.ENV, "classic")
-    assert not hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0)) and spawned == []
-    monkeypatch.setenv(hopper_launch.ENV, "fastest")
-    with pytest.raises(ValueError, match="DCQ_OPS_SM90_KERNEL must be one of classic, pipelined, got 'fastest'"):
-        hopper_launch.applies(q, w, 2 * hopper.BLOCK_K, hopper.BLOCK_K, None, (9, 0))
-
-
-@pytest.mark.skipif(ON_CUDA or not kernels.INTERPRETED, reason="launches on CPU tensors, under the interpreter")
-@pytest.mark.parametrize("compute_grad, threshold", [(True, 0.0), (False, 0.2)])
-def test_the_queue_pass_tells_the_selection_its_branches(monkeypatch, compute_grad, threshold):
-    """launch.queue_pass passes the gradient and filtering to hopper_launch.applies: they are
-    part of the probe class (another compiled branch of the kernel)."""
-    from dcq_ops.triton import launch
-
-    asked = []
-
-    def no_pipelined(*args, **kwargs):
-        asked.append(kwargs)
-        return False
-
-    monkeypatch.setattr(hopper_launch, "applies", no_pipelined)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    q = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(3)), dim=1)
-    launch.queue_pass(q, torch.arange(5), q.repeat(8, 1), torch.arange(40) + 10, 30.0, threshold, compute_grad)
-    assert asked == [{"compute_grad": compute_grad, "filtering": threshold > 0}]
-
-
-def test_under_the_interpreter_the_default_stays_classic_and_nothing_is_probed(monkeypatch, spawned):
-    if not kernels.INTERPRETED:
-        pytest.skip("the interpreter's default")
-    monkeypatch.delenv(hopper_launch.ENV, raising=False)
-    assert hopper_launch.selected_kernel() == "classic"
-    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
-    q, w = sm90_operands()
-    assert hopper_launch.applies(q.half(), w.half(), 64, 32, None, None) and spawned == []
-
-
-# ----------------------------------------------------------------------------
 # The real child
 
 
@@ -419,18 +274,49 @@ def test_the_child_judges_a_wrong_kernel(monkeypatch, compute_grad):
     assert verdict["what"] == "error" and "did not run" in verdict["reason"]
 
 
+@pytest.mark.skipif(ON_CUDA or not kernels.INTERPRETED, reason="the twin, in this process, under the interpreter")
+def test_the_child_runs_the_kernel_it_is_asked_about(monkeypatch):
+    """The child launches the class's kernel, asked for alone (``main`` sets
+    DCQ_OPS_SM90_KERNEL to it): a seesaw class runs the seesaw's launch (the twin under the
+    interpreter, where its BLOCK_M = BLOCK_K holds) and passes; a seesaw class of tiles it
+    cannot run (16 x 32) is an error, not a pass of another kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = []
+    original = hopper_launch.launch
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs["kernel"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hopper_launch, "launch", spy)
+    seesaw = ProbeClass.of_launch("seesaw", torch.float16, 40, 5 * 32 + 7, 32, 5 * 32, True, True, 32, 32, 2)
+    assert seesaw.row_blocks == 2 and seesaw.splits == 2 and seesaw.tail_tile
+    monkeypatch.setenv(hopper_launch.ENV, "seesaw")
+    verdict = hopper_probe_child.run(seesaw, "cpu")
+    assert verdict["status"] == "passed" and launched == ["seesaw"], (verdict, launched)
+    monkeypatch.setenv(hopper_launch.ENV, "pipelined")  # the wrong kernel asked for: not the class's
+    verdict = hopper_probe_child.run(seesaw, "cpu")
+    assert verdict["what"] == "error" and "the seesaw kernel did not run" in verdict["reason"], verdict
+    assert launched == ["seesaw", "pipelined"]
+    monkeypatch.setenv(hopper_launch.ENV, "seesaw")
+    verdict = hopper_probe_child.run(CLASS._replace(kernel="seesaw"), "cpu")  # 16 x 32: BLOCK_M != BLOCK_K
+    assert verdict["what"] == "error" and "did not run" in verdict["reason"] and len(launched) == 2, verdict
+
+
 ON_HOPPER = ON_CUDA and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE
 
 
-@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only (a GPU test)")
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernels run on sm_90 only (a GPU test)")
+@pytest.mark.parametrize("kernel", hopper_launch.CHAIN)
 @pytest.mark.parametrize("compute_grad, filtering", [(True, False), (False, True)])
-def test_the_real_probe_passes_on_sm90(monkeypatch, compute_grad, filtering):
-    """The real probe of the Gluon kernel on this GPU, for a class of several tiles past the
+def test_the_real_probe_passes_on_sm90(monkeypatch, kernel, compute_grad, filtering):
+    """The real probe of each Gluon kernel on this GPU, for a class of several tiles past the
     refills, both tails partial: the child passes within its deadline."""
     monkeypatch.setenv(hopper_probe_cache.CACHE_ENV, "0")
+    monkeypatch.setenv(hopper_probe.TIMEOUT_ENV, "40")  # a hang costs 40 s, not the default 120
     q = torch.zeros(130, 512, dtype=torch.bfloat16, device="cuda")
     w = torch.zeros(64 * 13 * 3 - 20, 512, dtype=torch.bfloat16, device="cuda")
-    probe_class = hopper_launch.probe_class(q, w, 64 * 13, compute_grad, filtering)
+    probe_class = hopper_launch.probe_class(kernel, q, w, 64 * 13, compute_grad, filtering)
     verdict = hopper_probe.run_probe(probe_class, torch.device("cuda"))
     assert verdict.passed, verdict
 

@@ -1,4 +1,4 @@
-"""The on-disk cache of the pipelined sm_90 kernel's probe verdicts
+"""The on-disk cache of the Gluon sm_90 kernels' probe verdicts
 (dcq_ops/triton/hopper_probe_cache.py): a verdict read back whole, a cache that is off,
 writes that never share a temporary, and ranks writing the same verdict at once while
 another reads it (the probe itself: tests/test_hopper_probe.py)."""
@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from dcq_ops.triton import hopper_probe_cache  # noqa: E402
 from dcq_ops.triton.hopper_probe_class import ProbeClass  # noqa: E402
 
-CLASS = ProbeClass.of_launch(torch.float16, 20, 5 * 32 + 7, 32, 5 * 32, True, True, 16, 32, 2)
+CLASS = ProbeClass.of_launch("pipelined", torch.float16, 20, 5 * 32 + 7, 32, 5 * 32, True, True, 16, 32, 2)
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,8 @@ def test_a_verdict_is_read_back_for_its_key_only(monkeypatch):
     assert hopper_probe_cache.read(key) == ({"status": "passed", "what": "passed"}, path)
     other = hopper_probe_cache.key_of(torch.device("cpu"), CLASS._replace(filtering=False))
     assert hopper_probe_cache.path_of(other) != path and hopper_probe_cache.read(other) is None
+    seesaw = hopper_probe_cache.key_of(torch.device("cpu"), CLASS._replace(kernel="seesaw"))  # another kernel
+    assert hopper_probe_cache.path_of(seesaw) != path and hopper_probe_cache.read(seesaw) is None
     monkeypatch.setenv(hopper_probe_cache.CACHE_ENV, "0")  # off: nothing read, nothing written
     assert hopper_probe_cache.read(key) is None and hopper_probe_cache.write(other, {"status": "passed"}) is None
     assert not hopper_probe_cache.path_of(other).exists()

@@ -1,26 +1,28 @@
-"""The pipelined sm_90 queue pass (dcq_ops/triton/hopper.py) and its selection.
+"""The Gluon sm_90 queue passes (the pipelined dcq_ops/triton/hopper.py and the seesaw
+dcq_ops/triton/hopper_seesaw.py) and where each applies.
 
 The Gluon kernel cannot run without a GPU (Gluon has no interpreter). Its
 numerics rest on its plain-Triton twin (dcq_ops/triton/hopper_twin.py: the same
 algebra, the same order of operations, tensor descriptors for the tiles, the
-accumulator rescaled only when some row's alpha is not 1), which runs under
-Triton's interpreter wherever DCQ_OPS_SM90_KERNEL=pipelined selects the
-pipelined kernel. Here:
+accumulator rescaled only when some row's alpha is not 1; the algebra of both
+kernels), which runs under Triton's interpreter wherever DCQ_OPS_SM90_KERNEL=pipelined
+or seesaw selects a Gluon kernel that applies. Here:
 
 - the twin's partials against queue_pass_kernel's, bit for bit (fp32 and fp16
   operands, the interpreter's dots are exact for both), on odd sizes with empty
   slots, a split that keeps nothing, rows that exclude every slot, filtering
   and non-finite queue slots (the repair kernel after it), one and many splits;
+- the seesaw selected: the twin on the seesaw's square tiles, bit for bit;
 - the loss and gradient through the op with the pipelined kernel selected,
   against the float64 reference within the error model (tests/bounds.py);
-- when the pipelined kernel applies, and the default (on a GPU the pipelined kernel
-  behind its probe, tests/test_hopper_probe.py; under the interpreter the classic one);
+- where each Gluon kernel applies, and the default (on a GPU the ranked chain, the
+  seesaw then the pipelined kernel, each behind its probe,
+  tests/test_hopper_probe_chain.py; under the interpreter the classic one);
 - the Gluon kernel compiled for sm_90 (no GPU needed), its SASS read by
   benchmarks/hopper_sass.py: ideal work, no serialized wgmma, TMA tiles, no spills;
-- the seesaw kernel (dcq_ops/triton/hopper_seesaw.py, compiled, not launched: the
-  same algebra, so the twin stands for it too) likewise, and on a GPU its loss and
-  gradient against the reference in a child process with a deadline; the cycle
-  model's reading of its two interleaved consumer loops.
+- the seesaw kernel (the same algebra, so the twin stands for it too) likewise, and
+  on a GPU its loss and gradient against the reference in a child process with a
+  deadline; the cycle model's reading of its two interleaved consumer loops.
 """
 
 import json
@@ -46,7 +48,7 @@ except ImportError:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 from dcq_ops import reference  # noqa: E402
-from dcq_ops.triton import hopper, hopper_launch, hopper_seesaw, kernels, launch  # noqa: E402
+from dcq_ops.triton import hopper, hopper_launch, kernels, launch  # noqa: E402
 from bounds import assert_grad_close, assert_loss_close, cosine_rounding, positive_slope  # noqa: E402
 from inputs import MARGINS, make_inputs  # noqa: E402
 
@@ -104,14 +106,22 @@ def assert_same_bits(new, old, what):
                                   f"{a[differ][:3].tolist()} against {b[differ][:3].tolist()}")
 
 
+class LaunchList(list):
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """The pipelined launches made (their compute_grad), to prove the twin ran."""
-    made = []
+    """The Gluon kernels' launches made (their compute_grad; ``.kernels`` the kernel of
+    each), to prove the twin ran."""
+    made = LaunchList()
     original = hopper_launch.launch
 
     def spy(*args, **kwargs):
         made.append(args[13])
+        made.kernels.append(kwargs["kernel"])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(hopper_launch, "launch", spy)
@@ -132,6 +142,24 @@ def test_twin_partials_equal_the_classic_kernel_bit_for_bit(monkeypatch, launche
         assert (old.sum_ws == 0).any() and torch.isinf(old.max_ws).any()
     if name == "nonfinite":
         assert torch.isnan(old.sum_ws).any() and torch.isfinite(old.acc_ws).any()
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter")
+@pytest.mark.parametrize("threshold", [0.0, 0.1])
+def test_the_seesaw_selected_runs_the_twin_on_square_tiles(monkeypatch, launches, threshold):
+    """DCQ_OPS_SM90_KERNEL=seesaw under the interpreter: the twin (the seesaw's algebra)
+    where the seesaw's own rule holds (BLOCK_M = BLOCK_K), bit for bit the classic
+    kernel's partials; on CONFIG's 16 x 32 tiles the classic kernel (no launch)."""
+    inputs = scenario("random", torch.float16)
+    square = dict(CONFIG, BLOCK_M=32, BLOCK_K=32)
+    monkeypatch.setenv(hopper_launch.ENV, "seesaw")
+    new = launch.queue_pass(*inputs, 64.0, threshold, True, split_size=96, config=square)
+    monkeypatch.setenv(hopper_launch.ENV, "classic")
+    old = launch.queue_pass(*inputs, 64.0, threshold, True, split_size=96, config=square)
+    assert launches.kernels == ["seesaw"], "the seesaw's twin did not run"
+    assert_same_bits(new, old, f"seesaw, threshold {threshold}")
+    queue_pass(monkeypatch, "seesaw", *inputs, threshold=threshold, split_size=96)
+    assert launches.kernels == ["seesaw"], "the twin ran for the seesaw on tiles the seesaw cannot run"
 
 
 @pytest.mark.skipif(ON_CUDA, reason="the twin runs under the interpreter")
@@ -187,11 +215,11 @@ ON_HOPPER = ON_CUDA and torch.cuda.get_device_capability() == (9, 0) and hopper.
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only (a GPU test)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
-def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin):
+def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin, kernel="pipelined"):
     """The Gluon kernel itself (never run on a GPU before this test's first run): loss and
     gradient against the float64 reference within the error model of its GEMM dtype, at
     D = 512 over several splits and row blocks, with a partial last tile and empty slots."""
-    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+    monkeypatch.setenv(hopper_launch.ENV, kernel)
     margin = MARGINS[margin]
     x, k, y, w, yq = make_inputs(150, 512, 1000, num_classes=40, empty=50, dtype=torch.float32,
                                  queue_dtype=dtype, device="cuda", seed=7)
@@ -210,40 +238,29 @@ def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype
                       gemm_dtype=dtype)
 
 
-class _SeesawInPlace:
-    """Stands for hopper.hopper_queue_pass_kernel in hopper_launch.launch: the same
-    arguments to the seesaw kernel (dcq_ops/triton/hopper_seesaw.py), which takes no
-    STAGES or schedule and runs with its own warps and register cap."""
-
-    def __getitem__(self, grid):
-        def run(*args, STAGES, OVERLAP_SOFTMAX, num_warps, **kwargs):
-            hopper_seesaw.seesaw_queue_pass_kernel[grid](*args, **kwargs, num_warps=hopper_seesaw.NUM_WARPS,
-                                                        maxnreg=hopper_seesaw.MAXNREG)
-        return run
-
-
 @pytest.mark.skipif(not ON_HOPPER or os.environ.get("DCQ_TEST_SEESAW_CHILD") != "1",
                     reason="the seesaw kernel on sm_90, run by test_seesaw_kernel_on_sm90_in_a_child_process")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
 def test_seesaw_kernel_child(monkeypatch, launches, dtype, margin):
-    """test_gluon_kernel_on_sm90_matches_the_reference with the seesaw kernel launched
-    in place of the pipelined one (and the probe cleared: this process is the probe)."""
-    monkeypatch.setattr(hopper, "hopper_queue_pass_kernel", _SeesawInPlace())
+    """test_gluon_kernel_on_sm90_matches_the_reference with the seesaw kernel selected
+    (and the probe cleared: this process stands for the probe)."""
     monkeypatch.setattr(hopper_launch.hopper_probe, "cleared", lambda *args: True)
-    test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin)
+    test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin, kernel="seesaw")
+    assert launches.kernels == ["seesaw"]
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the seesaw kernel runs on sm_90 only (a GPU test)")
 def test_seesaw_kernel_on_sm90_in_a_child_process():
     """The seesaw kernel has never run: its hand-over between the two warpgroups
     (mbarrier phases per parity) could hang, so its checks against the float64
-    reference run in a child process with a deadline (test_seesaw_kernel_child)."""
+    reference run in a child process with a deadline (test_seesaw_kernel_child): 120 s,
+    within gpu_check's test budget (its probe, run before, catches a hang in 40 s)."""
     env = dict(os.environ, DCQ_TEST_SEESAW_CHILD="1")
     try:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                               str(Path(__file__)), "-k", "test_seesaw_kernel_child"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the seesaw kernel did not finish in {exc.timeout} s (a hang in its hand-over?)")
     assert run.returncode == 0 and re.search(r"^4 passed", run.stdout, re.M), run.stdout[-4000:] + run.stderr[-2000:]
@@ -252,34 +269,56 @@ def test_seesaw_kernel_on_sm90_in_a_child_process():
 def test_the_default_kernel_and_the_choice_is_checked(monkeypatch):
     q, _, w, _ = scenario("random", torch.float16)
     monkeypatch.delenv(hopper_launch.ENV, raising=False)
-    assert hopper_launch.selected_kernel() == ("classic" if kernels.INTERPRETED else "pipelined")
+    assert hopper_launch.selected_kernel() == ("classic" if kernels.INTERPRETED else hopper_launch.RANKED)
     if kernels.INTERPRETED:
-        assert not hopper_launch.applies(q, w, 64, 32, CONFIG, (9, 0))
+        assert hopper_launch.choose_kernel(q, w, 64, 32, 32, CONFIG, (9, 0)) is None
     monkeypatch.setenv(hopper_launch.ENV, "classic")
-    assert not hopper_launch.applies(q, w, 64, 32, CONFIG, (9, 0))
+    assert hopper_launch.choose_kernel(q, w, 64, 32, 32, CONFIG, (9, 0)) is None
     monkeypatch.setenv(hopper_launch.ENV, "fastest")
-    with pytest.raises(ValueError, match="DCQ_OPS_SM90_KERNEL must be one of classic, pipelined, got 'fastest'"):
+    with pytest.raises(ValueError, match="DCQ_OPS_SM90_KERNEL must be one of classic, pipelined, seesaw, "
+                                         "got 'fastest'"):
         hopper_launch.selected_kernel()
 
 
-def test_where_the_pipelined_kernel_applies(monkeypatch):
-    monkeypatch.setenv(hopper_launch.ENV, "pipelined")
+@pytest.mark.parametrize("kernel", ["pipelined", "seesaw"])
+def test_where_a_gluon_kernel_applies_under_the_interpreter(monkeypatch, kernel):
+    """The twin's rules: the kernel's structural ones on the interpreter's tiles."""
+    monkeypatch.setattr(hopper_launch, "INTERPRETED", True)
     q, _, w, _ = scenario("random", torch.float16)
-    block_k = CONFIG["BLOCK_K"]
-    if kernels.INTERPRETED:  # the twin: any split that is a multiple of the tile
-        assert hopper_launch.applies(q, w, 64, block_k, CONFIG, None)
-        assert not hopper_launch.applies(q, w, 48, block_k, CONFIG, None)  # a tile would straddle two splits
-        assert not hopper_launch.applies(q, w[:0], 64, block_k, CONFIG, None)  # an empty queue
-        assert not hopper_launch.applies(q[:, :45], w[:, :45], 64, block_k, CONFIG, None)  # 90-byte rows
-    else:
-        monkeypatch.setattr(hopper_launch.hopper_probe, "cleared", lambda *args: True)  # tests/test_hopper_probe.py
-        q = q.to(torch.bfloat16)
-        w = w.to(torch.bfloat16)
-        assert not hopper_launch.applies(q, w, 128, 64, None, (8, 0))  # not sm_90
-        assert not hopper_launch.applies(q.float(), w.float(), 128, 64, None, (9, 0))  # not 16-bit
-        assert not hopper_launch.applies(q, w, 96, 64, None, (9, 0))  # split not a multiple of 64
-        assert not hopper_launch.applies(q, w, 128, 32, CONFIG, (9, 0))  # another tile configuration
-        assert hopper_launch.applies(q, w, 128, 64, None, (9, 0)) == hopper.AVAILABLE
+    block_k = 32
+    assert hopper_launch.applies(kernel, q, w, 64, 32, block_k, None, None)
+    assert not hopper_launch.applies(kernel, q, w, 48, 32, block_k, None, None)  # a tile would straddle two splits
+    assert not hopper_launch.applies(kernel, q, w[:0], 64, 32, block_k, None, None)  # an empty queue
+    assert not hopper_launch.applies(kernel, q[:, :45], w[:, :45], 64, 32, block_k, None, None)  # 90-byte rows
+    # BLOCK_M != BLOCK_K: the pipelined kernel's twin, never the seesaw's.
+    assert hopper_launch.applies(kernel, q, w, 64, 16, block_k, None, None) == (kernel == "pipelined")
+
+
+@pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("kernel", ["pipelined", "seesaw"])
+def test_where_a_gluon_kernel_applies_on_sm90(monkeypatch, kernel):
+    """The GPU's rules (hopper_launch.RULES; its branch run on CPU tensors)."""
+    monkeypatch.setattr(hopper_launch, "INTERPRETED", False)
+    q, _, w, _ = scenario("random", torch.bfloat16)
+    q, w = q.cpu(), w.cpu()
+    tile = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=2)
+
+    def applies(q=q, w=w, split=128, block_m=64, block_k=64, config=None, capability=(9, 0)):
+        return hopper_launch.applies(kernel, q, w, split, block_m, block_k, config, capability)
+
+    assert applies() and applies(config=tile)
+    assert not applies(capability=(8, 0))  # not sm_90
+    assert not applies(q.float(), w.float())  # not 16-bit
+    assert not applies(split=96)  # split not a multiple of 64
+    assert not applies(block_m=32, block_k=32, config=CONFIG)  # another tile configuration
+    assert not applies(config=dict(tile, num_warps=4))  # other warps
+    assert not applies(block_m=32)  # the plan's rows per program are not the kernel's
+    wide = torch.zeros(q.shape[0], 520, dtype=q.dtype), torch.zeros(w.shape[0], 520, dtype=w.dtype)
+    assert not applies(*wide)  # a padded D of 1024
+    narrow = torch.zeros(q.shape[0], 24, dtype=q.dtype), torch.zeros(w.shape[0], 24, dtype=w.dtype)
+    assert not applies(*narrow)  # a padded D of 32
+    assert applies(q[:, :40].contiguous(), w[:, :40].contiguous()) and not applies(q[:, :44].contiguous(),
+                                                                                   w[:, :44].contiguous())
 
 
 @pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
@@ -342,7 +381,7 @@ def test_gluon_kernel_compiles_for_sm90_at_ideal_work_without_serialized_wgmma(s
 
 @pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
 def test_seesaw_kernel_compiles_for_sm90_at_ideal_work(sass_report):
-    """The seesaw kernel (dcq_ops/triton/hopper_seesaw.py, compiled, not launched),
+    """The seesaw kernel (dcq_ops/triton/hopper_seesaw.py, the ranked chain's first),
     bf16 at D=512: each consumer warpgroup's loop issues one tile's S GEMM as
     m64n64k16 and its half of two tiles' P W (40 HGMMA, FLOPs / ideal 1.0 for the
     tile it completes), at most one wgmma wait per four HGMMA, no serialized-wgmma

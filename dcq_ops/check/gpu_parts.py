@@ -113,8 +113,8 @@ def _time_ms(fn, device, repeats: int) -> float:
 
 def _time_sm90_kernels(section: dict, fn, device: torch.device, repeats: int, flops: float) -> None:
     """On sm_90, the Triton backend once more with each queue-pass kernel forced
-    (DCQ_OPS_SM90_KERNEL: the pipelined Gluon kernel and the classic one), side by side
-    with the GEMM pair; with the pipelined kernel's probe verdicts (a failed probe runs
+    (DCQ_OPS_SM90_KERNEL: the seesaw and pipelined Gluon kernels and the classic one), side
+    by side with the GEMM pair; with the Gluon kernels' probe verdicts (a failed probe runs
     the classic kernel, which the verdicts then show)."""
     from dcq_ops.triton import hopper_launch, hopper_probe
 
@@ -124,7 +124,8 @@ def _time_sm90_kernels(section: dict, fn, device: torch.device, repeats: int, fl
         section[f"triton_{kernel}_ms"] = ms
         section[f"triton_{kernel}_tflops"] = flops / ms / 1e9
         section[f"triton_{kernel}_vs_gemm_pair"] = section["gemm_pair_ms"] / ms
-    section["pipelined_vs_classic"] = section["triton_classic_ms"] / section["triton_pipelined_ms"]
+    for kernel in ("pipelined", "seesaw"):
+        section[f"{kernel}_vs_classic"] = section["triton_classic_ms"] / section[f"triton_{kernel}_ms"]
     section["hopper_probe"] = hopper_probe.verdicts()
 
 

@@ -1,8 +1,9 @@
-"""The probe of the pipelined sm_90 kernel (dcq_ops.triton.hopper): before the kernel's
-first launch of a probe class in a process (``ProbeClass``: what of a launch matters to
-each program's control flow), a child process runs it on a small launch of the same
-class and judges it (dcq_ops.triton.hopper_probe_child), so that what the in-process
-first-contact check cannot survive stays in the child:
+"""The probe of a Gluon sm_90 kernel (the seesaw, dcq_ops.triton.hopper_seesaw, and the
+pipelined, dcq_ops.triton.hopper): before a kernel's first launch of a probe class in a
+process (``ProbeClass``: which kernel, and what of a launch matters to each program's
+control flow), a child process runs that kernel on a small launch of the same class and
+judges it (dcq_ops.triton.hopper_probe_child), so that what the in-process first-contact
+check cannot survive stays in the child:
 
 - a hang (a wrong mbarrier phase deadlocks the GPU and its process forever): the child
   has a deadline (``TIMEOUT_ENV``, default ``DEFAULT_TIMEOUT_S`` seconds, its compile
@@ -12,18 +13,20 @@ first-contact check cannot survive stays in the child:
 - a compile or launch error, and wrong numbers (against the float64 loss, within the
   first-contact check's bound): the child's verdict says so.
 
-Any of these: one ``RuntimeWarning`` naming what happened, the classic kernel
-(kernels.queue_pass_kernel) for the class in this process, and the demotion recorded
-(dcq_ops.demotions: ``dcq_ops.backends()`` and ``python -m dcq_ops.check`` report it). A
-pass: the pipelined kernel for the class. Either verdict is cached on disk
-(dcq_ops.triton.hopper_probe_cache, keyed on the GPU, driver, CUDA, torch, Triton, the
-kernel's sources and the class), so a machine pays each probe once; in memory, every
-later launch of the class is one dictionary lookup. Several ranks may probe at once;
-each writes the cache atomically.
+Any of these: one ``RuntimeWarning`` naming the kernel and what happened, the next kernel
+of dcq_ops.triton.hopper_launch's chain for the class in this process (the pipelined
+kernel after the seesaw, behind its own probe; else the classic kernel,
+kernels.queue_pass_kernel), and the demotion recorded (dcq_ops.demotions:
+``dcq_ops.backends()`` and ``python -m dcq_ops.check`` report it). A pass: that kernel
+for the class. Either verdict is cached on disk (dcq_ops.triton.hopper_probe_cache, keyed
+on the GPU, driver, CUDA, torch, Triton, the kernels' sources and the class, the kernel
+included), so a machine pays each probe once; in memory, every later launch of the class
+is one dictionary lookup. One kernel's verdict never clears the other. Several ranks may
+probe at once; each writes the cache atomically.
 
 Under torch.compile's tracing or a CUDA-graph capture, where no probe can run, a cached
-verdict decides, and without one the classic kernel runs (the pipelined kernel never
-launches unprobed; a later eager launch of the class probes it).
+verdict decides, and without one the kernel does not run (a Gluon kernel never launches
+unprobed; a later eager launch of the class probes it).
 
 The child's command is ``CHILD_COMMAND`` (None: ``python -m CHILD_MODULE``), followed by
 ``--device DEVICE CLASS_JSON``: the tests replace it with children that hang, crash or
@@ -53,7 +56,9 @@ from dcq_ops.validation import check_number
 TIMEOUT_ENV = "DCQ_OPS_HOPPER_PROBE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
 CHILD_MODULE = "dcq_ops.triton.hopper_probe_child"
+# What runs instead of a kernel that failed its probe (the demotion's fallback).
 FALLBACK = "triton (classic sm_90 kernel)"
+FALLBACK_PIPELINED = "triton (pipelined sm_90 kernel, behind its own probe)"
 
 # Test hook: the child's argv before "--device DEVICE CLASS_JSON" (None: python -m CHILD_MODULE).
 CHILD_COMMAND: list | None = None
@@ -145,8 +150,8 @@ def forget() -> None:
     _SAID.clear()
 
 
-def cleared(probe_class: ProbeClass, device: torch.device) -> bool:
-    """Whether the pipelined kernel may launch for ``probe_class`` on ``device``: its
+def cleared(probe_class: ProbeClass, device: torch.device, fallback: str = FALLBACK) -> bool:
+    """Whether ``probe_class.kernel`` may launch for ``probe_class`` on ``device``: its
     verdict, from this process's memory, the disk cache or a probe run now (see the
     module docstring).
 
@@ -154,6 +159,9 @@ def cleared(probe_class: ProbeClass, device: torch.device) -> bool:
     ----------
     probe_class : ProbeClass
     device : torch.device
+    fallback : str
+        What runs the class if the probe fails (``FALLBACK``, the classic kernel, or
+        ``FALLBACK_PIPELINED``): the warning and the recorded demotion name it.
 
     Returns
     -------
@@ -172,16 +180,16 @@ def cleared(probe_class: ProbeClass, device: torch.device) -> bool:
     cached = hopper_probe_cache.read(cache_key)
     verdict = None if cached is None else _cached_verdict(*cached)
     if verdict is not None:
-        _record(key, probe_class, verdict)
+        _record(key, probe_class, verdict, fallback)
         return verdict.passed
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if "unprobed" not in _SAID:
-            _SAID.add("unprobed")
+        if ("unprobed", probe_class.kernel) not in _SAID:
+            _SAID.add(("unprobed", probe_class.kernel))
             warnings.warn(
-                "dcq_ops: the pipelined sm_90 kernel met a class that no probe has cleared, under torch.compile's "
-                "tracing or a CUDA-graph capture, where its probe (a child process) cannot run: the classic kernel "
-                f"runs it ({probe_class.words()}). Run dcq_ops.warmup or DCQLoss.prepare before compiling or "
-                "capturing.", RuntimeWarning, stacklevel=2)
+                f"dcq_ops: the {probe_class.kernel} sm_90 kernel met a class that no probe has cleared, under "
+                "torch.compile's tracing or a CUDA-graph capture, where its probe (a child process) cannot run: "
+                f"{_words_of(fallback)} runs it ({probe_class.words()}). Run dcq_ops.warmup or DCQLoss.prepare "
+                "before compiling or capturing.", RuntimeWarning, stacklevel=2)
         return False
     verdict = run_probe(probe_class, device)
     path = hopper_probe_cache.write(cache_key, {k: v for k, v in verdict.as_dict().items()
@@ -189,7 +197,7 @@ def cleared(probe_class: ProbeClass, device: torch.device) -> bool:
     if path is not None:
         verdict = Verdict(verdict.status, verdict.what, verdict.reason, verdict.seconds, "probe", str(path),
                           verdict.numbers)
-    _record(key, probe_class, verdict)
+    _record(key, probe_class, verdict, fallback)
     return verdict.passed
 
 
@@ -205,7 +213,14 @@ def _cached_verdict(data: dict, path) -> Verdict | None:
     return Verdict(data["status"], what, data.get("reason", ""), float(seconds), "cache", str(path), dict(numbers))
 
 
-def _record(key: tuple, probe_class: ProbeClass, verdict: Verdict) -> None:
+def _words_of(fallback: str) -> str:
+    """A fallback (``FALLBACK``, ``FALLBACK_PIPELINED``) as the subject of a sentence."""
+    return {FALLBACK: "the classic sm_90 kernel",
+            FALLBACK_PIPELINED: "the pipelined sm_90 kernel (if its own probe clears the class; else the classic "
+                                "one)"}.get(fallback, fallback)
+
+
+def _record(key: tuple, probe_class: ProbeClass, verdict: Verdict, fallback: str) -> None:
     """Keep the verdict; a failure: one warning, and the demotion recorded."""
     _VERDICTS[key] = verdict
     if verdict.passed:
@@ -215,12 +230,13 @@ def _record(key: tuple, probe_class: ProbeClass, verdict: Verdict) -> None:
     cached = (f" The verdict is cached in {verdict.cache_path} (from an earlier probe)" if verdict.source == "cache"
               else f" The verdict is cached in {verdict.cache_path}" if verdict.cache_path else "")
     retry = (f": delete it, or set {hopper_probe_cache.CACHE_ENV}=0, to probe again." if verdict.cache_path else ".")
-    message = (f"dcq_ops: the pipelined sm_90 queue-pass kernel failed its probe on {where} for {probe_class.words()}: "
-               f"{verdict.what}: {verdict.reason}. The classic sm_90 kernel runs this class instead "
-               f"(dcq_ops.backends() reports it).{cached}{retry} Please report it with the output of "
+    instead = _words_of(fallback)
+    message = (f"dcq_ops: the {probe_class.kernel} sm_90 queue-pass kernel failed its probe on {where} for "
+               f"{probe_class.words()}: {verdict.what}: {verdict.reason}. {instead[0].upper()}{instead[1:]} runs this "
+               f"class instead (dcq_ops.backends() reports it).{cached}{retry} Please report it with the output of "
                "`python -m dcq_ops.check`; DCQ_OPS_SM90_KERNEL=classic selects the classic kernel without a probe.")
-    record_demotion(("hopper_probe",) + key, Demotion("triton", FALLBACK, device,
-                                                      f"the pipelined sm_90 kernel, {probe_class.words()}",
+    record_demotion(("hopper_probe",) + key, Demotion("triton", fallback, device,
+                                                      f"the {probe_class.kernel} sm_90 kernel, {probe_class.words()}",
                                                       f"{verdict.what}: {verdict.reason}", message))
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 

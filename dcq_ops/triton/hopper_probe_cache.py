@@ -1,11 +1,12 @@
-"""The on-disk cache of the pipelined sm_90 kernel's probe verdicts
+"""The on-disk cache of the Gluon sm_90 kernels' probe verdicts
 (dcq_ops.triton.hopper_probe), so that a machine pays each probe once.
 
 A verdict is valid for the machine and the code it was found with: its key holds the
 GPU (name and compute capability), the CUDA driver and runtime versions, the torch and
 Triton versions, a hash of the kernel's sources (``sources()``: every
-dcq_ops/triton/hopper*.py, the Gluon kernel, its launch and the probe's child among them,
-whose change changes what runs or what is checked) and the probe class. Each key is one
+dcq_ops/triton/hopper*.py, the Gluon kernels, their launch and the probe's child among them,
+whose change changes what runs or what is checked) and the probe class (the kernel
+included: one kernel's verdict never answers for the other). Each key is one
 file, ``<sha256 of the key>.json`` in ``cache_dir()``, holding the key itself (checked on
 reading) and the verdict.
 

@@ -1,18 +1,20 @@
-"""The child process of the pipelined sm_90 kernel's probe (dcq_ops.triton.hopper_probe):
+"""The child process of a Gluon sm_90 kernel's probe (dcq_ops.triton.hopper_probe):
 
     python -m dcq_ops.triton.hopper_probe_child --device cuda:0 '<probe class as JSON>'
 
-runs the pipelined kernel once on seeded random inputs that reproduce the class's
-per-program control flow at a small grid (``ProbeClass.launch_shape``), synchronises,
-and compares the loss and gradient rows with the loss computed in float64 from the same
-inputs (``row_check.exact_loss_and_grad``) within the first-contact check's bound
+runs the class's kernel (``kernel``: the seesaw or the pipelined one, asked for alone
+through DCQ_OPS_SM90_KERNEL, so no other kernel stands in for it) once on seeded random
+inputs that reproduce the class's per-program control flow at a small grid
+(``ProbeClass.launch_shape``), synchronises, and compares the loss and gradient rows
+with the loss computed in float64 from the same inputs (``row_check.exact_loss_and_grad``) within the first-contact check's bound
 (``row_check.compare``). It prints its verdict as one line, ``VERDICT_PREFIX`` then JSON
 (``status`` "passed" or "failed", ``what`` "passed", "wrong numbers" or "error",
 ``reason``, the numbers), and exits 0 when it passed, 1 otherwise. What it cannot say
 itself (a hang, a crash) the parent reads from its deadline and exit status.
 
 On a CPU device under ``TRITON_INTERPRET=1`` the launch runs the plain-Triton twin
-(dcq_ops.triton.hopper_twin) instead: what CI can exercise of this child.
+(dcq_ops.triton.hopper_twin, the algebra of both kernels) instead, where the class's
+kernel applies (the seesaw: BLOCK_M = BLOCK_K): what CI can exercise of this child.
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def probe_inputs(probe_class, device):
 
 
 def run(probe_class, device_name: str) -> dict:
-    """Launch the pipelined kernel on the class's inputs and judge it (the verdict's dict).
+    """Launch the class's kernel on the class's inputs and judge it (the verdict's dict).
     ``main`` first marks the process as the probe (``hopper_probe.IN_CHILD``) and asks
-    for the pipelined kernel (``DCQ_OPS_SM90_KERNEL``)."""
+    for that kernel alone (``DCQ_OPS_SM90_KERNEL``)."""
     import torch
 
     from dcq_ops.triton import import_ops
@@ -74,12 +76,12 @@ def run(probe_class, device_name: str) -> dict:
     from dcq_ops.margin import MarginConfig
     from dcq_ops.rounding_bound import gemm_rounding
     from dcq_ops.row_check import EXACT, compare, exact_loss_and_grad
-    from dcq_ops.triton import hopper, hopper_launch
+    from dcq_ops.triton import hopper_launch
 
     inputs = probe_inputs(probe_class, device)
     margin = MarginConfig(scale=SCALE, m1=1.0, m2=M2, m3=0.0,
                           interclass_filtering_threshold=THRESHOLD if probe_class.filtering else 0.0)
-    warps = hopper.NUM_WARPS if device.type == "cuda" else 4
+    warps = hopper_launch.RULES[probe_class.kernel].num_warps if device.type == "cuda" else 4
     config = dict(BLOCK_M=probe_class.block_m, BLOCK_K=probe_class.block_k, num_warps=warps,
                   num_stages=probe_class.stages if device.type == "cuda" else 1)
     _, _, split_size = probe_class.launch_shape()
@@ -87,7 +89,7 @@ def run(probe_class, device_name: str) -> dict:
     original = hopper_launch.launch
 
     def counted(*args, **kwargs):
-        launched.append(args[13])  # compute_grad
+        launched.append((args[13], kwargs.get("kernel")))  # compute_grad, the kernel
         return original(*args, **kwargs)
 
     hopper_launch.launch = counted
@@ -100,9 +102,10 @@ def run(probe_class, device_name: str) -> dict:
                 torch.cuda.synchronize(device)
     finally:
         hopper_launch.launch = original
-    if launched != [probe_class.compute_grad]:
+    if launched != [(probe_class.compute_grad, probe_class.kernel)]:
         return {"status": "failed", "what": "error",
-                "reason": f"the pipelined kernel did not run as the class asks (launches: {launched})"}
+                "reason": f"the {probe_class.kernel} kernel did not run as the class asks (launches, gradient and "
+                          f"kernel: {launched})"}
     exact_loss, exact_grad = exact_loss_and_grad(*inputs, margin, probe_class.compute_grad)
     x, k, _, w, _ = inputs
     verdict = compare(loss, grad if probe_class.compute_grad else None, exact_loss, exact_grad, inputs, margin,
@@ -116,7 +119,7 @@ def run(probe_class, device_name: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcq_ops.triton.hopper_probe_child",
-                                     description="Probe the pipelined sm_90 kernel for one class (a child process).")
+                                     description="Probe a Gluon sm_90 kernel for one class (a child process).")
     parser.add_argument("probe_class", help="the probe class as JSON (ProbeClass.to_json)")
     parser.add_argument("--device", default="cuda", help="the device to run on (default: cuda)")
     args = parser.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         parser.error(f"probe_class: {exc}")
     from dcq_ops.triton import hopper_probe  # (no Triton import)
     hopper_probe.IN_CHILD = True  # this process is the probe: its launch is not probed again
-    os.environ["DCQ_OPS_SM90_KERNEL"] = "pipelined"
+    os.environ["DCQ_OPS_SM90_KERNEL"] = probe_class.kernel  # that kernel alone, no chain
     start = time.perf_counter()
     try:
         verdict = run(probe_class, args.device)

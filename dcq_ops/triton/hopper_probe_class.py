@@ -1,9 +1,11 @@
-"""The probe class of a launch of the pipelined sm_90 queue pass (dcq_ops.triton.hopper):
-what of a launch matters to each program's control flow, and the small launch that
-reproduces it (dcq_ops.triton.hopper_probe runs it in a child process before the
-kernel's first launch of the class in a process).
+"""The probe class of a launch of a Gluon sm_90 queue pass (``kernel``: "pipelined",
+dcq_ops.triton.hopper, or "seesaw", dcq_ops.triton.hopper_seesaw): which kernel, what of
+a launch matters to each program's control flow, and the small launch that reproduces it
+(dcq_ops.triton.hopper_probe runs it in a child process before the kernel's first launch
+of the class in a process). The kernel is part of the class: one kernel's verdict never
+clears the other.
 
-Each program of the kernel runs ``num_tiles = cdiv(k_end - k_begin, BLOCK_K)`` queue
+Each program of the pipelined kernel runs ``num_tiles = cdiv(k_end - k_begin, BLOCK_K)`` queue
 tiles: its loop, its mbarrier phases and its TMA refills depend on that count only
 through ``num_tiles`` below ``4 * STAGES`` (no loop, no refill, the first phases) and
 ``num_tiles mod 2 * STAGES`` past it (each stage's barrier completes once every STAGES
@@ -20,6 +22,10 @@ from __future__ import annotations
 
 import json
 from typing import NamedTuple
+
+
+# The Gluon kernels a class can be of (dcq_ops.triton.hopper_launch ranks them).
+KERNELS = ("pipelined", "seesaw")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -39,6 +45,8 @@ class ProbeClass(NamedTuple):
 
     Attributes
     ----------
+    kernel : str
+        The Gluon kernel probed, one of ``KERNELS``: "pipelined" or "seesaw".
     dtype : str
         The GEMM operands' dtype: "bfloat16", "float16" (or "float32" under the
         interpreter).
@@ -62,6 +70,7 @@ class ProbeClass(NamedTuple):
         Whether the last split's last tile is partial.
     """
 
+    kernel: str
     dtype: str
     dim: int
     compute_grad: bool
@@ -77,10 +86,18 @@ class ProbeClass(NamedTuple):
     tail_tile: bool
 
     @classmethod
-    def of_launch(cls, dtype, rows: int, queue_size: int, dim: int, split_size: int, compute_grad: bool,
+    def of_launch(cls, kernel: str, dtype, rows: int, queue_size: int, dim: int, split_size: int, compute_grad: bool,
                   filtering: bool, block_m: int, block_k: int, stages: int) -> "ProbeClass":
-        """The class of a launch of ``rows`` rows over a queue of ``queue_size`` entries in
-        splits of ``split_size`` (a multiple of ``block_k``; ``queue_size`` > 0)."""
+        """The class of a launch of ``kernel`` on ``rows`` rows over a queue of ``queue_size`` entries in
+        splits of ``split_size`` (a multiple of ``block_k``; ``queue_size`` > 0).
+
+        Raises
+        ------
+        ValueError
+            ``kernel`` is not one of ``KERNELS``.
+        """
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         num_splits = max(1, cdiv(queue_size, split_size))
         last_split = queue_size - (num_splits - 1) * split_size
         tiles_last = representative_tiles(cdiv(last_split, block_k), stages)
@@ -89,7 +106,8 @@ class ProbeClass(NamedTuple):
             # Both counts past 4 * stages: a full split a period longer keeps its residue
             # and stays at least as long as the last one (as in the launch).
             tiles_full += 2 * stages
-        return cls(str(dtype).replace("torch.", ""), int(dim), bool(compute_grad), bool(filtering), int(block_m),
+        return cls(str(kernel), str(dtype).replace("torch.", ""), int(dim), bool(compute_grad), bool(filtering),
+                   int(block_m),
                    int(block_k), int(stages), 1 if rows <= block_m else 2, rows % block_m != 0,
                    1 if num_splits == 1 else 2, tiles_full, tiles_last, last_split % block_k != 0)
 
@@ -102,7 +120,8 @@ class ProbeClass(NamedTuple):
 
     def words(self) -> str:
         """The class in words, for warnings and reports."""
-        return (f"{self.dtype} operands, D={self.dim}, {'with' if self.compute_grad else 'without'} gradient"
+        return (f"the {self.kernel} kernel, {self.dtype} operands, D={self.dim}, "
+                f"{'with' if self.compute_grad else 'without'} gradient"
                 f"{', filtering' if self.filtering else ''}, {self.row_blocks} row block(s)"
                 f"{' (the last partial)' if self.row_tail else ''}, {self.splits} split(s) of "
                 f"{self.tiles_full or self.tiles_last} tile(s) (representative), the last split "
@@ -118,9 +137,12 @@ class ProbeClass(NamedTuple):
         data = json.loads(text)
         if not isinstance(data, dict) or set(data) != set(cls._fields):
             raise ValueError(f"a probe class needs the fields {sorted(cls._fields)}, got {data!r}")
-        types = {"dtype": str, "compute_grad": bool, "filtering": bool, "row_tail": bool, "tail_tile": bool}
+        types = {"kernel": str, "dtype": str, "compute_grad": bool, "filtering": bool, "row_tail": bool,
+                 "tail_tile": bool}
         for name in cls._fields:
             expected = types.get(name, int)
             if type(data[name]) is not expected:
                 raise ValueError(f"probe class field {name!r} must be {expected.__name__}, got {data[name]!r}")
+        if data["kernel"] not in KERNELS:
+            raise ValueError(f"probe class field 'kernel' must be one of {', '.join(KERNELS)}, got {data['kernel']!r}")
         return cls(**{name: data[name] for name in cls._fields})

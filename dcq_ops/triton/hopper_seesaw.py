@@ -35,15 +35,21 @@ The algebra is kernels._block_partials', operation for operation: the same
 accumulator per tile; so the plain-Triton twin (dcq_ops.triton.hopper_twin) is
 the algebra of this kernel too. Gluon has no interpreter: the twin's bits, the
 GPU's first-contact check and dcq_ops.check stand for it. It has never run on a
-GPU and nothing launches it (benchmarks/hopper_sass.py compiles it).
+GPU: it is the first of the sm_90 default's ranked kernels, each new class of its
+launches first run in a child process (dcq_ops.triton.hopper_launch, .hopper_probe);
+benchmarks/hopper_sass.py compiles it.
 
 Shared memory at 64 x 64 tiles, D = 512, bf16: q 64 KiB + 2 queue buffers 128 KiB
 + 2 P buffers 16 KiB + the handed statistics and barriers: 211 KiB of the 227.
 A third buffer does not fit beside q: one load in flight.
 
-Requirements of the launch: those of dcq_ops.triton.hopper (the same host
-descriptors, dcq_ops.triton.hopper_launch.gluon_descriptors), BLOCK_M = BLOCK_K,
-num_warps=NUM_WARPS (the default partition; 8 warps in all), maxnreg=MAXNREG.
+Requirements of the launch (dcq_ops.triton.hopper_launch.RULES["seesaw"] holds them):
+those of dcq_ops.triton.hopper (16-bit operands, the same host descriptors,
+dcq_ops.triton.hopper_launch.gluon_descriptors; the split size a multiple of BLOCK_K; D a
+multiple of 8), BLOCK_M = BLOCK_K = 64 (one warpgroup's m64 rows; q shares the queue
+tiles' buffer array), BLOCK_D from MIN_BLOCK_D to MAX_BLOCK_D (the halves of D are
+wgmma N of 32 to 256; compiled without spills at each), num_warps=NUM_WARPS (the default
+partition; 8 warps in all), maxnreg=MAXNREG: ``launch``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,23 @@ CONSUMER_REGS = 256
 MAXNREG = 255
 # One buffer per consumer: tile t in buffer t % 2, its owner's parity.
 STAGES = 2
+# The tile: one warpgroup's rows, and q in the queue tiles' buffer array (BLOCK_M = BLOCK_K).
+BLOCK_M = 64
+BLOCK_K = 64
+# The padded D it is launched with (each consumer's half, 32 to 256, is one wgmma's N).
+MIN_BLOCK_D = 64
+MAX_BLOCK_D = 512
+
+
+def launch(grid, q_desc, w_desc, labels, queue_labels, workspace, scalars, *, filtering: bool, compute_grad: bool,
+           rescale_on_growth: bool) -> None:
+    """The seesaw queue pass over ``grid`` into ``workspace`` (max, sum, accumulator), on
+    the host descriptors of dcq_ops.triton.hopper_launch.gluon_descriptors and the
+    scalars of queue_pass_kernel (rows, queue size, D, splits, split size, scale in log2
+    units, filtering threshold), with its warps and register cap."""
+    seesaw_queue_pass_kernel[grid](q_desc, w_desc, labels, queue_labels, *workspace, *scalars, FILTER=filtering,
+                                   COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth,
+                                   num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
 if hopper.AVAILABLE:
     from triton.experimental import gluon

@@ -344,11 +344,13 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
                  BLOCK_D=block_d_of(dim))
     with _device_context(device):
         capability = device_architecture(_device_index(device))[0].capability if device.type == "cuda" else None
-        if hopper_launch.applies(args[0], args[2], split_size, tile.block_k, config, capability,
-                                 compute_grad=compute_grad, filtering=threshold > 0):
-            # The sm_90 default where its probe cleared the class: dcq_ops.triton.hopper_launch.
+        sm90 = hopper_launch.choose_kernel(args[0], args[2], split_size, tile.block_m, tile.block_k, config,
+                                           capability, compute_grad=compute_grad, filtering=threshold > 0)
+        if sm90:
+            # The sm_90 default's kernel that applies and whose probe cleared the class:
+            # dcq_ops.triton.hopper_launch.
             hopper_launch.launch(grid, *args[:4], workspace, *args[7:14], compute_grad, tile.block_m,
-                                 tile.block_k, flags["INPUT_PRECISION"])
+                                 tile.block_k, flags["INPUT_PRECISION"], kernel=sm90)
         elif candidates:
             same_rows = tuple(c for c in candidates if c.block_m == tile.block_m)
             _autotuned_kernel(tile.block_m, same_rows)[grid](*args, *buckets, **flags, COMPUTE_GRAD=compute_grad)
