@@ -6,7 +6,11 @@ The children are fakes (tests/hopper_probe_fakes.py) that pass or fail by the ke
 in the class they are given; hopper_launch runs its GPU branch on CPU tensors
 (``as_on_sm90``). The probe itself: tests/test_hopper_probe.py."""
 
+import json
+import runpy
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +269,44 @@ def test_under_the_interpreter_the_default_stays_classic_and_nothing_is_probed(m
     assert hopper_launch.choose_kernel(q, w, 64, 16, 32, None, None) is None
     assert hopper_launch.choose_kernel(q, w, 64, 32, 32, None, None) == "seesaw"
     assert spawned == []
+
+
+# ----------------------------------------------------------------------------
+# scripts/gpu_check.sh's probe step
+
+
+def gpu_check_probe_step() -> str:
+    """The Python of gpu_check.sh's step 1b, made to run on CPU tensors (its sm_90 gate
+    passed, "cuda" read as "cpu")."""
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh").read_text()
+    step = script[script.index("# 1b."):script.index("# 2. The check command")]
+    code = step[step.index("<<'EOF'\n") + len("<<'EOF'\n"):step.index("\nEOF\n")]
+    gate = "if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE):"
+    assert gate in code and code.count('"cuda"') == 3
+    return code.replace(gate, "if False:").replace('"cuda"', '"cpu"')
+
+
+@pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("budget_s, failing", [(60, ()), (60, ("seesaw",)), (3, ())])
+def test_gpu_checks_probe_step_probes_every_kernel_of_the_chain(monkeypatch, tmp_path, budget_s, failing, spawned):
+    """Both classes of each kernel of the chain, the seesaw's first, each under the 40 s
+    deadline the script exports (here 10 s: the children are fakes); a failed probe fails
+    the step; a probe whose deadline no longer fits the budget is reported, not started."""
+    failing_for(monkeypatch, *failing)
+    monkeypatch.setenv(hopper_probe.TIMEOUT_ENV, "10")
+    out = tmp_path / "hopper_probe.json"
+    monkeypatch.setattr(sys, "argv", ["-", str(out), str(budget_s)])
+    (tmp_path / "step.py").write_text(gpu_check_probe_step())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(SystemExit) as exit_status:
+            runpy.run_path(str(tmp_path / "step.py"), run_name="__main__")
+    results = json.loads(out.read_text())
+    assert [r["kernel"] for r in results] == ["seesaw", "seesaw", "pipelined", "pipelined"]
+    if budget_s == 3:
+        assert spawned == [] and all(r["cleared"] is None for r in results) and exit_status.value.code == 0
+        return
+    assert [c.kernel for c in spawned] == [r["kernel"] for r in results]
+    assert [(c.compute_grad, c.filtering) for c in spawned] == [(True, False), (False, True)] * 2
+    assert [r["cleared"] for r in results] == [r["kernel"] not in failing for r in results]
+    assert exit_status.value.code == (1 if failing else 0)
