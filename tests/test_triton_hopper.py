@@ -321,6 +321,48 @@ def test_where_a_gluon_kernel_applies_on_sm90(monkeypatch, kernel):
                                                                                    w[:, :44].contiguous())
 
 
+class _Recorder:
+    """Stands for a Gluon kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+@pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("kernel", ["pipelined", "seesaw"])
+def test_the_launch_runs_the_kernel_chosen_with_its_own_arguments(monkeypatch, kernel):
+    """hopper_launch.launch on sm_90 (its branch run on CPU tensors, the kernels recorded):
+    ``kernel="seesaw"`` launches hopper_seesaw's kernel, never the pipelined one, on the
+    same descriptors and workspace, one argument per parameter of its signature, with its
+    own warps and register cap; ``"pipelined"`` the pipelined kernel with its stages."""
+    from dcq_ops.triton import hopper_seesaw
+
+    monkeypatch.setattr(hopper_launch, "INTERPRETED", False)
+    seesaw_kernel, pipelined_kernel = hopper_seesaw.seesaw_queue_pass_kernel, hopper.hopper_queue_pass_kernel
+    recorders = {"seesaw": _Recorder(), "pipelined": _Recorder()}
+    monkeypatch.setattr(hopper_seesaw, "seesaw_queue_pass_kernel", recorders["seesaw"])
+    monkeypatch.setattr(hopper, "hopper_queue_pass_kernel", recorders["pipelined"])
+    q, w = torch.zeros(100, 512, dtype=torch.bfloat16), torch.zeros(1000, 512, dtype=torch.bfloat16)
+    workspace = tuple(torch.zeros(4) for _ in range(3))
+    hopper_launch.launch((4,), q, torch.zeros(100, dtype=torch.long), w, torch.zeros(1000, dtype=torch.long),
+                         workspace + (512, True), 100, 1000, 512, 2, 512, 92.3, 0.2, True, 64, 64, "ieee",
+                         kernel=kernel)
+    assert recorders["pipelined" if kernel == "seesaw" else "seesaw"].calls == []
+    [(grid, args, kwargs)] = recorders[kernel].calls
+    signature = (seesaw_kernel if kernel == "seesaw" else pipelined_kernel).arg_names
+    assert grid == (4,) and len(args) + len(kwargs) - 1 - (kernel == "seesaw") == len(signature), (args, kwargs)
+    assert args[0].block_shape == [64, 512] and args[1].block_shape == [64, 512] and args[4:7] == workspace
+    assert args[7:] == (100, 1000, 512, 2, 512, 92.3, 0.2)
+    assert kwargs["FILTER"] and kwargs["COMPUTE_GRAD"] and kwargs["RESCALE_ON_GROWTH"] == hopper_launch.RESCALE_ON_GROWTH
+    if kernel == "seesaw":
+        assert (kwargs["num_warps"], kwargs["maxnreg"]) == (hopper_seesaw.NUM_WARPS, hopper_seesaw.MAXNREG)
+    else:
+        assert (kwargs["num_warps"], kwargs["STAGES"]) == (hopper.NUM_WARPS, hopper.STAGES)
+
+
 @pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_launch_descriptors_are_the_compiled_kernels_types(dtype):
