@@ -356,7 +356,8 @@ def test_the_launch_runs_the_kernel_chosen_with_its_own_arguments(monkeypatch, k
     assert grid == (4,) and len(args) + len(kwargs) - 1 - (kernel == "seesaw") == len(signature), (args, kwargs)
     assert args[0].block_shape == [64, 512] and args[1].block_shape == [64, 512] and args[4:7] == workspace
     assert args[7:] == (100, 1000, 512, 2, 512, 92.3, 0.2)
-    assert kwargs["FILTER"] and kwargs["COMPUTE_GRAD"] and kwargs["RESCALE_ON_GROWTH"] == hopper_launch.RESCALE_ON_GROWTH
+    assert kwargs["FILTER"] and kwargs["COMPUTE_GRAD"]
+    assert kwargs["RESCALE_ON_GROWTH"] == hopper_launch.RESCALE_ON_GROWTH
     if kernel == "seesaw":
         assert (kwargs["num_warps"], kwargs["maxnreg"]) == (hopper_seesaw.NUM_WARPS, hopper_seesaw.MAXNREG)
     else:
