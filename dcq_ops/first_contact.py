@@ -140,7 +140,7 @@ def reset() -> None:
     _SAID.clear()
     clear_demotions()
     clear_enqueue_state()
-    from dcq_ops.triton import hopper_probe  # (no Triton import) the pipelined sm_90 kernel's verdicts
+    from dcq_ops.triton import hopper_probe  # (no Triton import) the Gluon sm_90 kernels' verdicts
     hopper_probe.forget()
 
 

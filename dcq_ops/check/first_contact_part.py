@@ -1,6 +1,6 @@
 """``python -m dcq_ops.check``, part 3: ``dcq_ops.warmup`` of each fused backend and queue
 dtype (the first-contact check), its outcomes (a demotion is a failure of the command, with
-its reason), the pipelined sm_90 kernel's probes (``hopper_probe``: a failed one is a failure
+its reason), the Gluon sm_90 kernels' probes (``hopper_probe``: a failed one is a failure
 too) and ``dcq_ops.backends()`` after it."""
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def first_contact_check(report: Report, device: torch.device, seed: int) -> None
                               for key, value in outcome.as_dict().items()})
                 if outcome.status in ("demoted", "failed"):
                     report.fail(f"first_contact/{backend}/{name(queue_dtype)}", outcome.reason)
-    # The pipelined sm_90 kernel's probes met by the warm-up (dcq_ops.triton.hopper_probe): a
-    # failed one runs the classic kernel, a demotion like the others.
+    # The Gluon sm_90 kernels' probes met by the warm-up (dcq_ops.triton.hopper_probe): a
+    # failed one runs the next kernel of the chain, a demotion like the others.
     from dcq_ops.triton import hopper_probe
     probes = hopper_probe.verdicts()
     for probe in probes:

@@ -38,7 +38,7 @@ dcq_ops.triton.hopper_twin holds the same algebra in plain Triton (tensor
 descriptors, the same conditional rescale), which the tests run under the
 interpreter bit for bit against queue_pass_kernel (Gluon has no interpreter).
 
-Requirements of the launch (dcq_ops.triton.hopper_launch.applies checks them): 16-bit
+Requirements of the launch (dcq_ops.triton.hopper_launch.RULES["pipelined"]): 16-bit
 operands, BLOCK_M = 64, BLOCK_K = 64 at 8 warps, the split size a multiple of
 BLOCK_K (a tile never straddles two splits, so the descriptor's zero fill at
 the queue's end is the only mask W needs), at least one tile per split, and D
