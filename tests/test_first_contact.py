@@ -553,14 +553,16 @@ def test_the_split_plan_is_part_of_the_class(triton_ops):
 
 
 def test_the_sm90_kernel_asked_for_is_part_of_the_class(triton_ops, monkeypatch):
-    # DCQ_OPS_SM90_KERNEL=pipelined launches another kernel: its first call is checked on its own.
+    # Each DCQ_OPS_SM90_KERNEL launches another kernel: its first call is checked on its own.
+    from dcq_ops.triton import hopper_launch
+
     x, k, _, w, _ = make_inputs(rows=20, dim=16, slots=300)
     config = first_contact.MarginConfig(**MARGINS["cosface"])
     keys = set()
-    for kernel in ("classic", "pipelined"):
+    for kernel in hopper_launch.CHOICES:
         monkeypatch.setenv("DCQ_OPS_SM90_KERNEL", kernel)
         keys.add(first_contact.shape_class("triton", x, k, w, config, True))
-    assert len(keys) == 2
+    assert len(keys) == len(hopper_launch.CHOICES)
 
 
 # ----------------------------------------------------------------------------
