@@ -20,9 +20,13 @@ EXTRA_KERNELS):
 - the merge kernel, writing merged partials or finalizing (the loss and the
   gradient), with and without the gradient, at every (BLOCK_R, BLOCK_S) that
   launch.merge_blocks can choose at that D;
-- with ``--specializations``, also Triton's value specialisations of the
-  defaults (num_splits = 1 a constant, sizes not multiples of 16), each a kernel
-  of its own (some spill today: kernel_variants.SPECIALIZE).
+- with ``--specializations``, also every other kernel that Triton's value
+  specialisations of the launches' integers make (a 1 a constant, a multiple of
+  16 a divisibility hint; kernel_variants.LAUNCHES: num_splits = 1, sizes not
+  multiples of 16, ...): today the merge kernel's num_splits = 1 only, since the
+  queue pass and the repair specialise none of num_splits, queue_size and
+  split_size and are launched with the rows padded to a multiple of 16 (each
+  entry lists the launches that compile its kernel: ``launches``). CI runs it.
 
 For each it reads:
 
@@ -243,7 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cubins", type=Path, default=None, help="write each kernel's cubin into this directory")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--specializations", action="store_true",
-                        help="also Triton's value specialisations of the defaults (kernel_variants.SPECIALIZATIONS)")
+                        help="also the kernels Triton's value specialisations of other launches make "
+                             "(kernel_variants.LAUNCHES)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the reports of other Triton versions already in --out (this version's is replaced)")
     args = parser.parse_args(argv)

@@ -55,57 +55,93 @@ def _queue_signature(dtype: str, keys: bool):
     return pointers, scalars
 
 
-# Triton's launcher specialises integer arguments by value too: 1 becomes a constant,
-# a multiple of 16 gets a divisibility hint. Each is a kernel of its own. The report
-# compiles the sizes as multiples of 16 (None), and for the default configurations also:
+# Triton's launcher specialises integer arguments by value too: a 1 becomes a constant, a
+# multiple of 16 gets a divisibility hint, and each specialisation is a kernel of its own.
+# The report compiles each kernel for the values of LAUNCHES[None] (sizes multiples of
+# 16), and with --specializations also for the values of every other launch below where
+# Triton's launcher, given the kernel's do_not_specialize flags (kernels.RUNTIME_INTEGERS)
+# and the rows as launched (launch.padded_rows), would compile another kernel: today none
+# of the queue pass and repair (each launch below compiles the kernel of LAUNCHES[None]),
+# the merge kernel's num_splits = 1.
 SPECIALIZATIONS = {
-    "one_split": "num_splits = 1 (a constant)",
+    "one_split": "num_splits = 1",
     "unaligned": "num_rows, queue_size, split_size not multiples of 16",
+    "many_splits": "num_splits a multiple of 16",
+    "one_row": "num_rows = 1, queue_size = 1 (one row, a queue of one entry)",
+    "empty_queue": "queue_size = 0, split_size = 1, num_splits = 1 (an empty queue)",
 }
-# Whether the variants include SPECIALIZATIONS (compiled.py --specializations). Off by
-# default: some spill today (the sm_100 16-bit and every exact-fp32 default with sizes
-# that are not multiples of 16; under Triton 3.6 also sm_90's 16-bit default), which is
-# for the queue pass's configurations to fix, not for CI to hide.
+LAUNCHES = {
+    None: dict(num_rows=4096, queue_size=1 << 20, num_splits=8, split_size=1 << 17),
+    "one_split": dict(num_rows=4096, queue_size=1 << 20, num_splits=1, split_size=1 << 20),
+    "unaligned": dict(num_rows=4095, queue_size=100_003, num_splits=8, split_size=12_501),
+    "many_splits": dict(num_rows=4096, queue_size=1 << 20, num_splits=16, split_size=1 << 16),
+    "one_row": dict(num_rows=1, queue_size=1, num_splits=1, split_size=1),
+    "empty_queue": dict(num_rows=4096, queue_size=0, num_splits=1, split_size=1),
+}
+LAUNCH_SIZES = "sizes multiples of 16"  # LAUNCHES[None], in the entries' "launches"
+# Whether the variants include the other LAUNCHES' kernels (compiled.py --specializations).
 SPECIALIZE = False
 
 
+def launch_integers(fn, dim: int, keys: bool, specialization: str | None = None) -> dict:
+    """How Triton's launcher specialises each integer argument of a queue-pass-grid kernel
+    ``fn`` for the values of LAUNCHES[specialization] at embedding size ``dim``: name ->
+    (type, attribute), ("constexpr", value) where it folds the value. The rows as the
+    launch passes them (launch.padded_rows); ``keys``: the queue pass's autotuning keys."""
+    values = LAUNCHES[specialization]
+    ints = dict(values, num_rows=launch.padded_rows(values["num_rows"]), dim=dim, chain_break=kernels.CHAIN_BREAK)
+    if keys:  # as launch.queue_pass computes them
+        ints.update(row_bucket=max(16, 1 << max(0, values["num_rows"] - 1).bit_length()),
+                    split_bucket=1 << max(0, values["split_size"] - 1).bit_length())
+    return {name: tuple(launch_specialization(fn, name, value)) for name, value in ints.items()}
+
+
+def specialization_groups(fn, dim: int, keys: bool) -> dict:
+    """The kernels that the LAUNCHES compile ``fn`` into: the first launch of each
+    distinct kernel (None: LAUNCHES[None]'s) -> the names of SPECIALIZATIONS that
+    compile that same kernel."""
+    groups, first = {None: []}, {tuple(sorted(launch_integers(fn, dim, keys).items())): None}
+    for name in SPECIALIZATIONS:
+        key = tuple(sorted(launch_integers(fn, dim, keys, name).items()))
+        groups.setdefault(first.setdefault(key, name), []).append(name)
+    return groups
+
+
 def _compile_queue_kernel(fn, dtype: str, precision, block_d: int, config, flags: dict, arch: int, keys: bool,
-                          specialization: str | None = None):
-    """A queue-pass-grid kernel (queue pass or repair) as the launches specialise it."""
+                          specialization: str | None = None, dim: int | None = None):
+    """A queue-pass-grid kernel (queue pass or repair) as the launches specialise it:
+    (compiled, how chain_break was specialised)."""
     pointers, scalars = _queue_signature(dtype, keys)
     constants = dict(flags, INPUT_PRECISION=precision, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
                      BLOCK_D=block_d)
-    aligned = list(pointers) + ["num_rows", "queue_size", "dim", "split_size"]
-    if specialization == "one_split":
-        del scalars["num_splits"]
-        constants = dict(num_splits=1, **constants)
-    elif specialization == "unaligned":
-        aligned = list(pointers) + ["dim"]
-    # chain_break as the launcher specialises the value the launches pass (kernels.CHAIN_BREAK).
-    kind, attribute = launch_specialization(fn, "chain_break", kernels.CHAIN_BREAK)
-    if kind == "constexpr":
-        del scalars["chain_break"]
-        constants = dict(chain_break=kernels.CHAIN_BREAK, **constants)
-    elif attribute == "D":
-        aligned.append("chain_break")
+    aligned = list(pointers)
+    integers = launch_integers(fn, block_d if dim is None else dim, keys, specialization)
+    for name, (kind, attribute) in integers.items():
+        if kind == "constexpr":
+            del scalars[name]
+            constants[name] = attribute
+        elif attribute == "D":
+            aligned.append(name)
     compiled = compile_kernel(fn, dict(pointers, **scalars), constants, aligned, arch,
                               num_warps=config.num_warps, num_stages=config.num_stages)
+    kind, attribute = integers["chain_break"]
     return compiled, f"{kind}" + (" (divisible by 16)" if attribute == "D" else "")
 
 
 def queue_pass(dtype: str, precision, block_d: int, config, compute_grad: bool, arch: int, filtering: bool = True,
-               specialization: str | None = None):
-    """The queue-pass kernel compiled for ``arch``: (compiled, how chain_break was specialised)."""
+               specialization: str | None = None, dim: int | None = None):
+    """The queue-pass kernel compiled for ``arch`` as the launch of LAUNCHES[specialization]
+    specialises it: (compiled, how chain_break was specialised)."""
     return _compile_queue_kernel(kernels.queue_pass_kernel, dtype, precision, block_d, config,
                                  dict(FILTER=filtering, COMPUTE_GRAD=compute_grad), arch, keys=True,
-                                 specialization=specialization)
+                                 specialization=specialization, dim=dim)
 
 
 def repair(dtype: str, precision, block_d: int, config, arch: int, filtering: bool,
-           specialization: str | None = None):
+           specialization: str | None = None, dim: int | None = None):
     """The repair kernel compiled for ``arch`` at ``config`` (a launch.repair_tile)."""
     return _compile_queue_kernel(kernels.repair_kernel, dtype, precision, block_d, config,
-                                 dict(FILTER=filtering), arch, keys=False, specialization=specialization)
+                                 dict(FILTER=filtering), arch, keys=False, specialization=specialization, dim=dim)
 
 
 def merge_kernel(block_d: int, finalize: bool, arch: int, compute_grad: bool = True, blocks=None,
@@ -145,10 +181,17 @@ def merge_block_plans(block_d: int) -> list[tuple[int, int]]:
 def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list[Variant]:
     """The queue pass of every configuration, with and without the gradient and filtering;
     the repair kernel at each configuration's repair tiles, with and without filtering;
-    for the default configuration with the gradient (no filtering), also each of
-    SPECIALIZATIONS."""
+    with SPECIALIZE, each of them also for every launch of SPECIALIZATIONS that compiles
+    another kernel (specialization_groups). Each entry names the launches that compile
+    its kernel (``launches``)."""
     target = ARCHITECTURES[TARGETS[arch]]
     block_d = block_d_of(dim)
+    groups = {kernel: specialization_groups(fn, dim, keys) for kernel, fn, keys in (
+        ("queue_pass", kernels.queue_pass_kernel, True), ("repair", kernels.repair_kernel, False))}
+    specials = {kernel: [s for s in group if s is not None] if SPECIALIZE else [] for kernel, group in groups.items()}
+
+    def launches(kernel, special):
+        return [LAUNCH_SIZES] * (special is None) + [SPECIALIZATIONS[s] for s in groups[kernel][special]]
     out = []
     for name in dtypes:
         dtype, element_size, precision = DTYPES[name]
@@ -156,20 +199,20 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
         repairs = {}
         for rank, config in enumerate(configs[:1] if first_only else configs):
             repairs.setdefault(launch.repair_tile(config, fma=precision == "ieee"), []).append(rank)
-            flags = [(g, f, None) for g in (True, False) for f in (False, True)]
-            flags += [(True, False, s) for s in SPECIALIZATIONS] if rank == 0 and SPECIALIZE else []
+            flags = [(g, f, s) for s in [None] + specials["queue_pass"] for g in (True, False) for f in (False, True)]
             for compute_grad, filtering, special in flags:
                 entry = dict(target=target.name, kernel="queue_pass", gradient=compute_grad, filter=filtering,
                              dtype=name, default=rank == 0, BLOCK_D=block_d, **config.as_dict(),
                              shared_estimate=config.shared_bytes(block_d, element_size,
-                                                                 mma_family(target.capability)))
+                                                                 mma_family(target.capability)),
+                             launches=launches("queue_pass", special))
                 if special:
                     entry["specialization"] = SPECIALIZATIONS[special]
 
                 def build(config=config, compute_grad=compute_grad, filtering=filtering, special=special,
                           dtype=dtype, precision=precision):
                     compiled, chain_break = queue_pass(dtype, precision, block_d, config, compute_grad, arch,
-                                                       filtering, special)
+                                                       filtering, special, dim)
                     return compiled, dict(
                         **loop_counts(compiled.asm["ptx"], config, block_d, 2 if compute_grad else 1),
                         **dot_layouts(compiled.asm["ttgir"], config, block_d), chain_break=chain_break)
@@ -179,17 +222,16 @@ def queue_pass_variants(arch: int, dtypes: list[str], dim: int, first_only: bool
                 ideal = IDEAL_WORK.get((target.name, name)) if rank == 0 else None
                 out.append(Variant(entry, build, model if not special else None, ideal))
         for tile, ranks in repairs.items():
-            flags = [(f, None) for f in (False, True)] + (
-                [(False, s) for s in SPECIALIZATIONS] if 0 in ranks and SPECIALIZE else [])
+            flags = [(f, s) for s in [None] + specials["repair"] for f in (False, True)]
             for filtering, special in flags:
                 entry = dict(target=target.name, kernel="repair", gradient=True, filter=filtering, dtype=name,
                              default=0 in ranks, BLOCK_D=block_d, **tile.as_dict(),
-                             after_configs=[configs[r].as_dict() for r in ranks])
+                             after_configs=[configs[r].as_dict() for r in ranks], launches=launches("repair", special))
                 if special:
                     entry["specialization"] = SPECIALIZATIONS[special]
 
                 def build(tile=tile, filtering=filtering, special=special, dtype=dtype, precision=precision):
-                    compiled, chain_break = repair(dtype, precision, block_d, tile, arch, filtering, special)
+                    compiled, chain_break = repair(dtype, precision, block_d, tile, arch, filtering, special, dim)
                     return compiled, dict(chain_break=chain_break)
                 out.append(Variant(entry, build))
     return out

@@ -33,9 +33,13 @@ def launch_specialization(fn, name: str, value):
 
 
 def compile_kernel(fn, signature, constants, aligned, arch, **options):
-    names = list(signature) + list(constants)
-    signature = dict(signature, **{name: "constexpr" for name in constants})
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    """``fn`` compiled for ``arch``: ``signature`` the types of its run-time arguments,
+    ``constants`` the values of the others (constexpr, or folded as Triton's launcher
+    folds a 1), ``aligned`` the arguments with a divisibility hint (16). Arguments are
+    placed by their position in ``fn``, whatever the order of the dictionaries."""
+    types = dict(signature, **{name: "constexpr" for name in constants})
+    signature = {name: types[name] for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=options)
 

@@ -163,8 +163,20 @@ def _block_partials(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, rows, row_ok, co
 # The value the launches pass as chain_break (any value gives the same result).
 CHAIN_BREAK = 0
 
+# Integer arguments of the queue-pass and repair kernels that Triton's launcher must not
+# specialise by value. It would otherwise compile a kernel of its own for a 1 (a
+# constant) and for a multiple of 16 (a divisibility hint), and some of those spill
+# where the report's kernel does not (Triton 3.6, sm_90's 64 x 64 with num_splits = 1:
+# 72 B). chain_break: see _block_partials. num_rows keeps its hint: the launches pad
+# the rows to a multiple of 16 (dcq_ops.triton.launch.ROW_ALIGN), because rows that
+# lose it spill (sm_100's 16-bit default 92-96 B, exact fp32 12-60 B). What each
+# costs: benchmarks/NOTES.md, "What the compiler made of the Triton kernel". The queue
+# pass's autotuning keys (unused in its body) too: a split_bucket of 1 would be one more
+# kernel, the same code compiled again.
+RUNTIME_INTEGERS = ["chain_break", "num_splits", "queue_size", "split_size"]
 
-@triton.jit(do_not_specialize=["chain_break"])
+
+@triton.jit(do_not_specialize=RUNTIME_INTEGERS + ["row_bucket", "split_bucket"])
 def queue_pass_kernel(
     q_ptr, labels_ptr, w_ptr, queue_labels_ptr,
     max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
@@ -206,7 +218,7 @@ def queue_pass_kernel(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["chain_break"])
+@triton.jit(do_not_specialize=RUNTIME_INTEGERS)
 def repair_kernel(q_ptr, labels_ptr, w_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
                   num_rows, queue_size, dim, num_splits, split_size, scale_log2, interclass_filtering_threshold,
                   chain_break, FILTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,

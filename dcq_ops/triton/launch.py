@@ -45,6 +45,13 @@ _INTERPRETER_SLOTS = 4  # enough splits to exercise the merging of splits
 # grid is one-dimensional (row blocks x splits, see queue_pass_grid).
 MAX_GRID_PROGRAMS = 2**31 - 1
 
+# The queue-pass and repair kernels see a row count padded to a multiple of this
+# (padded_rows): Triton's launcher gives such a count a divisibility hint, and the
+# kernels compiled without it spill (sm_100's 16-bit default 92-96 B, the exact-fp32
+# defaults 12-60 B, Triton 3.6's sm_90 16-bit default 72 B; benchmarks/compiled.py).
+# Every BLOCK_M is a multiple of it, so the padding adds no program and no work.
+ROW_ALIGN = 16
+
 # Elements of the merge kernel's [BLOCK_R, BLOCK_S, BLOCK_D] tile (32 fp32
 # registers a thread at 4 warps).
 _MERGE_TILE = 4096
@@ -145,6 +152,22 @@ def queue_pass_grid(rows: int, block_m: int, num_splits: int) -> tuple[int]:
     return (programs,)
 
 
+def padded_rows(rows: int) -> int:
+    """The row count the queue-pass and repair kernels are launched with: ``rows``
+    rounded up to a multiple of ROW_ALIGN (padding rows: zero embeddings, label -1,
+    exactly what the kernels' masked loads read past the last row)."""
+    return cdiv(rows, ROW_ALIGN) * ROW_ALIGN
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
+    """``tensor`` (contiguous, rows first) with rows appended up to ``rows``, filled with ``value``."""
+    if tensor.shape[0] == rows:
+        return tensor
+    padded = tensor.new_full((rows, *tensor.shape[1:]), value)
+    padded[:tensor.shape[0]] = tensor
+    return padded
+
+
 def repair_tile(tile: TileConfig, fma: bool = False) -> TileConfig:
     """The repair kernel's configuration on a GPU after a queue pass run with ``tile``.
     The repair holds the queue tile in registers (its non-finite values zeroed for the
@@ -218,7 +241,9 @@ def _tile_plan(q_gemm: torch.Tensor, config: dict | None) -> tuple[TileConfig, t
 
 def _split_plan(rows: int, queue_size: int, dim: int, config: TileConfig, compute_grad: bool,
                 device: torch.device, split_size: int | None) -> tuple[int, int]:
-    """(split_size, num_splits): the given split size, else plan_splits for the device."""
+    """(split_size, num_splits): the given split size, else plan_splits for the device
+    (for the padded rows, whose workspace the kernels write)."""
+    rows = padded_rows(rows)
     if split_size is not None:
         split_size = int(split_size)
         if split_size <= 0:
@@ -325,18 +350,26 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
     compute_grad = bool(compute_grad)
     tile, candidates = _tile_plan(q_gemm, config)
     split_size, num_splits = _split_plan(rows, queue_size, dim, tile, compute_grad, device, split_size)
-    grid = queue_pass_grid(rows, tile.block_m, num_splits)  # checked before the workspace is allocated
+    # The kernels' row blocks are those of the padded rows (the same as of the rows when
+    # BLOCK_M is a multiple of ROW_ALIGN, as every configuration's is).
+    padded = padded_rows(rows)
+    grid = queue_pass_grid(padded, tile.block_m, num_splits)  # checked before the workspace is allocated
     # The interpreter's repair keeps the queue pass's tiles (and so its results bit for bit).
     repair = tile if INTERPRETED else repair_tile(tile, fma=input_precision(q_gemm.dtype) == "ieee")
-    repair_grid = queue_pass_grid(rows, repair.block_m, num_splits) if compute_grad else None
+    repair_grid = queue_pass_grid(padded, repair.block_m, num_splits) if compute_grad else None
+    # The workspace holds the padded rows too (the kernels write them); the views hold the rows.
     f32 = dict(dtype=torch.float32, device=device)
-    workspace = Workspace(torch.empty((rows, num_splits), **f32), torch.empty((rows, num_splits), **f32),
-                          torch.empty((rows, num_splits, dim) if compute_grad else (1,), **f32), dim, compute_grad)
+    max_ws, sum_ws = torch.empty((padded, num_splits), **f32), torch.empty((padded, num_splits), **f32)
+    acc_ws = torch.empty((padded, num_splits, dim), **f32)[:rows] if compute_grad else torch.empty((1,), **f32)
+    workspace = Workspace(max_ws[:rows], sum_ws[:rows], acc_ws, dim, compute_grad)
     if rows == 0:
         return workspace
+    if padded > rows:
+        sum_ws[rows:] = float("nan")  # so that the repair never marks a padding row the pipelined kernel skips
     threshold = float(interclass_filtering_threshold)
-    args = (q_gemm.contiguous(), labels.contiguous(), queue_weights.contiguous(), queue_labels.contiguous(),
-            *workspace[:3], rows, queue_size, dim, num_splits, split_size,
+    q_gemm, labels = q_gemm.contiguous(), labels.contiguous()
+    args = (_pad_rows(q_gemm, padded, 0.0), _pad_rows(labels, padded, -1), queue_weights.contiguous(),
+            queue_labels.contiguous(), *workspace[:3], padded, queue_size, dim, num_splits, split_size,
             float(scale) * LOG2E,  # logits in log2 units: exp2 is the hardware's exponential
             threshold, CHAIN_BREAK)
     buckets = (max(16, 1 << max(0, rows - 1).bit_length()), 1 << max(0, split_size - 1).bit_length())
@@ -344,13 +377,13 @@ def queue_pass(q_gemm, labels, queue_weights, queue_labels, scale, interclass_fi
                  BLOCK_D=block_d_of(dim))
     with _device_context(device):
         capability = device_architecture(_device_index(device))[0].capability if device.type == "cuda" else None
-        sm90 = hopper_launch.choose_kernel(args[0], args[2], split_size, tile.block_m, tile.block_k, config,
+        sm90 = hopper_launch.choose_kernel(q_gemm, args[2], split_size, tile.block_m, tile.block_k, config,
                                            capability, compute_grad=compute_grad, filtering=threshold > 0)
         if sm90:
             # The sm_90 default's kernel that applies and whose probe cleared the class:
-            # dcq_ops.triton.hopper_launch.
-            hopper_launch.launch(grid, *args[:4], workspace, *args[7:14], compute_grad, tile.block_m,
-                                 tile.block_k, flags["INPUT_PRECISION"], kernel=sm90)
+            # dcq_ops.triton.hopper_launch (the rows as given: its tensor descriptors need no padding).
+            hopper_launch.launch(grid, q_gemm, labels, *args[2:4], workspace, rows, *args[8:14], compute_grad,
+                                 tile.block_m, tile.block_k, flags["INPUT_PRECISION"], kernel=sm90)
         elif candidates:
             same_rows = tuple(c for c in candidates if c.block_m == tile.block_m)
             _autotuned_kernel(tile.block_m, same_rows)[grid](*args, *buckets, **flags, COMPUTE_GRAD=compute_grad)
