@@ -31,7 +31,7 @@ except ImportError:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 from dcq_ops.triton import kernels, launch  # noqa: E402
-from dcq_ops.triton.configs import ARCHITECTURES, block_d_of, tile_configs  # noqa: E402
+from dcq_ops.triton.configs import ARCHITECTURES, tile_configs  # noqa: E402
 from inputs import make_inputs  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
