@@ -109,7 +109,10 @@ def test_every_launch_compiles_the_reported_kernel(tmp_path):
     multiples of 16, num_splits a multiple of 16, one row and one queue entry, an empty
     queue), Triton's launcher specialises the queue-pass and repair kernels' integers as
     for the sizes the report compiles: one kernel each. With num_splits specialised again
-    (as before), num_splits = 1 is a kernel of its own, which the report then compiles."""
+    (as before), num_splits = 1 is a kernel of its own, which the report then compiles.
+    The merge kernel's num_splits gets no divisibility hint (with one, Triton 3.6's
+    BLOCK_R = 1, BLOCK_S = 8 merge spills 16 B on sm_100); its 1 stays a constant, a
+    kernel the report compiles (the merge's num_splits = 1)."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
     script = tmp_path / "groups.py"
     script.write_text(
@@ -125,6 +128,10 @@ def test_every_launch_compiles_the_reported_kernel(tmp_path):
         "    next(p for p in fn.params if p.name == 'num_splits').do_not_specialize = False\n"
         "    groups = kv.specialization_groups(fn, 512, keys)\n"
         "    assert groups['one_split'] == ['one_split', 'one_row', 'empty_queue'], groups\n"
+        "from triton_compile import launch_specialization\n"
+        "merge = kernels.merge_kernel\n"
+        "assert launch_specialization(merge, 'num_splits', 16) == ('i32', ''), 'merge: num_splits hinted'\n"
+        "assert launch_specialization(merge, 'num_splits', 1) == ('constexpr', 1)  # compiled: merge one_split\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)

@@ -288,7 +288,10 @@ def _finalize_rows(rows, row_ok, m_nat, row_sum, acc, cols, col_ok,
         tl.store(grad_ptr + offs, grad_x.to(tl.float32), mask=mask)
 
 
-@triton.jit
+# num_splits keeps its specialisation on 1 (benchmarks/compiled.py compiles that kernel)
+# but gets no divisibility hint: with one, Triton 3.6's merge of BLOCK_R = 1 row and
+# BLOCK_S = 8 splits on sm_100 spills 16 B, the kernel without it none.
+@triton.jit(do_not_specialize_on_alignment=["num_splits"])
 def merge_kernel(
     max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
     out_max_ptr, out_sum_ptr, out_acc_ptr,
