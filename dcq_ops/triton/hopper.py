@@ -72,12 +72,12 @@ if AVAILABLE:
     _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
     @gluon.jit
-    def _softmax_tile(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
-                      interclass_filtering_threshold, p_smem, FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr,
-                      BLOCK_K: gl.constexpr, col_layout: gl.constexpr):
-        """The online log-sum-exp step of one tile, as kernels._block_partials:
-        (m_new, l_i, alpha), and P (exp2(z - m), filtered entries 0) stored to
-        p_smem in the operands' dtype for the second GEMM."""
+    def softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
+                     interclass_filtering_threshold, FILTER: gl.constexpr, BLOCK_K: gl.constexpr,
+                     col_layout: gl.constexpr):
+        """The online log-sum-exp step of one tile, as kernels._block_partials: (m_new,
+        l_i, alpha, P) with P = exp2(z - m) and its filtered entries 0 (also the seesaw
+        kernel's step, dcq_ops.triton.hopper_seesaw; P unused is compiled away)."""
         ks = k0 + gl.arange(0, BLOCK_K, layout=col_layout)
         queue_labels = gl.load(queue_labels_ptr + ks, mask=ks < k_end, other=-1)
         keep = (queue_labels[None, :] >= 0) & (queue_labels[None, :] != labels[:, None])
@@ -91,9 +91,19 @@ if AVAILABLE:
         alpha = gl.exp2(m_i - m_ref)
         p = gl.exp2(z - m_ref[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
+        if FILTER:
+            p = gl.where(filtered, 0.0, p)
+        return m_new, l_i, alpha, p
+
+    @gluon.jit
+    def _softmax_tile(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
+                      interclass_filtering_threshold, p_smem, FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr,
+                      BLOCK_K: gl.constexpr, col_layout: gl.constexpr):
+        """softmax_rows, with P stored to p_smem in the operands' dtype for the second
+        GEMM: (m_new, l_i, alpha)."""
+        m_new, l_i, alpha, p = softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
+                                            interclass_filtering_threshold, FILTER, BLOCK_K, col_layout)
         if COMPUTE_GRAD:
-            if FILTER:
-                p = gl.where(filtered, 0.0, p)
             p_smem.store(p.to(p_smem.dtype))
             # P is written by ordinary stores and read by the tensor cores (the
             # async proxy), by both warpgroups: fence, then a CTA barrier.

@@ -106,28 +106,8 @@ if hopper.AVAILABLE:
         k_end = gl.minimum(k_begin + split_size, queue_size)
         return row0, split, k_begin, k_end, gl.cdiv(k_end - k_begin, BLOCK_K)
 
-    @gluon.jit
-    def _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
-                      interclass_filtering_threshold, FILTER: gl.constexpr, BLOCK_K: gl.constexpr,
-                      col_layout: gl.constexpr):
-        """kernels._block_partials' online log-sum-exp step of one whole tile:
-        (m_new, l, alpha, P) with filtered entries of P set to 0."""
-        ks = k0 + gl.arange(0, BLOCK_K, layout=col_layout)
-        queue_labels = gl.load(queue_labels_ptr + ks, mask=ks < k_end, other=-1)
-        keep = (queue_labels[None, :] >= 0) & (queue_labels[None, :] != labels[:, None])
-        z = cos * scale_log2
-        filtered = cos > interclass_filtering_threshold  # used only with FILTER
-        if FILTER:
-            z = gl.where(filtered, 0.0, z)
-        z = gl.where(keep, z + cos * 0.0, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(z, axis=1))
-        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_ref)
-        p = gl.exp2(z - m_ref[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        if FILTER:
-            p = gl.where(filtered, 0.0, p)
-        return m_new, l_i, alpha, p
+    # The online log-sum-exp step of a whole tile, the pipelined kernel's (m, l, alpha, P).
+    _softmax_rows = hopper.softmax_rows
 
     @gluon.jit
     def _load_tile(w_desc, w_smem, ready, t, k_begin, BLOCK_K: gl.constexpr):
