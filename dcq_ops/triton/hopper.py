@@ -72,6 +72,18 @@ if AVAILABLE:
     _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
     @gluon.jit
+    def program_range(num_rows, queue_size, split_size, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
+        """The program's first row, split, its queue range and its number of tiles
+        (kernels._block: row blocks vary fastest; also the seesaw kernel's)."""
+        row_blocks = gl.cdiv(num_rows, BLOCK_M)
+        pid = gl.program_id(0)
+        split = pid // row_blocks
+        row0 = (pid % row_blocks) * BLOCK_M
+        k_begin = split * split_size
+        k_end = gl.minimum(k_begin + split_size, queue_size)
+        return row0, split, k_begin, k_end, gl.cdiv(k_end - k_begin, BLOCK_K)
+
+    @gluon.jit
     def softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k0, k_end, scale_log2,
                      interclass_filtering_threshold, FILTER: gl.constexpr, BLOCK_K: gl.constexpr,
                      col_layout: gl.constexpr):
@@ -150,14 +162,8 @@ if AVAILABLE:
         acc_cols: gl.constexpr = gl.SliceLayout(0, acc_layout)
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
 
-        # The program's rows and split (kernels._block: row blocks vary fastest).
-        row_blocks = gl.cdiv(num_rows, BLOCK_M)
-        pid = gl.program_id(0)
-        split = pid // row_blocks
-        row0 = (pid % row_blocks) * BLOCK_M
-        k_begin = split * split_size
-        k_end = gl.minimum(k_begin + split_size, queue_size)
-        num_tiles = gl.cdiv(k_end - k_begin, BLOCK_K)  # >= 1 (launch)
+        row0, split, k_begin, k_end, num_tiles = program_range(num_rows, queue_size, split_size, BLOCK_M,
+                                                               BLOCK_K)  # num_tiles >= 1 (launch)
 
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], q_desc.layout)
         w_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_D], w_desc.layout)

@@ -94,17 +94,8 @@ if hopper.AVAILABLE:
     _barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
 
-    @gluon.jit
-    def _program(num_rows, queue_size, split_size, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
-        """The program's first row, split, its queue range and its number of tiles
-        (kernels._block: row blocks vary fastest)."""
-        row_blocks = gl.cdiv(num_rows, BLOCK_M)
-        pid = gl.program_id(0)
-        split = pid // row_blocks
-        row0 = (pid % row_blocks) * BLOCK_M
-        k_begin = split * split_size
-        k_end = gl.minimum(k_begin + split_size, queue_size)
-        return row0, split, k_begin, k_end, gl.cdiv(k_end - k_begin, BLOCK_K)
+    # The program's rows, split and queue range: the pipelined kernel's.
+    _program = hopper.program_range
 
     # The online log-sum-exp step of a whole tile, the pipelined kernel's (m, l, alpha, P).
     _softmax_rows = hopper.softmax_rows
