@@ -5,9 +5,12 @@ without a GPU under the running Triton:
     python benchmarks/hopper_sass.py                       # bf16 and fp16, with and without the gradient
     /tmp/t36h/bin/python benchmarks/hopper_sass.py --json out36.json   # another Triton
 
-Two kernels: dcq_ops/triton/hopper.py (the launched one, its two schedules) and
-dcq_ops/triton/hopper_seesaw.py (the seesaw: two warp-specialized consumer
-warpgroups taking the tiles in turn; compiled here, not launched). For each
+Two kernels: dcq_ops/triton/hopper_seesaw.py (the seesaw: two warp-specialized
+consumer warpgroups taking the tiles in turn; first in the ranked sm_90 chain,
+dcq_ops.triton.hopper_launch.CHAIN) and dcq_ops/triton/hopper.py (the pipelined
+kernel, its fallback, with its two schedules). benchmarks/compiled.py reports both
+(``variants_for``, its EXTRA_KERNELS: the seesaw's counts from consumer 0's loop,
+``seesaw_counts``, and each consumer loop). For each
 variant it compiles the Gluon kernel for sm_90a (D=512, 64 x 64 tiles,
 8 warps, STAGES buffers), reads Triton's own ptxas log (registers, spills, every
 warning and performance advisory, e.g. C7510/C7515/C7516 for serialized wgmma) and
@@ -94,10 +97,17 @@ def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hoppe
     return _compile(hopper.hopper_queue_pass_kernel, dtype, dim, constants, dict(num_warps=hopper.NUM_WARPS))
 
 
+def seesaw_stages(dim: int) -> int:
+    """The seesaw's ring depth that a launch at D = ``dim`` (16-bit) uses."""
+    return hopper_seesaw.stages(max(16, 1 << (dim - 1).bit_length()))
+
+
 def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
-                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH):
-    """The seesaw kernel compiled for sm_90, on the same descriptors."""
-    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth)
+                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH, stages: int | None = None):
+    """The seesaw kernel compiled for sm_90, on the same descriptors, with the launch's
+    ring depth at this D (or ``stages``)."""
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth,
+                     STAGES=seesaw_stages(dim) if stages is None else stages)
     return _compile(hopper_seesaw.seesaw_queue_pass_kernel, dtype, dim, constants,
                     dict(num_warps=hopper_seesaw.NUM_WARPS, maxnreg=hopper_seesaw.MAXNREG))
 
@@ -210,7 +220,7 @@ def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES
 
 
 def report_seesaw(dtype: str, dim: int, compute_grad: bool,
-                  rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH) -> dict:
+                  rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH, stages: int | None = None) -> dict:
     """The seesaw kernel's entry: its counts per iteration of consumer 0's loop (one
     tile: its S GEMM and softmax, and its half of two tiles' P W), each consumer
     loop's HGMMA, waits and local-memory accesses, and the cycle model with the two
@@ -218,9 +228,10 @@ def report_seesaw(dtype: str, dim: int, compute_grad: bool,
     block_d = max(16, 1 << (dim - 1).bit_length())
     entry = dict(kernel="hopper_seesaw_queue_pass", target="sm_90", dtype=dtype, gradient=compute_grad,
                  BLOCK_M=hopper.BLOCK_M, BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d,
-                 num_warps=2 * hopper_seesaw.NUM_WARPS, stages=hopper_seesaw.STAGES, schedule="seesaw",
+                 num_warps=2 * hopper_seesaw.NUM_WARPS, stages=stages, schedule="seesaw",
                  rescale_on_growth=rescale_on_growth, default=False)
-    compiled = compile_seesaw(dtype, dim, compute_grad, rescale_on_growth)
+    stages = entry["stages"] = seesaw_stages(dim) if stages is None else stages
+    compiled = compile_seesaw(dtype, dim, compute_grad, rescale_on_growth, stages)
     entry.update(ptxas_report(compiled), shared=compiled.metadata.shared)
     sass = sass_of(compiled.asm["cubin"])
     bodies = consumer_loops(sass)
@@ -236,7 +247,7 @@ def report_seesaw(dtype: str, dim: int, compute_grad: bool,
         from cycle_model import cycle_model
         from sass_counts import disassemble
         model = cycle_model(disassemble(compiled.asm["cubin"]), hopper.BLOCK_M, hopper.BLOCK_K, dim,
-                            hopper_seesaw.NUM_WARPS, mma_warpgroups=1, num_stages=hopper_seesaw.STAGES, gemms=2,
+                            hopper_seesaw.NUM_WARPS, mma_warpgroups=1, num_stages=stages, gemms=2,
                             interleave=2)
         entry["cycle_model"] = {k: model[k] for k in ("clocks_per_tile", "clocks_serialized", "clocks_pipelined",
                                                       "serialized", "fraction_of_peak", "components",
@@ -244,13 +255,50 @@ def report_seesaw(dtype: str, dim: int, compute_grad: bool,
     return entry
 
 
+def seesaw_counts(compiled, dim: int, compute_grad: bool) -> dict:
+    """The seesaw's work per iteration of consumer 0's loop (one tile, one warpgroup's
+    MMAs), as report_seesaw reads it, in the fields of a benchmarks/compiled.py entry:
+    its MMA instructions, their FLOPs over the ideal, exponentials per logit, HGMMA shapes.
+
+    Raises
+    ------
+    ValueError
+        The SASS has no innermost loop with HGMMA (no consumer loop).
+    """
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    sass = sass_of(compiled.asm["cubin"])
+    bodies = consumer_loops(sass)
+    if not bodies:
+        raise ValueError("no consumer loop (an innermost loop with HGMMA) in the seesaw's SASS")
+    c = loop_counts(sass, hopper_seesaw.BLOCK_M, hopper_seesaw.BLOCK_K, block_d, 2 if compute_grad else 1,
+                    body=bodies[0], warpgroups=1)
+    return dict(mma_instructions_per_iteration=c["per_iteration"]["hgmma"],
+                mma_kinds=[f"wgmma m{m}n{n}k{k}" for m, n, k in (s.split("x") for s in c["hgmma_shapes"])],
+                mma_flops_over_ideal=c["mma_flops_over_ideal"], exponentials_per_logit=c["exponentials_per_logit"])
+
+
+def _chain_rank(kernel: str) -> int | None:
+    """Where ``kernel`` stands in the ranked sm_90 chain (hopper_launch.CHAIN; 0: tried first)."""
+    return hopper_launch.CHAIN.index(kernel) if kernel in hopper_launch.CHAIN else None
+
+
 def variants_for(variant_class):
-    """The pipelined kernel's entries of benchmarks/compiled.py (its EXTRA_KERNELS): a
+    """The Gluon kernels' entries of benchmarks/compiled.py (its EXTRA_KERNELS): a
     function (arch, dtypes, dim, first_only) -> [variant_class(...)], on sm_90 and 16-bit
-    dtypes only: the launch's variant with and without the gradient, and with the
-    gradient the other schedule. Each carries the cycle model's tile (the model reads
-    from the SASS how far ahead of its wait each load is issued) and the ideal work it
-    must not exceed."""
+    dtypes only.
+
+    - The pipelined kernel: the launch's schedule with and without the gradient,
+      and (not ``first_only``) with the gradient the other schedule.
+    - The seesaw: with the gradient and without, the launch's rescale rule and ring
+      depth at this D (``seesaw_stages``). Its counts and cycle model read consumer
+      0's own loop (``consumer_loops``: one tile an iteration, one warpgroup's MMAs;
+      the cycle model with the two consumers taking the tiles in turn).
+
+    Each entry's ``chain_rank`` is the kernel's place in hopper_launch.CHAIN, and
+    ``default`` says that an sm_90 launch runs it (DCQ_OPS_SM90_KERNEL unset): the
+    chain's first kernel, in the launch's variant. Each carries the cycle model's tile
+    (the model reads from the SASS how far ahead of its wait each load is issued) and
+    the ideal work it must not exceed."""
     from ptx_counts import loop_counts as ptx_loop_counts  # benchmarks/ptx_counts.py
 
     def variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list:
@@ -260,13 +308,15 @@ def variants_for(variant_class):
         tile = type("Tile", (), dict(block_m=hopper.BLOCK_M, block_k=hopper.BLOCK_K, num_warps=hopper.NUM_WARPS))
         out = []
         for dtype in (d for d in dtypes if d in DTYPES):
+            out += _seesaw_variants(variant_class, dtype, dim, block_d)
             for compute_grad, overlap in ((True, hopper_launch.OVERLAP_SOFTMAX), (False, hopper_launch.OVERLAP_SOFTMAX),
                                           (True, not hopper_launch.OVERLAP_SOFTMAX)):
                 if first_only and overlap != hopper_launch.OVERLAP_SOFTMAX:
                     continue
                 entry = dict(target="sm_90", kernel="hopper_queue_pass_" + SCHEDULES[overlap].replace("-", "_"),
-                             gradient=compute_grad, filter=True, dtype=dtype,
-                             default=overlap == hopper_launch.OVERLAP_SOFTMAX, BLOCK_D=block_d,
+                             gradient=compute_grad, filter=True, dtype=dtype, chain_rank=_chain_rank("pipelined"),
+                             default=overlap == hopper_launch.OVERLAP_SOFTMAX and _chain_rank("pipelined") == 0,
+                             BLOCK_D=block_d,
                              BLOCK_M=hopper.BLOCK_M, BLOCK_K=hopper.BLOCK_K, num_warps=hopper.NUM_WARPS,
                              num_stages=hopper.STAGES, rescale_on_growth=hopper_launch.RESCALE_ON_GROWTH)
 
@@ -280,6 +330,29 @@ def variants_for(variant_class):
         return out
 
     return variants
+
+
+def _seesaw_variants(variant_class, dtype: str, dim: int, block_d: int) -> list:
+    """The seesaw's two entries of ``variants_for`` at one dtype: with the gradient and without."""
+    stages = seesaw_stages(dim)
+    out = []
+    for compute_grad in (True, False):
+        entry = dict(target="sm_90", kernel="hopper_seesaw_queue_pass", gradient=compute_grad, filter=True,
+                     dtype=dtype, chain_rank=_chain_rank("seesaw"), default=_chain_rank("seesaw") == 0,
+                     BLOCK_D=block_d, BLOCK_M=hopper_seesaw.BLOCK_M, BLOCK_K=hopper_seesaw.BLOCK_K,
+                     num_warps=2 * hopper_seesaw.NUM_WARPS, num_stages=stages, schedule="seesaw",
+                     rescale_on_growth=hopper_launch.RESCALE_ON_GROWTH)
+
+        def build(dtype=dtype, compute_grad=compute_grad):
+            compiled = compile_seesaw(dtype, dim, compute_grad, hopper_launch.RESCALE_ON_GROWTH)
+            return compiled, dict(**seesaw_counts(compiled, dim, compute_grad),
+                                  chain_break="none (Gluon: the layouts are explicit)")
+        # One consumer's loop: its own warpgroup's MMAs and warps; the other takes the next tile.
+        model = (dict(tile_m=hopper_seesaw.BLOCK_M, tile_n=hopper_seesaw.BLOCK_K, dim=dim,
+                      warps=hopper_seesaw.NUM_WARPS, mma_warpgroups=1, num_stages=stages, gemms=2, interleave=2)
+                 if compute_grad else None)
+        out.append(variant_class(entry, build, model, (1.0, 1.125), consumer_loops=consumer_loops))
+    return out
 
 
 def main(argv=None) -> int:

@@ -87,9 +87,9 @@ def test_the_rules_are_the_kernels_own():
     consumer warpgroups, its tile square."""
     seesaw, pipelined = hopper_launch.RULES["seesaw"], hopper_launch.RULES["pipelined"]
     assert (seesaw.block_m, seesaw.block_k, seesaw.stages) == (hopper_seesaw.BLOCK_M, hopper_seesaw.BLOCK_K,
-                                                                hopper_seesaw.STAGES)
+                                                                hopper_seesaw.stages)
     assert seesaw.num_warps == 2 * hopper_seesaw.NUM_WARPS == 8 and seesaw.square and not pipelined.square
-    assert (pipelined.block_m, pipelined.block_k, pipelined.num_warps, pipelined.stages) == (
+    assert (pipelined.block_m, pipelined.block_k, pipelined.num_warps, pipelined.stages(512)) == (
         hopper.BLOCK_M, hopper.BLOCK_K, hopper.NUM_WARPS, hopper.STAGES)
     assert set(hopper_launch.RULES) == set(hopper_launch.CHAIN) == {"seesaw", "pipelined"}
 
@@ -107,7 +107,7 @@ def test_the_seesaw_heads_the_sm90_default_behind_its_probe(monkeypatch, as_on_s
     assert spawned == [hopper_launch.probe_class("seesaw", q, w, SPLIT, True, False)]
     last_split = 1000 % SPLIT or SPLIT
     assert spawned[0] == ProbeClass("seesaw", "bfloat16", 64, True, False, hopper_seesaw.BLOCK_M, TILE,
-                                    hopper_seesaw.STAGES, 1 if 100 <= hopper_seesaw.BLOCK_M else 2,
+                                    hopper_seesaw.stages(64), 1 if 100 <= hopper_seesaw.BLOCK_M else 2,
                                     100 % hopper_seesaw.BLOCK_M != 0, 2, 2, cdiv(last_split, TILE),
                                     last_split % TILE != 0)
     # The same class again: no probe; another one (no gradient): its own.

@@ -360,6 +360,7 @@ def test_the_launch_runs_the_kernel_chosen_with_its_own_arguments(monkeypatch, k
     assert kwargs["RESCALE_ON_GROWTH"] == hopper_launch.RESCALE_ON_GROWTH
     if kernel == "seesaw":
         assert (kwargs["num_warps"], kwargs["maxnreg"]) == (hopper_seesaw.NUM_WARPS, hopper_seesaw.MAXNREG)
+        assert kwargs["STAGES"] == hopper_seesaw.stages(512) == 2  # a third buffer does not fit beside q
     else:
         assert (kwargs["num_warps"], kwargs["STAGES"]) == (hopper.NUM_WARPS, hopper.STAGES)
 

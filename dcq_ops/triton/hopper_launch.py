@@ -17,7 +17,7 @@ seesaw's to the pipelined kernel, probed in turn; the pipelined kernel's, or an 
 choice's, to the classic one), each time with a warning and a recorded demotion.
 
 Where a kernel applies (``RULES``, one entry per kernel): sm_90, 16-bit operands, its
-tile (64 x 64, 8 warps in all, 2 buffers) when a tile configuration is given, a split
+tile (64 x 64, 8 warps in all; 2 buffers, the seesaw up to 4 where they fit) when a tile configuration is given, a split
 size that is a multiple of its BLOCK_K (a tile never straddles two splits), a non-empty
 queue, 16-byte aligned operands (TMA), D a multiple of 8 with a padded D from 64 to 512;
 the seesaw also BLOCK_M = BLOCK_K. Under the interpreter the default is ``classic`` and
@@ -33,7 +33,7 @@ import os
 import torch
 import triton
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from dcq_ops.triton import hopper, hopper_probe, hopper_seesaw
 from dcq_ops.triton.hopper_probe_class import ProbeClass
@@ -58,8 +58,9 @@ class Rules(NamedTuple):
         Its tile (the descriptors' blocks); an explicit configuration must name it.
     num_warps : int
         Its warps in all (an explicit configuration's num_warps).
-    stages : int
-        Its queue-tile buffers (part of the probe class).
+    stages : callable
+        Its queue-tile buffers at a padded D (part of the probe class): 2 for the
+        pipelined kernel, ``hopper_seesaw.stages`` for the seesaw.
     min_block_d, max_block_d : int
         The padded D it compiles for.
     square : bool
@@ -69,16 +70,17 @@ class Rules(NamedTuple):
     block_m: int
     block_k: int
     num_warps: int
-    stages: int
+    stages: Callable[[int], int]
     min_block_d: int
     max_block_d: int
     square: bool
 
 
 RULES = {
-    "pipelined": Rules(hopper.BLOCK_M, hopper.BLOCK_K, hopper.NUM_WARPS, hopper.STAGES, 64, 512, False),
+    "pipelined": Rules(hopper.BLOCK_M, hopper.BLOCK_K, hopper.NUM_WARPS, lambda block_d: hopper.STAGES, 64, 512,
+                       False),
     # Two consumer warpgroups: the default partition's NUM_WARPS and the worker's 4.
-    "seesaw": Rules(hopper_seesaw.BLOCK_M, hopper_seesaw.BLOCK_K, 2 * hopper_seesaw.NUM_WARPS, hopper_seesaw.STAGES,
+    "seesaw": Rules(hopper_seesaw.BLOCK_M, hopper_seesaw.BLOCK_K, 2 * hopper_seesaw.NUM_WARPS, hopper_seesaw.stages,
                     hopper_seesaw.MIN_BLOCK_D, hopper_seesaw.MAX_BLOCK_D, True),
 }
 
@@ -176,7 +178,8 @@ def probe_class(kernel: str, q_gemm: torch.Tensor, queue_weights: torch.Tensor, 
     ``split_size`` a multiple of its BLOCK_K, a non-empty queue)."""
     rules = RULES[kernel]
     return ProbeClass.of_launch(kernel, q_gemm.dtype, q_gemm.shape[0], queue_weights.shape[0], q_gemm.shape[1],
-                                split_size, compute_grad, filtering, rules.block_m, rules.block_k, rules.stages)
+                                split_size, compute_grad, filtering, rules.block_m, rules.block_k,
+                                rules.stages(_block_d(q_gemm.shape[1])))
 
 
 def _block_d(dim: int) -> int:

@@ -5,12 +5,15 @@ a launch matters to each program's control flow, and the small launch that repro
 of the class in a process). The kernel is part of the class: one kernel's verdict never
 clears the other.
 
-Each program of the pipelined kernel runs ``num_tiles = cdiv(k_end - k_begin, BLOCK_K)`` queue
+Each program of a Gluon kernel runs ``num_tiles = cdiv(k_end - k_begin, BLOCK_K)`` queue
 tiles: its loop, its mbarrier phases and its TMA refills depend on that count only
-through ``num_tiles`` below ``4 * STAGES`` (no loop, no refill, the first phases) and
-``num_tiles mod 2 * STAGES`` past it (each stage's barrier completes once every STAGES
-tiles, so its phase bit repeats every 2 * STAGES tiles: a count past ``4 * STAGES`` runs
-the states of a representative count with the same residue, only more often). So a
+through ``num_tiles`` below twice a period (no loop, no refill, the first phases) and
+its residue modulo the period past it. The period (``period``) is that of the states:
+each stage's barrier completes once every STAGES tiles, so its phase bit repeats every
+2 * STAGES tiles; the seesaw's consumers take the tiles in turn and each one's hand-over
+barrier completes once every 2 tiles, its phase bit repeating every 4; so lcm(2 *
+STAGES, 4) (4 at 2 stages, 12 at 3, 8 at 4), and a count past twice it runs the
+states of a representative count with the same residue, only more often. So a
 class holds a representative count (``representative_tiles``) of the full splits and of
 the queue's last split; whether the last tile is partial (TMA's zero fill past the
 queue's end) and whether the last row block is (q's zero fill, masked stores); one or
@@ -21,6 +24,7 @@ compiled branches); the operands' dtype and D (other descriptors, another BLOCK_
 from __future__ import annotations
 
 import json
+import math
 from typing import NamedTuple
 
 
@@ -32,12 +36,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def period(stages: int) -> int:
+    """The tiles after which a program's barrier phases repeat: lcm(2 * stages, 4)
+    (see the module docstring)."""
+    return math.lcm(2 * stages, 4)
+
+
 def representative_tiles(tiles: int, stages: int) -> int:
     """A tile count with the same per-program control flow as ``tiles``: itself below
-    ``4 * stages``, else the count in ``[4 * stages, 6 * stages)`` with the same residue
-    modulo ``2 * stages`` (see the module docstring)."""
-    cap, period = 4 * stages, 2 * stages
-    return tiles if tiles < cap else cap + (tiles - cap) % period
+    twice the period, else the count in ``[2 * period, 3 * period)`` with the same
+    residue modulo the period (see the module docstring)."""
+    cycle = period(stages)
+    cap = 2 * cycle
+    return tiles if tiles < cap else cap + (tiles - cap) % cycle
 
 
 class ProbeClass(NamedTuple):
@@ -103,9 +114,9 @@ class ProbeClass(NamedTuple):
         tiles_last = representative_tiles(cdiv(last_split, block_k), stages)
         tiles_full = representative_tiles(split_size // block_k, stages) if num_splits > 1 else 0
         if num_splits > 1 and tiles_last > tiles_full:
-            # Both counts past 4 * stages: a full split a period longer keeps its residue
-            # and stays at least as long as the last one (as in the launch).
-            tiles_full += 2 * stages
+            # Both counts past twice the period: a full split a period longer keeps its
+            # residue and stays at least as long as the last one (as in the launch).
+            tiles_full += period(stages)
         return cls(str(kernel), str(dtype).replace("torch.", ""), int(dim), bool(compute_grad), bool(filtering),
                    int(block_m),
                    int(block_k), int(stages), 1 if rows <= block_m else 2, rows % block_m != 0,

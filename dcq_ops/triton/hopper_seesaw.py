@@ -19,16 +19,25 @@ whole:
   grew, with RESCALE_ON_GROWTH);
 - so one warpgroup's softmax runs while the other's GEMMs occupy the tensor
   cores (the ping-pong), with no reduction across warpgroups;
-- each consumer issues the TMA of its own next tile (t + 2, into the buffer of
-  its parity) the moment the other consumer has released tile t (its half of
-  P_t W_t done); the load then has the other consumer's whole tile t + 1 to
-  arrive in. A producer warp would issue it at the same moment, and its
-  warpgroup's registers would come out of the consumers'.
+- the queue tiles pass through a ring of STAGES buffers (tile t in buffer
+  t % STAGES): the owner of tile t issues the TMA of tile t + STAGES into its
+  buffer the moment the other consumer has released tile t (its half of P_t W_t
+  done). A producer warp would issue it at the same moment, and its warpgroup's
+  registers would come out of the consumers'.
 
 Per own tile a consumer's loop: wait for its tile, issue S_t; wait for tile
 t - 1's hand-over, rescale, issue P_{t-1} W_{t-1}; wait for both (2 wgmma waits
 a tile in all), release tile t - 1; softmax of t, hand it over; rescale, P_t W_t,
-wait; load tile t + 2.
+wait; load tile t + STAGES.
+
+How far ahead the loads run (``stages``): with STAGES = 2 (D = 512, where a third
+buffer does not fit beside q), the tile a consumer loads is its own next one and
+its next iteration begins by waiting for it; one load is in flight, covered only by
+what the other consumer does meanwhile. With STAGES = 3 or 4 (a padded D up to
+256) the tile loaded is the other consumer's and a consumer's own next tile was
+loaded a whole iteration earlier (by the other consumer, when it released tile
+t - 1): STAGES - 1 loads in flight, each issued before the MMAs of the tile before
+it.
 
 The algebra is kernels._block_partials', operation for operation: the same
 (m, l) recurrence per tile in tile order, the same rescale-then-accumulate of the
@@ -41,15 +50,16 @@ benchmarks/hopper_sass.py compiles it.
 
 Shared memory at 64 x 64 tiles, D = 512, bf16: q 64 KiB + 2 queue buffers 128 KiB
 + 2 P buffers 16 KiB + the handed statistics and barriers: 211 KiB of the 227.
-A third buffer does not fit beside q: one load in flight.
+A third buffer does not fit beside q: one load in flight. At D = 256: q 32 KiB + 4
+buffers 128 KiB + the rest: 179 KiB.
 
 Requirements of the launch (dcq_ops.triton.hopper_launch.RULES["seesaw"] holds them):
 those of dcq_ops.triton.hopper (16-bit operands, the same host descriptors,
 dcq_ops.triton.hopper_launch.gluon_descriptors; the split size a multiple of BLOCK_K; D a
 multiple of 8), BLOCK_M = BLOCK_K = 64 (one warpgroup's m64 rows; q shares the queue
 tiles' buffer array), BLOCK_D from MIN_BLOCK_D to MAX_BLOCK_D (the halves of D are
-wgmma N of 32 to 256; compiled without spills at each), num_warps=NUM_WARPS (the default
-partition; 8 warps in all), maxnreg=MAXNREG: ``launch``.
+wgmma N of 32 to 256; compiled without spills at each), STAGES = ``stages(BLOCK_D)``,
+num_warps=NUM_WARPS (the default partition; 8 warps in all), maxnreg=MAXNREG: ``launch``.
 """
 
 from __future__ import annotations
@@ -64,8 +74,13 @@ from dcq_ops.triton import hopper
 NUM_WARPS = 4
 CONSUMER_REGS = 256
 MAXNREG = 255
-# One buffer per consumer: tile t in buffer t % 2, its owner's parity.
-STAGES = 2
+# The ring of queue-tile buffers: tile t in buffer t % STAGES; at least one per
+# consumer, at most MAX_STAGES (three loads in flight are plenty), as many as fit
+# beside q in SHARED_LIMIT (``stages``).
+MIN_STAGES = 2
+MAX_STAGES = 4
+# sm_90's opt-in shared memory a block (227 KiB), less what Triton may add.
+SHARED_LIMIT = 227 * 1024 - 1024
 # The tile: one warpgroup's rows, and q in the queue tiles' buffer array (BLOCK_M = BLOCK_K).
 BLOCK_M = 64
 BLOCK_K = 64
@@ -74,14 +89,30 @@ MIN_BLOCK_D = 64
 MAX_BLOCK_D = 512
 
 
+def shared_bytes(block_d: int, stages: int, element_bytes: int = 2) -> int:
+    """The kernel's shared memory at a padded D and ring depth: q and the STAGES
+    queue buffers (BLOCK_M = BLOCK_K rows of BLOCK_D), the two P buffers, the handed
+    statistics and the finiteness flags (``seesaw_queue_pass_kernel``'s allocations)."""
+    return ((stages + 1) * BLOCK_K * block_d + 2 * BLOCK_M * BLOCK_K) * element_bytes + (8 + 2) * BLOCK_M * 4
+
+
+def stages(block_d: int, element_bytes: int = 2) -> int:
+    """The ring depth the launch uses at a padded D: the most buffers from MIN_STAGES
+    to MAX_STAGES that fit in SHARED_LIMIT (2 at 512, 4 at 256 and below, 16-bit)."""
+    fits = [s for s in range(MIN_STAGES, MAX_STAGES + 1) if shared_bytes(block_d, s, element_bytes) <= SHARED_LIMIT]
+    return max(fits, default=MIN_STAGES)
+
+
 def launch(grid, q_desc, w_desc, labels, queue_labels, workspace, scalars, *, filtering: bool, compute_grad: bool,
            rescale_on_growth: bool) -> None:
     """The seesaw queue pass over ``grid`` into ``workspace`` (max, sum, accumulator), on
     the host descriptors of dcq_ops.triton.hopper_launch.gluon_descriptors and the
     scalars of queue_pass_kernel (rows, queue size, D, splits, split size, scale in log2
-    units, filtering threshold), with its warps and register cap."""
+    units, filtering threshold), with its ring depth (``stages``), warps and register cap."""
+    block_d = w_desc.block_shape[1]
     seesaw_queue_pass_kernel[grid](q_desc, w_desc, labels, queue_labels, *workspace, *scalars, FILTER=filtering,
                                    COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth,
+                                   STAGES=stages(block_d, w_desc.base.element_size()),
                                    num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
 if hopper.AVAILABLE:
@@ -101,15 +132,17 @@ if hopper.AVAILABLE:
     _softmax_rows = hopper.softmax_rows
 
     @gluon.jit
-    def _load_tile(w_desc, w_smem, ready, t, k_begin, BLOCK_K: gl.constexpr):
-        """Queue tile t into buffer t % 2 (its owner's), completing on ready[t % 2]."""
-        mbarrier.expect(ready.index(t % 2), w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [k_begin + t * BLOCK_K, 0], ready.index(t % 2), w_smem.index(t % 2))
+    def _load_tile(w_desc, w_smem, ready, t, k_begin, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """Queue tile t into buffer t % STAGES, completing on ready[t % STAGES]."""
+        mbarrier.expect(ready.index(t % STAGES), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [k_begin + t * BLOCK_K, 0], ready.index(t % STAGES),
+                                        w_smem.index(t % STAGES))
 
     @gluon.jit
     def _hand_over(p, m_new, l_i, alpha, p_slot, stats, SLOT: gl.constexpr, handoff_bar, COMPUTE_GRAD: gl.constexpr):
         """Tile t's (m, l, alpha) and P into this consumer's slot for the other one
-        (free: the other released tile t - 2 before this consumer loaded tile t)."""
+        (free: the other consumer handed tile t - 1 over, which this one waited for,
+        only after its P_{t-2} W_{t-2} and its reads of tile t - 2's statistics)."""
         BLOCK_M: gl.constexpr = m_new.shape[0]
         stats.slice((4 * SLOT) * BLOCK_M, BLOCK_M).store(m_new)
         stats.slice((4 * SLOT + 1) * BLOCK_M, BLOCK_M).store(l_i)
@@ -139,9 +172,10 @@ if hopper.AVAILABLE:
         return pending, m_i, l_i
 
     @gluon.jit
-    def _own_tile_end(acc, alpha, p_slot, w_half, w_desc, w_smem, ready, released, t, j, num_tiles, k_begin,
-                      acc_rows: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr):
-        """After tile t's softmax: this consumer's half of P_t W_t, then tile t + 2
+    def _own_tile_end(acc, alpha, p_slot, w_half, w_desc, w_smem, ready, released, t, num_tiles, k_begin,
+                      acc_rows: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """After tile t's softmax: this consumer's half of P_t W_t, then tile t + STAGES
         into the same buffer once the other consumer has released tile t (its P_t
         W_t done, its reads of the handed statistics done)."""
         BLOCK_K: gl.constexpr = w_smem.shape[1]
@@ -149,10 +183,11 @@ if hopper.AVAILABLE:
             acc = hopper._rescaled(acc, gl.convert_layout(alpha, acc_rows), acc_rows, RESCALE_ON_GROWTH)
             pv_tok = warpgroup_mma(p_slot, w_half, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
-        if t + 2 < num_tiles:
-            mbarrier.wait(released.index(t % 2), j & 1)
+        if t + STAGES < num_tiles:
+            # Buffer t % STAGES's (t // STAGES)-th release.
+            mbarrier.wait(released.index(t % STAGES), (t // STAGES) & 1)
             _barrier()  # every warp of this warpgroup done with tile t too
-            _load_tile(w_desc, w_smem, ready, t + 2, k_begin, BLOCK_K)
+            _load_tile(w_desc, w_smem, ready, t + STAGES, k_begin, BLOCK_K, STAGES)
         return acc
 
     @gluon.jit
@@ -160,9 +195,9 @@ if hopper.AVAILABLE:
                   labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
                   num_rows, queue_size, dim, num_splits, split_size, scale_log2, interclass_filtering_threshold,
                   FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
-                  PARITY: gl.constexpr):
+                  STAGES: gl.constexpr, PARITY: gl.constexpr):
         """Consumer warpgroup PARITY: the S GEMM and softmax of tiles PARITY,
-        PARITY + 2, ... and their loads; P W of every tile over its half of D; its
+        PARITY + 2, ..., and the loads STAGES tiles after each; P W of every tile over its half of D; its
         half of the accumulator to the workspace, and (consumer 0) the row max and
         sum."""
         BLOCK_M: gl.constexpr = q_smem.shape[0]
@@ -199,7 +234,8 @@ if hopper.AVAILABLE:
                                                interclass_filtering_threshold, FILTER, BLOCK_K, cols_layout)
             _hand_over(p, m_i, l_i, alpha, p_smem.index(0), stats, 0, handoff.index(0), COMPUTE_GRAD)
             acc = _own_tile_end(acc, alpha, p_smem.index(0), w_smem.index(0).slice(0, HALF, dim=1), w_desc, w_smem,
-                                ready, released, 0, 0, num_tiles, k_begin, acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH)
+                                ready, released, 0, num_tiles, k_begin, acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH,
+                                STAGES)
 
         own_tiles = (num_tiles - PARITY + 1) // 2
         for j in range(1 - PARITY, own_tiles):
@@ -208,13 +244,16 @@ if hopper.AVAILABLE:
             # 0): with constant ones it hoists every wgmma descriptor (64 bits each; q
             # alone has 32) out of the loop, and they spill.
             zero = (t < 0).to(gl.int32)
-            tile_w = w_smem.index(PARITY + zero)
-            prev_w = w_smem.index(OTHER + zero)
-            q_tile = w_smem.index(2 + zero)
+            buffer = t % STAGES + zero
+            prev_buffer = (t - 1) % STAGES + zero
+            tile_w = w_smem.index(buffer)
+            prev_w = w_smem.index(prev_buffer)
+            q_tile = w_smem.index(STAGES + zero)
             own_p = p_smem.index(PARITY + zero)
             other_p = p_smem.index(OTHER + zero)
-            # S_t as soon as its tile is in; it runs while the other consumer's softmax of t - 1 does.
-            mbarrier.wait(ready.index(PARITY), j & 1)
+            # S_t as soon as its tile is in (buffer t % STAGES's (t // STAGES)-th load);
+            # it runs while the other consumer's softmax of t - 1 does.
+            mbarrier.wait(ready.index(buffer), (t // STAGES) & 1)
             # use_acc=False ignores the accumulator's input, but a zero tile made once
             # would hold 32 registers for the whole loop: made here, it costs 32 moves.
             s_tok = warpgroup_mma(q_tile, tile_w.permute((1, 0)),
@@ -234,21 +273,22 @@ if hopper.AVAILABLE:
             else:
                 cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
             _barrier()  # every warp's reads of tile t - 1 done
-            mbarrier.arrive(released.index(OTHER), count=1)
+            mbarrier.arrive(released.index(prev_buffer), count=1)
             m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + t * BLOCK_K,
                                                k_end, scale_log2, interclass_filtering_threshold, FILTER, BLOCK_K,
                                                cols_layout)
             _hand_over(p, m_i, l_i, alpha, own_p, stats, PARITY, handoff.index(PARITY),
                        COMPUTE_GRAD)
             acc = _own_tile_end(acc, alpha, own_p, tile_w.slice(PARITY * HALF, HALF, dim=1), w_desc,
-                                w_smem, ready, released, t, j, num_tiles, k_begin, acc_rows, COMPUTE_GRAD,
-                                RESCALE_ON_GROWTH)
+                                w_smem, ready, released, t, num_tiles, k_begin, acc_rows, COMPUTE_GRAD,
+                                RESCALE_ON_GROWTH, STAGES)
 
         if (num_tiles - 1) % 2 == OTHER:
             # The last tile is the other consumer's: its (m, l), and its P W here.
             mbarrier.wait(handoff.index(OTHER), ((num_tiles - 1) // 2) & 1)
             pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, p_smem.index(OTHER),
-                                           w_smem.index(OTHER).slice(PARITY * HALF, HALF, dim=1), rows_layout,
+                                           w_smem.index((num_tiles - 1) % STAGES).slice(PARITY * HALF, HALF, dim=1),
+                                           rows_layout,
                                            acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH)
             if COMPUTE_GRAD:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
@@ -283,11 +323,11 @@ if hopper.AVAILABLE:
         max_ws_ptr, sum_ws_ptr, acc_ws_ptr,
         num_rows, queue_size, dim, num_splits, split_size,
         scale_log2, interclass_filtering_threshold,
-        FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
+        FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr, STAGES: gl.constexpr,
     ):
         """queue_pass_kernel's program (same grid, same workspace) on the
-        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel, with
-        num_warps=NUM_WARPS and maxnreg=MAXNREG."""
+        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel, with a ring of
+        STAGES queue buffers, num_warps=NUM_WARPS and maxnreg=MAXNREG."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[0]
@@ -295,10 +335,11 @@ if hopper.AVAILABLE:
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
 
-        # The two queue buffers and q (BLOCK_M = BLOCK_K, the same layout) as one array.
+        # The STAGES queue buffers and q (BLOCK_M = BLOCK_K, the same layout) as one array.
         gl.static_assert(BLOCK_M == BLOCK_K)
-        w_smem = gl.allocate_shared_memory(dtype, [3, BLOCK_K, BLOCK_D], w_desc.layout)
-        q_smem = w_smem.index(2)
+        gl.static_assert(STAGES >= 2)
+        w_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, BLOCK_K, BLOCK_D], w_desc.layout)
+        q_smem = w_smem.index(STAGES)
         p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_K], p_layout)
         # Rows 4p, 4p + 1, 4p + 2 of BLOCK_M: consumer p's (m, l, alpha) of its last
         # tile, for the other one (4 rows each: shapes are powers of two).
@@ -306,34 +347,35 @@ if hopper.AVAILABLE:
         finite = gl.allocate_shared_memory(gl.int32, [2 * BLOCK_M], plain)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        # Per buffer (= per owner): its tile arrived; the other consumer released it;
-        # the owner handed its softmax over.
-        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        released = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        # Per buffer: its tile arrived; the consumer that does not own its tile
+        # released it. Per consumer: it handed its softmax over.
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        released = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(done, count=2)
-        for s in gl.static_range(2):
+        for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(released.index(s), count=1)
+        for s in gl.static_range(2):
             mbarrier.init(handoff.index(s), count=1)
         fence_async_shared()
 
-        # q and the first two tiles, in flight before the consumers fork.
+        # q and the first STAGES tiles, in flight before the consumers fork.
         row0, split, k_begin, k_end, num_tiles = _program(num_rows, queue_size, split_size, BLOCK_M, BLOCK_K)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [row0, 0], q_bar, q_smem)
-        _load_tile(w_desc, w_smem, ready, 0, k_begin, BLOCK_K)
-        if num_tiles > 1:
-            _load_tile(w_desc, w_smem, ready, 1, k_begin, BLOCK_K)
+        for s in gl.static_range(STAGES):
+            if s < num_tiles:
+                _load_tile(w_desc, w_smem, ready, s, k_begin, BLOCK_K, STAGES)
 
         gl.warp_specialize([
             (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, finite, q_bar, ready, released, handoff, done,
                          labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr, num_rows, queue_size, dim,
                          num_splits, split_size, scale_log2, interclass_filtering_threshold, FILTER, COMPUTE_GRAD,
-                         RESCALE_ON_GROWTH, 0)),
+                         RESCALE_ON_GROWTH, STAGES, 0)),
             (_consumer, (w_desc, q_smem, w_smem, p_smem, stats, finite, q_bar, ready, released, handoff, done,
                          labels_ptr, queue_labels_ptr, max_ws_ptr, sum_ws_ptr, acc_ws_ptr, num_rows, queue_size, dim,
                          num_splits, split_size, scale_log2, interclass_filtering_threshold, FILTER, COMPUTE_GRAD,
-                         RESCALE_ON_GROWTH, 1)),
+                         RESCALE_ON_GROWTH, STAGES, 1)),
         ], [4], [_CONSUMER_REGS])
