@@ -46,6 +46,16 @@ For each it reads:
   cp.async loads, exponentials, barriers) and the per-tile cycle model of the
   16-bit queue pass with the gradient (cycle_model.cycle_model).
 
+On sm_90 it compiles the two Gluon queue passes too (benchmarks/hopper_sass.py's
+variants_for, in EXTRA_KERNELS): the pipelined kernel (dcq_ops/triton/hopper.py)
+and the seesaw (dcq_ops/triton/hopper_seesaw.py, the ranked chain's first: the
+``default``), bf16 and fp16, with the gradient and without. The seesaw's two
+consumer warpgroups each run their own loop over the tiles, so its counts and its
+cycle model read consumer 0's loop (one tile an iteration, one warpgroup's MMAs:
+Variant.consumer_loops), and its entry lists every consumer loop
+(``consumer_loops``: HGMMA, waits, TMA loads, exponentials, barriers, local-memory
+accesses, instructions).
+
 ``--cubins DIR`` writes each kernel's cubin there, named by target, kernel,
 dtype and configuration; its entry holds the path (``cubin``).
 
@@ -98,13 +108,16 @@ REASONS = {
     "wgmma": "wgmma: the first dot {layout}",
     "tcgen05": "tcgen05: one thread issues each MMA into tensor memory (first dot {layout}), so warps never "
                "repeat an MMA; its shape lives in a run-time descriptor, hence no FLOPs ratio",
+    "seesaw": "Gluon seesaw, first in the ranked sm_90 chain (behind its probe; the pipelined and the classic "
+              "kernel its fallbacks): two consumer warpgroups take the TMA-loaded queue tiles in turn, each "
+              "its tile's S GEMM and half of two tiles' P W (counted per iteration of consumer 0's loop)",
 }
 
 
 
-# The pipelined sm_90 queue pass in Gluon (dcq_ops/triton/hopper.py; selected by
-# DCQ_OPS_SM90_KERNEL=pipelined, never the default): its variants and SASS reading live
-# in benchmarks/hopper_sass.py.
+# The Gluon sm_90 queue passes (dcq_ops/triton/hopper_launch.CHAIN: the seesaw,
+# dcq_ops/triton/hopper_seesaw.py, then the pipelined kernel, dcq_ops/triton/hopper.py):
+# their variants and SASS reading live in benchmarks/hopper_sass.py.
 from hopper_sass import variants_for as _hopper_variants  # noqa: E402
 EXTRA_KERNELS.append(_hopper_variants(Variant))
 
@@ -121,8 +134,28 @@ _MODEL_KEYS = ("components", "clocks_per_tile", "clocks_serialized", "clocks_pip
                "fraction_of_peak", "ms_at_benchmark", "load_structure", "assumptions")
 _SASS_KEYS = ("hgmma", "hgmma_shapes", "hgmma_a_in_registers", "warpgroup_depbar", "warpgroup_arrive", "utmaldg",
               "ldgsts", "mbarrier_waits", "mufu_ex2", "bar_sync", "local_accesses", "instructions", "non_mma")
+_CONSUMER_KEYS = ("hgmma", "warpgroup_depbar", "utmaldg", "mufu_ex2", "bar_sync", "local_accesses", "instructions")
 
 _JOBS: list = []  # (Variant, arch, cubin directory): read by the workers by index (forked)
+
+
+def sass_loops(sass: str, consumer_loops=None) -> dict:
+    """The entry's SASS loop fields: ``sass_loop``, the counts per iteration of the loop
+    with the most MMA instructions, or with ``consumer_loops`` (a Variant's: sass ->
+    the loop body of each consumer) of the first consumer's loop, and then each
+    consumer loop's counts (``consumer_loops``). Empty without such a loop."""
+    if consumer_loops is None:
+        loop = mma_loop(sass)
+        bodies = [] if loop is None else [loop.body]
+    else:
+        bodies = consumer_loops(sass)
+    if not bodies:
+        return {}
+    counts = [count(body) for body in bodies]
+    out = dict(sass_loop={k: counts[0][k] for k in _SASS_KEYS})
+    if consumer_loops is not None:
+        out["consumer_loops"] = [{k: c[k] for k in _CONSUMER_KEYS} for c in counts]
+    return out
 
 
 def _compile_one(index: int) -> dict:
@@ -139,11 +172,8 @@ def _compile_one(index: int) -> dict:
             entry["cubin"] = str(path)
         if arch == 90 and not entry["kernel"].startswith("merge"):
             sass = disassemble(compiled.asm["cubin"])
-            loop = mma_loop(sass)
-            if loop is not None:
-                counts = count(loop.body)
-                entry["sass_loop"] = {k: counts[k] for k in _SASS_KEYS}
-            if variant.model and loop is not None:
+            entry.update(sass_loops(sass, variant.consumer_loops))
+            if variant.model and "sass_loop" in entry:
                 model = cycle_model(sass, **variant.model)
                 entry["cycle_model"] = {k: model[k] for k in _MODEL_KEYS}
     except Exception as exc:  # noqa: BLE001 - every failure is reported
@@ -170,7 +200,7 @@ def judge(entry: dict, ideal) -> bool:
         if flops is None or flops > ideal[0] or exps is None or exps > ideal[1] or \
                 entry["chain_break"].startswith("constexpr"):
             entry["error"] = (f"above the ideal work: MMA FLOPs / ideal {flops} (at most {ideal[0]}), exponentials "
-                              f"per logit {exps} (at most {ideal[1]}), first dot {entry['first_dot_layout']}, "
+                              f"per logit {exps} (at most {ideal[1]}), first dot {entry.get('first_dot_layout')}, "
                               f"chain_break {entry['chain_break']}")
             bad = True
     entry["ok"] = not bad
@@ -187,13 +217,21 @@ def _line(e: dict) -> str:
     if e.get("specialization"):
         flags += " (" + e["specialization"].split(" (")[0] + ")"
     loop = ""
-    if e["kernel"] == "queue_pass":
+    if "mma_flops_over_ideal" in e:  # the queue passes (the classic one, the Gluon kernels)
         loop = (f" | MMA/iter {e['mma_instructions_per_iteration']} flops/ideal {e['mma_flops_over_ideal']} "
-                f"exp/logit {e['exponentials_per_logit']} | dot1 {e['first_dot_layout']}")
+                f"exp/logit {e['exponentials_per_logit']}")
+        loop += f" | dot1 {e['first_dot_layout']}" if "first_dot_layout" in e else ""
+    if "consumer_loops" in e:  # a warp-specialized kernel: each consumer's own loop
+        loops = e["consumer_loops"]
+        loop += (f" | {len(loops)} consumer loops: HGMMA {'/'.join(str(c['hgmma']) for c in loops)} DEPBAR "
+                 f"{'/'.join(str(c['warpgroup_depbar']) for c in loops)} UTMALDG "
+                 f"{'/'.join(str(c['utmaldg']) for c in loops)}")
     if "cycle_model" in e:
         m = e["cycle_model"]
         loop += f" | model {m['clocks_per_tile']} clk/tile, {m['fraction_of_peak']:.0%} of peak"
-    warn = f" | ptxas: {len(e['ptxas_warnings'])} advisory" if e.get("ptxas_warnings") else ""
+    advisories = e.get("ptxas_warnings") or []
+    warn = (f" | ptxas: {len(advisories)} advisor{'y' if len(advisories) == 1 else 'ies'}"
+            if advisories or "sass_loop" in e else "")
     return (f"{'ok  ' if e['ok'] else 'FAIL'} {e['target']} {e['kernel']:<14} {e['dtype']:<4} {flags} "
             f"{tiles:<18} regs {e['registers']:>3} spill {e['spill_bytes']:>4} B shared {e['shared'] >> 10:>3}/"
             f"{limit >> 10} KiB{loop}{warn}" + (f"\n     {e['error']}" if "error" in e else ""))
@@ -201,16 +239,20 @@ def _line(e: dict) -> str:
 
 def default_summary(entries: list[dict]) -> list[dict]:
     """The default configuration of each target and dtype with the gradient (the
-    training case): its ratios, the first dot's layout and why."""
+    training case): its ratios, the first dot's layout and why; on sm_90 also the Gluon
+    kernel a launch tries first (hopper_launch.CHAIN's, the entry's ``chain_rank`` 0)."""
     out = []
     for e in entries:
-        if e["kernel"] != "queue_pass" or not e["default"] or not e["gradient"] or e["filter"] or \
-                "specialization" in e or "error" in e:
+        classic = e["kernel"] == "queue_pass" and e["default"] and not e["filter"]
+        gluon_first = e.get("chain_rank") == 0 and e["default"]  # compiled with filtering only
+        if not (classic or gluon_first) or not e["gradient"] or "specialization" in e or "error" in e:
             continue
         family = mma_family(ARCHITECTURES[e["target"]].capability)
         flops, exps = e["mma_flops_over_ideal"], e["exponentials_per_logit"]
         layout = e.get("first_dot_layout")
-        if family == "mma.sync" and e["dtype"] in ("bf16", "fp16"):
+        if gluon_first:
+            reason = REASONS.get(e.get("schedule"), f"Gluon {e['kernel']}, first in the ranked sm_90 chain")
+        elif family == "mma.sync" and e["dtype"] in ("bf16", "fp16"):
             warps_k = (e.get("first_dot_warps_per_cta") or [1, 1])[1]
             per_warp = e["BLOCK_K"] // warps_k
             reason = REASONS[family].format(layout=layout, per_warp=per_warp) + (
@@ -227,7 +269,8 @@ def default_summary(entries: list[dict]) -> list[dict]:
         else:
             reason = (f"TF32 on mma.sync (m16n8k8), first dot {layout}: the dots linked as with 16 bits; the first "
                       "candidate that fits without spilling")
-        out.append(dict(target=e["target"], dtype=e["dtype"], tiles=f"{e['BLOCK_M']}x{e['BLOCK_K']}",
+        out.append(dict(target=e["target"], kernel=e["kernel"], dtype=e["dtype"],
+                        tiles=f"{e['BLOCK_M']}x{e['BLOCK_K']}",
                         num_warps=e["num_warps"], num_stages=e["num_stages"], mma_flops_over_ideal=flops,
                         exponentials_per_logit=exps, first_dot_layout=layout, reason=reason,
                         ptxas_warnings=e.get("ptxas_warnings"), sass_loop=e.get("sass_loop"),
@@ -280,7 +323,7 @@ def main(argv=None) -> int:
     summary = default_summary(entries)
     print("defaults with the gradient (the training case):")
     for s in summary:
-        print(f"  {s['target']:<6} {s['dtype']:<4} {s['tiles']:<6} w{s['num_warps']} s{s['num_stages']}: "
+        print(f"  {s['target']:<6} {s['kernel']} {s['dtype']:<4} {s['tiles']:<6} w{s['num_warps']} s{s['num_stages']}: "
               f"flops/ideal {s['mma_flops_over_ideal']}, exp/logit {s['exponentials_per_logit']}; {s['reason']}")
         if s.get("cycle_model"):
             m = s["cycle_model"]

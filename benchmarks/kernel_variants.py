@@ -36,13 +36,21 @@ class Variant:
     """One kernel to compile: what identifies it in the report (``entry``: target,
     kernel, dtype, configuration, variant flags), how to compile it (``build``:
     () -> (compiled kernel, extra entry fields)), and, for the cycle model, its
-    tile and warps (``model``: keyword arguments of cycle_model.cycle_model) or None."""
+    tile and warps (``model``: keyword arguments of cycle_model.cycle_model) or None,
+    and on sm_90 which SASS loop its counts read (``consumer_loops``)."""
 
     entry: dict
     build: Callable
     model: dict | None = None
     ideal_work: tuple | None = None  # (MMA FLOPs / ideal, exponentials per logit) it must not exceed
     tags: list = field(default_factory=list)
+    # None: the SASS counts read the loop with the most MMA instructions
+    # (sass_counts.mma_loop). A warp-specialized kernel whose consumers each run
+    # their own loop over the tiles gives sass -> [loop body of each consumer]
+    # (e.g. benchmarks/hopper_sass.consumer_loops): the counts per iteration read
+    # the first, and each is listed in the entry's "consumer_loops" (the dispatch
+    # loop around the partitions, which holds them all, is not one iteration).
+    consumer_loops: Callable | None = None
 
 
 def _queue_signature(dtype: str, keys: bool):
@@ -266,5 +274,6 @@ KERNELS: list = [queue_pass_variants, merge_variants]
 # the same way: append a function (arch, dtypes, dim, first_only) -> [Variant] that
 # returns [] where the kernel does not apply. Give each Variant.entry a unique "kernel"
 # name, and Variant.model (cycle_model's tile_m, tile_n, dim, warps, ...) to have its
-# cycle model computed; Variant.ideal_work makes the report fail above that work.
+# cycle model computed; Variant.ideal_work makes the report fail above that work;
+# Variant.consumer_loops for a warp-specialized kernel's per-consumer loops.
 EXTRA_KERNELS: list = []

@@ -5,6 +5,7 @@ cubins are kept."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -139,10 +140,12 @@ def test_cycle_model_needs_an_mma_loop():
 # The report, on the sm_90 bf16 default (compiled as a GPU run would; no GPU needed)
 
 
-def _run_report(tmp_path, patch: str, *args):
+def _run_report(tmp_path, patch: str, *args, gluon: bool = False):
     """benchmarks/compiled.py's main in a fresh process (this one may hold Triton in
     interpreter mode, which cannot compile), after ``patch`` (Python source run with the
-    module imported as ``compiled``), on the sm_90 bf16 default's queue pass and repair."""
+    module imported as ``compiled``), on the sm_90 bf16 default's queue pass and repair,
+    or (``gluon``) on the kernels compiled.py adds to the report itself (EXTRA_KERNELS:
+    the Gluon sm_90 queue passes) only."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
     import os
     import subprocess
@@ -154,7 +157,8 @@ def _run_report(tmp_path, patch: str, *args):
         "import sys\n"
         f"sys.path[:0] = [{str(BENCHMARKS)!r}, {str(root)!r}]\n"
         "import compiled, kernel_variants\n"
-        "compiled.KERNELS, compiled.EXTRA_KERNELS = [kernel_variants.queue_pass_variants], []\n"
+        + ("compiled.KERNELS = []\n" if gluon else
+           "compiled.KERNELS, compiled.EXTRA_KERNELS = [kernel_variants.queue_pass_variants], []\n") +
         f"{patch}\n"
         f"sys.exit(compiled.main(['--targets', '90', '--dtypes', 'bf16', '--first-only', '--out', {str(out)!r}]"
         f" + {list(args)!r}))\n")
@@ -219,6 +223,67 @@ def test_report_keeps_ptxas_warnings_cubins_and_the_cycle_model(tmp_path):
     e = with_grad[0]
     sass = sass_counts.disassemble(Path(e["cubin"]).read_bytes())
     assert sass_counts.count(sass_counts.mma_loop(sass).body)["hgmma"] == e["sass_loop"]["hgmma"]
+
+
+def test_report_holds_the_seesaw_read_from_a_consumer_loop(tmp_path):
+    """The seesaw sm_90 kernel (dcq_ops/triton/hopper_seesaw.py, the ranked chain's
+    first) is in the report beside the pipelined one, bf16 with and without the
+    gradient: no spill, the ideal work (FLOPs / ideal 1.0, at most 1.125 exponentials a
+    logit) read per iteration of consumer 0's own loop, not of the dispatch loop around
+    both consumers (which sass_counts.mma_loop picks: 44 HGMMA with the gradient), the
+    same loop hopper_sass.report_seesaw reads (40 HGMMA with the gradient at D=512);
+    in each consumer loop at most one wgmma wait per four HGMMA and TMA loads; the
+    cycle model with the consumers taking the tiles in turn; its cubins next to the
+    pipelined kernel's, under names of their own."""
+    cubins = tmp_path / "cubins"
+    seesaw_json = tmp_path / "report_seesaw.json"
+    patch = ("import json, hopper_sass\n"
+             f"json.dump(hopper_sass.report_seesaw('bf16', 512, True), open({str(seesaw_json)!r}, 'w'))")
+    run, report = _run_report(tmp_path, patch, "--cubins", str(cubins), gluon=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    entries = _entries(report)
+    seesaw = [e for e in entries if e["kernel"] == "hopper_seesaw_queue_pass"]
+    assert sorted(e["gradient"] for e in seesaw) == [False, True], [e["kernel"] for e in entries]
+    assert any(e["kernel"].startswith("hopper_queue_pass") for e in entries)
+    import json
+    reference = json.loads(seesaw_json.read_text())
+    for e in seesaw:
+        assert e["ok"] and e["spill_bytes"] == 0 and "error" not in e, e
+        assert (e["target"], e["dtype"], e["BLOCK_M"], e["BLOCK_K"], e["num_warps"]) == ("sm_90", "bf16", 64, 64, 8)
+        assert e["default"] and e["chain_rank"] == 0, e
+        assert e["mma_flops_over_ideal"] == 1.0 and e["exponentials_per_logit"] <= 1.125, e
+        assert not [w for w in e["ptxas_warnings"] if re.search(r"C751[056]", w)], e["ptxas_warnings"]
+        loops = e["consumer_loops"]
+        assert len(loops) == 2, loops  # one per consumer warpgroup
+        for loop in loops:
+            assert loop["warpgroup_depbar"] * 4 <= loop["hgmma"] and loop["utmaldg"] > 0, loops
+            assert loop["local_accesses"] == 0, loops
+        hgmma = 40 if e["gradient"] else 32  # one tile's S GEMM, half of two tiles' P W
+        assert e["sass_loop"]["hgmma"] == loops[0]["hgmma"] == e["mma_instructions_per_iteration"] == hgmma, e
+        # The cubin is the kernel measured: its consumer 0 loop holds the entry's counts
+        # (with the gradient the loop with the most MMAs, the old reading, does not).
+        path = Path(e["cubin"])
+        assert path.parent == cubins and path.name.startswith("sm_90_hopper_seesaw_queue_pass_bf16_m64k64w8"), e
+        sass = sass_counts.disassemble(path.read_bytes())
+        inner = [lp for lp in sass_counts.loops(sass) if sass_counts.count(lp.body)["hgmma"]
+                 and not any(o.start > lp.start and o.end <= lp.end for o in sass_counts.loops(sass))]
+        assert sass_counts.count(min(inner, key=lambda lp: lp.start).body)["hgmma"] == hgmma
+        if e["gradient"]:
+            assert sass_counts.count(sass_counts.mma_loop(sass).body)["hgmma"] != hgmma
+            assert e["sass_loop"]["hgmma"] == reference["per_iteration"]["hgmma"] == 40, reference
+            assert e["mma_flops_over_ideal"] == reference["mma_flops_over_ideal"]
+            assert e["exponentials_per_logit"] == reference["exponentials_per_logit"]
+            model = e["cycle_model"]
+            assert model["components"]["mma_ideal"] == 2048 and not model["serialized"], model
+            assert model["clocks_per_tile"] == reference["cycle_model"]["clocks_per_tile"], (model, reference)
+        else:
+            assert "cycle_model" not in e
+    names = [Path(e["cubin"]).name for e in entries]
+    assert len(set(names)) == len(entries), names
+    # The summary of the defaults holds the seesaw with the gradient, the launch's first try.
+    (version_report,) = report["reports"].values()
+    (summary,) = [d for d in version_report["defaults"] if d["kernel"] == "hopper_seesaw_queue_pass"]
+    assert summary["mma_flops_over_ideal"] == 1.0 and summary["cycle_model"]["clocks_per_tile"] > 0, summary
 
 
 def test_ptxas_log_parsing():
