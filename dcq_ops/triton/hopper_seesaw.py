@@ -20,24 +20,25 @@ whole:
 - so one warpgroup's softmax runs while the other's GEMMs occupy the tensor
   cores (the ping-pong), with no reduction across warpgroups;
 - the queue tiles pass through a ring of STAGES buffers (tile t in buffer
-  t % STAGES): the owner of tile t issues the TMA of tile t + STAGES into its
-  buffer the moment the other consumer has released tile t (its half of P_t W_t
-  done). A producer warp would issue it at the same moment, and its warpgroup's
-  registers would come out of the consumers'.
+  t % STAGES): the consumer that does not own tile t issues the TMA of tile
+  t + STAGES into its buffer once both are done with tile t (its own half of
+  P_t W_t waited for, the owner's released on an mbarrier); the owner issued its
+  P_t W_t first, so the loader rarely waits, and the owner goes on to its next tile
+  without waiting for the load. A producer warp would issue it at the same moment,
+  and its warpgroup's registers would come out of the consumers'.
 
 Per own tile a consumer's loop: wait for its tile, issue S_t; wait for tile
 t - 1's hand-over, rescale, issue P_{t-1} W_{t-1}; wait for both (2 wgmma waits
-a tile in all), release tile t - 1; softmax of t, hand it over; rescale, P_t W_t,
-wait; load tile t + STAGES.
+a tile in all), and once tile t - 1's owner has released it, load tile
+t - 1 + STAGES; softmax of t, hand it over; rescale, P_t W_t, wait; release tile t.
 
 How far ahead the loads run (``stages``): with STAGES = 2 (D = 512, where a third
-buffer does not fit beside q), the tile a consumer loads is its own next one and
-its next iteration begins by waiting for it; one load is in flight, covered only by
-what the other consumer does meanwhile. With STAGES = 3 or 4 (a padded D up to
-256) the tile loaded is the other consumer's and a consumer's own next tile was
-loaded a whole iteration earlier (by the other consumer, when it released tile
-t - 1): STAGES - 1 loads in flight, each issued before the MMAs of the tile before
-it.
+buffer does not fit beside q) a consumer's next tile is loaded while it finishes
+the current one, and one load is in flight, covered by what the other consumer
+does meanwhile. With STAGES = 4 (a padded D up to 256) tile t + 4 is loaded
+while tiles t + 1 to t + 3 are in the ring: up to three loads in flight, each issued
+before the MMAs of the tiles before it. benchmarks/seesaw_schedule.py runs this
+protocol (its barriers with the hardware's parity rule) and estimates its clocks.
 
 The algebra is kernels._block_partials', operation for operation: the same
 (m, l) recurrence per tile in tile order, the same rescale-then-accumulate of the
@@ -172,23 +173,31 @@ if hopper.AVAILABLE:
         return pending, m_i, l_i
 
     @gluon.jit
-    def _own_tile_end(acc, alpha, p_slot, w_half, w_desc, w_smem, ready, released, t, num_tiles, k_begin,
-                      acc_rows: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr,
-                      STAGES: gl.constexpr):
-        """After tile t's softmax: this consumer's half of P_t W_t, then tile t + STAGES
-        into the same buffer once the other consumer has released tile t (its P_t
-        W_t done, its reads of the handed statistics done)."""
-        BLOCK_K: gl.constexpr = w_smem.shape[1]
+    def _own_tile_end(acc, alpha, p_slot, w_half, released, t, acc_rows: gl.constexpr, COMPUTE_GRAD: gl.constexpr,
+                      RESCALE_ON_GROWTH: gl.constexpr, STAGES: gl.constexpr):
+        """After tile t's softmax: this consumer's half of P_t W_t, then tile t released
+        to the other consumer, which loads tile t + STAGES into its buffer
+        (``_load_after``)."""
         if COMPUTE_GRAD:
             acc = hopper._rescaled(acc, gl.convert_layout(alpha, acc_rows), acc_rows, RESCALE_ON_GROWTH)
             pv_tok = warpgroup_mma(p_slot, w_half, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
+        _barrier()  # every warp of this warpgroup done with tile t
+        mbarrier.arrive(released.index(t % STAGES), count=1)
+        return acc
+
+    @gluon.jit
+    def _load_after(w_desc, w_smem, ready, released, t, num_tiles, k_begin, STAGES: gl.constexpr):
+        """The other consumer's tile t done here (every warp of this warpgroup past its
+        wait): once its owner has released it too, tile t + STAGES into its buffer.
+        The load is issued by the consumer that finishes a tile second as a rule (the
+        owner's P_t W_t is issued first), so the owner goes on to its next tile without
+        waiting for it."""
+        BLOCK_K: gl.constexpr = w_smem.shape[1]
         if t + STAGES < num_tiles:
             # Buffer t % STAGES's (t // STAGES)-th release.
             mbarrier.wait(released.index(t % STAGES), (t // STAGES) & 1)
-            _barrier()  # every warp of this warpgroup done with tile t too
             _load_tile(w_desc, w_smem, ready, t + STAGES, k_begin, BLOCK_K, STAGES)
-        return acc
 
     @gluon.jit
     def _consumer(w_desc, q_smem, w_smem, p_smem, stats, finite, q_bar, ready, released, handoff, done,
@@ -233,9 +242,8 @@ if hopper.AVAILABLE:
             m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin, k_end, scale_log2,
                                                interclass_filtering_threshold, FILTER, BLOCK_K, cols_layout)
             _hand_over(p, m_i, l_i, alpha, p_smem.index(0), stats, 0, handoff.index(0), COMPUTE_GRAD)
-            acc = _own_tile_end(acc, alpha, p_smem.index(0), w_smem.index(0).slice(0, HALF, dim=1), w_desc, w_smem,
-                                ready, released, 0, num_tiles, k_begin, acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH,
-                                STAGES)
+            acc = _own_tile_end(acc, alpha, p_smem.index(0), w_smem.index(0).slice(0, HALF, dim=1), released, 0,
+                                acc_rows, COMPUTE_GRAD, RESCALE_ON_GROWTH, STAGES)
 
         own_tiles = (num_tiles - PARITY + 1) // 2
         for j in range(1 - PARITY, own_tiles):
@@ -264,24 +272,22 @@ if hopper.AVAILABLE:
             pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, other_p,
                                            prev_w.slice(PARITY * HALF, HALF, dim=1), rows_layout, acc_rows,
                                            COMPUTE_GRAD, RESCALE_ON_GROWTH)
-            # Both done before the softmax: tile t - 1 is released at once (the other
-            # consumer loads tile t + 1 into its buffer), and no accumulator is held
-            # by a wgmma in flight while the softmax needs the registers; the tensor
-            # cores meanwhile run the other consumer's GEMMs.
+            # Both done before the softmax: tile t - 1's next load is issued at once, and
+            # no accumulator is held by a wgmma in flight while the softmax needs the
+            # registers; the tensor cores meanwhile run the other consumer's GEMMs.
             if COMPUTE_GRAD:
                 cos, acc = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, pv_tok])
             else:
                 cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
             _barrier()  # every warp's reads of tile t - 1 done
-            mbarrier.arrive(released.index(prev_buffer), count=1)
+            _load_after(w_desc, w_smem, ready, released, t - 1, num_tiles, k_begin, STAGES)
             m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + t * BLOCK_K,
                                                k_end, scale_log2, interclass_filtering_threshold, FILTER, BLOCK_K,
                                                cols_layout)
             _hand_over(p, m_i, l_i, alpha, own_p, stats, PARITY, handoff.index(PARITY),
                        COMPUTE_GRAD)
-            acc = _own_tile_end(acc, alpha, own_p, tile_w.slice(PARITY * HALF, HALF, dim=1), w_desc,
-                                w_smem, ready, released, t, num_tiles, k_begin, acc_rows, COMPUTE_GRAD,
-                                RESCALE_ON_GROWTH, STAGES)
+            acc = _own_tile_end(acc, alpha, own_p, tile_w.slice(PARITY * HALF, HALF, dim=1), released, t, acc_rows,
+                                COMPUTE_GRAD, RESCALE_ON_GROWTH, STAGES)
 
         if (num_tiles - 1) % 2 == OTHER:
             # The last tile is the other consumer's: its (m, l), and its P W here.
@@ -347,8 +353,8 @@ if hopper.AVAILABLE:
         finite = gl.allocate_shared_memory(gl.int32, [2 * BLOCK_M], plain)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        # Per buffer: its tile arrived; the consumer that does not own its tile
-        # released it. Per consumer: it handed its softmax over.
+        # Per buffer: its tile arrived; the owner of its tile released it (the other
+        # consumer then loads the next). Per consumer: it handed its softmax over.
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         released = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
