@@ -26,17 +26,22 @@ into clocks of one SM, per tile:
 
 Overlap: when the loop waits on (nearly) every wgmma it issues (``WARPGROUP.DEPBAR``
 more than a quarter of ``HGMMA``), the tensor cores wait for the softmax and the
-softmax for the tensor cores: busy = mma + max(issue, mufu). Otherwise the model
-takes the pipelined busy = max(mma, issue, mufu). A tile then costs
+softmax for the tensor cores: busy = mma + max(issue, mufu). So it is too when the
+loop issues no exponential while one of its own wgmma groups is in flight
+(sass_counts.exponentials_under_mma; ``softmax_under_mma``): its warps run the
+softmax between the GEMMs, and no other warps run MMAs meanwhile (the loop's
+warpgroups move in step). Otherwise the model takes the pipelined
+busy = max(mma, issue, mufu). A tile then costs
 max(busy + exposed load, smem, l2); both bounds are reported, ``clocks_per_tile``
 is the one the structure says.
 
 Warp-specialized consumers that take the tiles in turn (``interleave``, the seesaw
 of dcq_ops/triton/hopper_seesaw.py): the model reads one consumer's innermost MMA
-loop (one tile an iteration, ``warps`` its own), and a load issued in it has the
-other consumers' iterations to arrive in as well. That the consumers' softmax and
-GEMMs overlap each other is the structure's claim, not something one loop's SASS
-shows: the serialized bound is reported beside it.
+loop (one tile an iteration, ``warps`` its own) for the counts, but how the two
+consumers' GEMMs, softmax and loads overlap is not in one loop's SASS: the clocks
+a tile come from benchmarks/seesaw_schedule.py, which runs the kernel's protocol
+step for step on these rates with the loop's non-MMA instructions as each
+iteration's issue work (``clocks_pipelined``; the serialized bound beside it).
 
 The hardware numbers are in HOPPER with their sources; anything not published is
 marked an assumption there. The model ranks kernels and tells where the clocks go;
@@ -50,7 +55,8 @@ import json
 import sys
 from pathlib import Path
 
-from sass_counts import count, disassemble, hgmma_shape, instructions, load_loop, loops, mma_loop, positions
+from sass_counts import (count, disassemble, exponentials_under_mma, hgmma_shape, instructions, load_loop, loops,
+                         mma_loop, positions)
 
 # H100 SXM5 (132 SMs); peak rates per SM and clock.
 HOPPER = dict(
@@ -116,9 +122,10 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
         MMA loop on its own tiles (2 for the seesaw, dcq_ops.triton.hopper_seesaw;
         ``warps`` is then one copy's). The loop read is the innermost one with the
         most MMA instructions (not the dispatch loop of the warp-specialized
-        partitions around the copies), and a tile load issued in one copy is
-        waited for after interleave - 1 iterations of the other copies besides
-        its own: it runs that much further ahead.
+        partitions around the copies); the clocks a tile come from
+        benchmarks/seesaw_schedule.py's run of the protocol (2 consumers, the
+        gradient, 64 x 64 tiles, ``num_stages`` buffers), which decides how the
+        loads and the consumers' work overlap.
     hardware : dict, optional
         Rates as in HOPPER (the default).
 
@@ -127,7 +134,9 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
     dict
         ``counts`` (per thread per iteration, sass_counts.count), ``components``
         (clocks per tile: mma, mma_ideal, mufu, issue, exposed_load, smem, l2),
-        ``serialized`` (bool), ``clocks_serialized``, ``clocks_pipelined``,
+        ``serialized`` (bool: the MMAs and the softmax do not overlap, see the module
+        docstring), ``softmax_under_mma`` (exponentials issued with a wgmma in
+        flight, per iteration), ``clocks_serialized``, ``clocks_pipelined``,
         ``clocks_per_tile``, ``fraction_of_peak`` (ideal MMA clocks / clocks per tile),
         ``ms_at_benchmark`` (N=4096, K=2^20, D=512 at that fraction), ``assumptions``.
     """
@@ -163,7 +172,9 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
 
     # How many iterations of work lie between a load's issue and its wait.
     loads = loop if interleave > 1 and count(loop.body)["utmaldg"] else load_loop(sass)
-    if loads is None:
+    if interleave > 1:
+        ahead, structure = 0.0, ""  # the schedule simulation below decides
+    elif loads is None:
         ahead, structure = 0.0, "no asynchronous tile load in a loop"
     elif loads.start != loop.start:
         ahead = num_stages - 1
@@ -188,21 +199,36 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
             after_issue = where["first_wait"] - where["last_load"]
             if after_issue < 0:  # the wait at the top, the loads later: it waits on the previous iteration's
                 after_issue += span
-            ahead = distance - 1 + after_issue / span + (interleave - 1)
+            ahead = distance - 1 + after_issue / span
             structure += (f"; the last load is instruction {where['last_load']} of {span}, the wait instruction "
                           f"{where['first_wait']}")
-            if interleave > 1:
-                structure += (f"; {interleave} warpgroups take the tiles in turn: {interleave - 1} more "
-                              "iteration(s) ahead")
 
     def per_tile_clocks(busy: float) -> tuple[float, float]:
         """(clocks, exposed load) per tile for an iteration busy this long without its loads."""
         exposed = max(0.0, load_time - ahead * busy)
         return max(busy + exposed, smem, l2) * per_tile, exposed * per_tile
 
-    serialized = c["hgmma"] > 0 and c["warpgroup_depbar"] > c["hgmma"] / 4
+    softmax_under_mma = exponentials_under_mma(loop.body)
+    serialized = c["hgmma"] > 0 and (c["warpgroup_depbar"] > c["hgmma"] / 4
+                                     or (interleave == 1 and c["mufu_ex2"] > 0 and softmax_under_mma == 0))
     serial, exposed_serial = per_tile_clocks(mma + max(issue, mufu))
     pipelined, exposed_pipelined = per_tile_clocks(max(mma, issue, mufu))
+    if interleave > 1:
+        if (interleave, gemms, tile_m, tile_n) != (2, 2, 64, 64):
+            raise ValueError(f"the schedule of consumers taking the tiles in turn is simulated for 2 consumers with "
+                             f"the gradient on 64 x 64 tiles, got interleave={interleave}, gemms={gemms}, tile "
+                             f"{tile_m} x {tile_n}")
+        from seesaw_schedule import simulate  # benchmarks/seesaw_schedule.py
+
+        run = simulate(64, num_stages, dim, softmax=max(issue, mufu), hardware=hw, element_bytes=element_bytes)
+        pipelined = max(run["clocks_per_tile"], smem, l2)
+        # Here "exposed" is what the schedule adds to its busiest resource: the loads
+        # that show and the chain through the hand-over.
+        exposed_pipelined = max(0.0, pipelined - max(mma, issue, mufu, smem, l2))
+        structure = (f"{interleave} consumer warpgroups take the tiles in turn, a ring of {num_stages} buffers: "
+                     f"benchmarks/seesaw_schedule.py gives {run['clocks_per_tile']} clocks a tile with "
+                     f"{max(issue, mufu):.0f} issue clocks an iteration; exposed_load is what the schedule adds "
+                     "to the busiest resource (loads that show, the chain through the hand-over)")
     clocks, exposed = (serial, exposed_serial) if serialized else (pipelined, exposed_pipelined)
     components = dict(mma=round(mma * per_tile), mma_ideal=round(ideal), mufu=round(mufu * per_tile),
                       issue=round(issue * per_tile), exposed_load=round(exposed), smem=round(smem * per_tile),
@@ -214,6 +240,7 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
     return dict(
         tile=f"{tile_m}x{tile_n}", dim=dim, warps=warps, mma_warpgroups=warpgroups,
         counts=c, load_structure=structure, components=components, serialized=serialized,
+        softmax_under_mma=softmax_under_mma,
         clocks_serialized=round(serial), clocks_pipelined=round(pipelined), clocks_per_tile=round(clocks),
         fraction_of_peak=round(fraction, 3),
         ms_at_benchmark=round(flops / (peak * fraction) * 1e3, 2),

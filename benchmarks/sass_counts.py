@@ -6,6 +6,7 @@ Entry points (benchmarks/cycle_model.py builds its per-tile estimate on them):
     disassemble(cubin)        -> SASS text (nvdisasm from Triton's own bin/)
     loops(sass)               -> [Loop]: each back-edge branch and the body it closes
     mma_loop(sass)            -> the innermost loop with the most MMA instructions
+    exponentials_under_mma(body) -> MUFU.EX2 issued while the body's own wgmma are in flight
     count(body)               -> per-thread (= per-warp) counts of one pass through a body
 
 A loop is found by its back-edge: a branch (``BRA``) to a label that comes before
@@ -208,6 +209,25 @@ def count(body: str) -> dict:
             c["ldg"] += 1
     c["depbar_per_hgmma"] = round(c["warpgroup_depbar"] / c["hgmma"], 3) if c["hgmma"] else None
     return c
+
+
+def exponentials_under_mma(body: str) -> int:
+    """The exponentials (MUFU.EX2) of a loop body issued while one of its own wgmma groups
+    is in flight: after an HGMMA and before the next wait for all (``WARPGROUP.DEPBAR.LE
+    gsb0, 0x0``); a wait that leaves a group outstanding keeps it in flight. The body is
+    read twice round, so what the end of an iteration leaves in flight counts at its top."""
+    ins = instructions(body)
+    in_flight, under = False, 0
+    for lap in (0, 1):
+        for i in ins:
+            if i.op.startswith("HGMMA"):
+                in_flight = True
+            elif i.op.startswith("WARPGROUP.DEPBAR"):
+                m = re.search(r"gsb0,\s*(0x[0-9a-f]+|\d+)", i.args)
+                in_flight = bool(m and int(m.group(1), 0) > 0)
+            elif i.op.startswith("MUFU.EX2"):
+                under += lap == 1 and in_flight
+    return under
 
 
 def positions(body: str) -> dict:

@@ -432,8 +432,10 @@ def test_seesaw_kernel_compiles_for_sm90_at_ideal_work(sass_report):
     advisory, its queue tiles by TMA from inside the loop, at most 1.125
     exponentials a logit, no spills (a loop-invariant buffer index let the compiler
     hoist the loop's wgmma descriptors, 92-244 B of spills), shared memory within
-    227 KiB; the cycle model (the two consumers taking the tiles in turn) exposes
-    no load and ranks it above the launched kernel."""
+    227 KiB; the cycle model (the two consumers taking the tiles in turn, their
+    schedule simulated by benchmarks/seesaw_schedule.py on the loop's issue work)
+    ranks it above the pipelined kernel, whose softmax runs with no wgmma of its own in
+    flight and its two warpgroups in step (no overlap: the model's serialized bound)."""
     entries = [e for e in sass_report if e["kernel"] == "hopper_seesaw_queue_pass"]
     assert {(e["gradient"], e["rescale_on_growth"]) for e in entries} == {
         (True, True), (True, False), (False, hopper_launch.RESCALE_ON_GROWTH)}, entries
@@ -452,47 +454,52 @@ def test_seesaw_kernel_compiles_for_sm90_at_ideal_work(sass_report):
         assert e["spill_bytes"] == 0 and all(loop["local"] == 0 for loop in e["consumer_loops"]), e
         if e["gradient"]:
             model = e["cycle_model"]
-            assert model["components"]["exposed_load"] == 0 and not model["serialized"], model
+            assert not model["serialized"] and model["components"]["mma"] == model["components"]["mma_ideal"], model
             assert model["fraction_of_peak"] > launched["cycle_model"]["fraction_of_peak"], (model, launched)
+    assert launched["cycle_model"]["serialized"], launched  # no exponential under its own wgmma
 
 
 def _synthetic_seesaw_sass(non_mma: int) -> str:
     """A consumer loop as the seesaw's looks to the cycle model: the wait for its
-    tile at the top, 32 m64n64k16 and a wait, non_mma other instructions, the load of
-    its next tile at the end; inside a dispatch loop holding 4 more HGMMA."""
+    tile at the top, 32 m64n64k16 and 8 m64n256k16 and a wait, non_mma other
+    instructions, the load of a tile; inside a dispatch loop holding 48 more HGMMA."""
     lines = [".L_x_0:"] + [f"        /*{i:04x}*/    HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;"
-                           for i in range(4)]
+                           for i in range(48)]
     lines += [".L_x_1:", "        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR60], RZ ;"]
     lines += [f"        /*{0x200 + i:04x}*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;"
               for i in range(32)]
-    lines += ["        /*0400*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"]
+    lines += [f"        /*{0x300 + i:04x}*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;"
+              for i in range(8)]
+    lines += ["        /*0400*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;",
+              "        /*0410*/                   UTMALDG.2D [UR56], [UR4] ;"]
     lines += [f"        /*{0x1000 + i:05x}*/                   FADD R{i % 200}, R1, R2 ;" for i in range(non_mma)]
-    lines += ["        /*90000*/                   UTMALDG.2D [UR56], [UR4] ;",
-              "        /*90010*/               @P0 BRA `(.L_x_1) ;",
+    lines += ["        /*90010*/               @P0 BRA `(.L_x_1) ;",
               "        /*90020*/               @P1 BRA `(.L_x_0) ;",
               "        /*90030*/                   EXIT ;"]
     return "\n".join(lines) + "\n"
 
 
-def test_cycle_model_seesaw_reads_the_consumer_loop_and_its_load_a_tile_ahead():
+def test_cycle_model_seesaw_reads_the_consumer_loop_and_simulates_its_schedule():
     """benchmarks/cycle_model.py with interleave=2: the loop read is the consumer's
-    innermost one (32 m64n64k16: 1,024 tensor-core clocks a tile), not the dispatch
-    loop around it (which holds 4 more HGMMA, the most), and the load issued at the
-    end of one consumer's iteration is waited for only after the other consumer's
-    iteration as well: with 2,000 other instructions a tile (2,000 issue clocks at
-    4 warps) it is covered, where read as one loop (interleave=1) it is exposed."""
+    innermost one (32 m64n64k16 and 8 m64n256k16: 2,048 tensor-core clocks a tile),
+    not the dispatch loop around it (which holds more HGMMA), and the clocks a tile
+    are benchmarks/seesaw_schedule.py's run of the protocol on the loop's issue work
+    at the ring depth given: with three buffers fewer than with two (whose loads show)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cycle_model import cycle_model
+    from cycle_model import HOPPER, cycle_model
+    from seesaw_schedule import simulate
 
-    sass = _synthetic_seesaw_sass(2000)
-    seesaw = cycle_model(sass, 64, 64, 512, 4, mma_warpgroups=1, gemms=1, interleave=2)
-    # 2,000 FADD and the tile's wait, load and back-edge branch.
-    assert seesaw["components"]["mma"] == 1024 and seesaw["components"]["issue"] == 2003, seesaw["components"]
-    assert seesaw["components"]["exposed_load"] == 0, seesaw
-    single = cycle_model(sass, 64, 64, 512, 4, mma_warpgroups=1, gemms=1)
-    assert single["components"]["mma"] > 1024  # the dispatch loop, read as the MMA loop
-    inner_only = cycle_model(sass.replace("@P1 BRA `(.L_x_0)", "NOP"), 64, 64, 512, 4, mma_warpgroups=1, gemms=1)
-    assert inner_only["components"]["exposed_load"] > 0, inner_only["components"]
+    sass = _synthetic_seesaw_sass(1000)
+    two, three = (cycle_model(sass, 64, 64, 512, 4, mma_warpgroups=1, num_stages=stages, gemms=2, interleave=2)
+                  for stages in (2, 3))
+    # 1,000 FADD and the tile's wait, load and back-edge branch.
+    assert two["components"]["mma"] == 2048 and two["components"]["issue"] == 1003, two["components"]
+    assert two["clocks_per_tile"] == simulate(64, 2, 512, softmax=1003, hardware=HOPPER)["clocks_per_tile"]
+    assert two["components"]["exposed_load"] > 0 and three["clocks_per_tile"] < two["clocks_per_tile"]
+    single = cycle_model(sass, 64, 64, 512, 4, mma_warpgroups=1, gemms=2)
+    assert single["components"]["mma"] > 2048  # the dispatch loop, read as the MMA loop
+    with pytest.raises(ValueError, match="2 consumers with the gradient"):
+        cycle_model(sass, 64, 64, 512, 4, mma_warpgroups=1, gemms=1, interleave=2)
 
 
 # The shape of the Gluon kernel's SASS (Triton 3.8, sm_90a, abridged): tile 0's
@@ -563,3 +570,40 @@ def test_sass_counts_read_fp16_hgmma():
     assert counts["hgmma"] == 2
     assert counts["hgmma_flops"] == 2 * 64 * 32 * 16 + 2 * 64 * 256 * 16
     assert counts["hgmma_smem_bytes"] == (64 * 16 + 32 * 16) * 2 + (64 * 16 + 256 * 16) * 2
+
+
+def _loop_with_softmax(wait_before_softmax: str) -> str:
+    """Two GEMMs, a wait (``wait_before_softmax``), the softmax's exponentials, a full wait."""
+    return f"""
+.L_x_0:
+        /*0010*/                   HGMMA.64x32x16.F32.BF16 R152, gdesc[UR4], RZ, !UPT ;
+        /*0020*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, {wait_before_softmax} ;
+        /*0040*/                   MUFU.EX2 R1, R2 ;
+        /*0050*/                   MUFU.EX2 R3, R4 ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0070*/              @!P0 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_cycle_model_overlaps_the_softmax_only_under_a_wgmma_in_flight():
+    """A loop (8 HGMMA a wait or fewer) whose exponentials all follow a wait for every
+    wgmma runs its softmax between the GEMMs: the model takes the serialized bound (as
+    for the pipelined kernel's load-ahead schedule); the same loop whose wait leaves one
+    group in flight overlaps them (its softmax-overlap schedule)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_counts
+    from cycle_model import cycle_model
+
+    after, under = _loop_with_softmax("0x0"), _loop_with_softmax("0x1")
+    assert sass_counts.exponentials_under_mma(sass_counts.mma_loop(after).body) == 0
+    assert sass_counts.exponentials_under_mma(sass_counts.mma_loop(under).body) == 2
+    # Few waits for the HGMMA: 8 of them a wait, 2 waits.
+    many = {name: text.replace("        /*0020*/", "".join(
+        f"        /*001{i}*/                   HGMMA.64x32x16.F32.BF16 R152, gdesc[UR4], R152 ;\n"
+        for i in range(8)) + "        /*0020*/") for name, text in (("after", after), ("under", under))}
+    serial, overlapped = (cycle_model(many[name], 64, 64, 512, 8, gemms=2) for name in ("after", "under"))
+    assert serial["serialized"] and serial["softmax_under_mma"] == 0, serial
+    assert not overlapped["serialized"] and overlapped["softmax_under_mma"] == 2, overlapped
+    assert serial["clocks_per_tile"] == serial["clocks_serialized"] > overlapped["clocks_pipelined"]
