@@ -50,7 +50,7 @@ launches first run in a child process (dcq_ops.triton.hopper_launch, .hopper_pro
 benchmarks/hopper_sass.py compiles it.
 
 Shared memory at 64 x 64 tiles, D = 512, bf16: q 64 KiB + 2 queue buffers 128 KiB
-+ 2 P buffers 16 KiB + the handed statistics and barriers: 211 KiB of the 227.
++ 2 P buffers 16 KiB + the handed statistics and barriers: 210 KiB of the 227.
 A third buffer does not fit beside q: one load in flight. At D = 256: q 32 KiB + 4
 buffers 128 KiB + the rest: 179 KiB.
 
