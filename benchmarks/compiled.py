@@ -131,7 +131,7 @@ def _cubin_name(e: dict) -> str:
 
 
 _MODEL_KEYS = ("components", "clocks_per_tile", "clocks_serialized", "clocks_pipelined", "serialized",
-               "fraction_of_peak", "ms_at_benchmark", "load_structure", "assumptions")
+               "softmax_under_mma", "fraction_of_peak", "ms_at_benchmark", "load_structure", "assumptions")
 _SASS_KEYS = ("hgmma", "hgmma_shapes", "hgmma_a_in_registers", "warpgroup_depbar", "warpgroup_arrive", "utmaldg",
               "ldgsts", "mbarrier_waits", "mufu_ex2", "bar_sync", "local_accesses", "instructions", "non_mma")
 _CONSUMER_KEYS = ("hgmma", "warpgroup_depbar", "utmaldg", "mufu_ex2", "bar_sync", "local_accesses", "instructions")
