@@ -215,13 +215,14 @@ ON_HOPPER = ON_CUDA and torch.cuda.get_device_capability() == (9, 0) and hopper.
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only (a GPU test)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
-def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin, kernel="pipelined"):
+def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin, kernel="pipelined",
+                                                     dim=512):
     """The Gluon kernel itself (never run on a GPU before this test's first run): loss and
     gradient against the float64 reference within the error model of its GEMM dtype, at
     D = 512 over several splits and row blocks, with a partial last tile and empty slots."""
     monkeypatch.setenv(hopper_launch.ENV, kernel)
     margin = MARGINS[margin]
-    x, k, y, w, yq = make_inputs(150, 512, 1000, num_classes=40, empty=50, dtype=torch.float32,
+    x, k, y, w, yq = make_inputs(150, dim, 1000, num_classes=40, empty=50, dtype=torch.float32,
                                  queue_dtype=dtype, device="cuda", seed=7)
     args = (margin["scale"], margin.get("m1", 1.0), margin.get("m2", 0.0), margin.get("m3", 0.0),
             margin.get("interclass_filtering_threshold", 0.0), margin.get("straight_through_margin", False))
@@ -240,13 +241,15 @@ def test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype
 
 @pytest.mark.skipif(not ON_HOPPER or os.environ.get("DCQ_TEST_SEESAW_CHILD") != "1",
                     reason="the seesaw kernel on sm_90, run by test_seesaw_kernel_on_sm90_in_a_child_process")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("margin", ["arcface", "cosface_filtered"])
-def test_seesaw_kernel_child(monkeypatch, launches, dtype, margin):
+@pytest.mark.parametrize("dtype, margin, dim", [
+    (dtype, margin, 512) for dtype in (torch.bfloat16, torch.float16) for margin in ("arcface", "cosface_filtered")
+] + [(torch.bfloat16, "arcface", 256)])
+def test_seesaw_kernel_child(monkeypatch, launches, dtype, margin, dim):
     """test_gluon_kernel_on_sm90_matches_the_reference with the seesaw kernel selected
-    (and the probe cleared: this process stands for the probe)."""
+    (and the probe cleared: this process stands for the probe), at D = 512 (2 queue
+    buffers) and D = 256 (4: hopper_seesaw.stages, another ring and other phases)."""
     monkeypatch.setattr(hopper_launch.hopper_probe, "cleared", lambda *args: True)
-    test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin, kernel="seesaw")
+    test_gluon_kernel_on_sm90_matches_the_reference(monkeypatch, launches, dtype, margin, kernel="seesaw", dim=dim)
     assert launches.kernels == ["seesaw"]
 
 
@@ -263,7 +266,7 @@ def test_seesaw_kernel_on_sm90_in_a_child_process():
                              capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the seesaw kernel did not finish in {exc.timeout} s (a hang in its hand-over?)")
-    assert run.returncode == 0 and re.search(r"^4 passed", run.stdout, re.M), run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.returncode == 0 and re.search(r"^5 passed", run.stdout, re.M), run.stdout[-4000:] + run.stderr[-2000:]
 
 
 def test_the_default_kernel_and_the_choice_is_checked(monkeypatch):
