@@ -60,20 +60,23 @@ _COUNTED = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "UTMALDG", "LDGSTS"
             "FMUL", "SYNCS")
 
 
-def descriptor_types(dtype: str, dim: int) -> tuple[str, str]:
+def descriptor_types(dtype: str, dim: int, w_block: list | None = None) -> tuple[str, str]:
     """The kernel's signature types of q_desc and w_desc (what the launcher's host
-    descriptors, hopper_launch.gluon_descriptors, mangle to)."""
+    descriptors, hopper_launch.gluon_descriptors, mangle to; the queue's in blocks of
+    ``w_block`` where given, with the layout of the full block, as
+    hopper_seesaw.queue_descriptor makes it)."""
     block_d = max(16, 1 << (dim - 1).bit_length())
     out = []
-    for rows in (hopper.BLOCK_M, hopper.BLOCK_K):
+    for rows, cols in ((hopper.BLOCK_M, block_d), tuple(w_block or (hopper.BLOCK_K, block_d))):
         layout = gl.NVMMASharedLayout.get_default_for([rows, block_d], DTYPES[dtype])
-        out.append(f"tensordesc<{dtype}[{rows},{block_d}],{layout!r}>")
+        out.append(f"tensordesc<{dtype}[{rows},{cols}],{layout!r}>")
     return tuple(out)
 
 
-def _compile(kernel, dtype: str, dim: int, constants: dict, options: dict):
-    """A queue-pass Gluon kernel on the launcher's descriptors, compiled for sm_90."""
-    q_type, w_type = descriptor_types(dtype, dim)
+def _compile(kernel, dtype: str, dim: int, constants: dict, options: dict, w_block: list | None = None):
+    """A queue-pass Gluon kernel on the launcher's descriptors, compiled for sm_90 (the
+    queue's in blocks of ``w_block`` where given: the seesaw's half-width loads)."""
+    q_type, w_type = descriptor_types(dtype, dim, w_block)
     signature = dict(
         q_desc=q_type,
         w_desc=w_type,
@@ -106,10 +109,19 @@ def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
                    rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH, stages: int | None = None):
     """The seesaw kernel compiled for sm_90, on the same descriptors, with the launch's
     ring depth at this D (or ``stages``)."""
-    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth,
-                     STAGES=seesaw_stages(dim) if stages is None else stages)
+    stages = seesaw_stages(dim) if stages is None else stages
+    constants = dict(FILTER=True, COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth, STAGES=stages)
     return _compile(hopper_seesaw.seesaw_queue_pass_kernel, dtype, dim, constants,
-                    dict(num_warps=hopper_seesaw.NUM_WARPS, maxnreg=hopper_seesaw.MAXNREG))
+                    dict(num_warps=hopper_seesaw.NUM_WARPS, maxnreg=hopper_seesaw.MAXNREG),
+                    seesaw_load_block(dim, stages))
+
+
+def seesaw_load_block(dim: int, stages: int | None = None) -> list:
+    """The block of the seesaw's queue descriptor at D = ``dim`` (hopper_seesaw.load_block:
+    half of D with a ring of 2 buffers)."""
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    stages = seesaw_stages(dim) if stages is None else stages
+    return [hopper_seesaw.BLOCK_K, block_d // hopper_seesaw.halves(stages)]
 
 
 def ptxas_report(compiled) -> dict:

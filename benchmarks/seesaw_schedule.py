@@ -39,10 +39,12 @@ from dataclasses import dataclass, field
 from cycle_model import HOPPER
 
 BLOCK_M = BLOCK_K = 64
-# The consumers' orders: "seesaw", the kernel's (S_t issued before P_{t-1} W_{t-1}, so it
-# runs under the other consumer's softmax); "release-first", an alternative not built
-# (P_{t-1} W_{t-1} first, tile t - 1 released while S_t runs).
-ORDERS = ("seesaw", "release-first")
+# The consumers' orders: "kernel", the kernel's ("split" where a tile arrives in two
+# halves of D, else "seesaw"); "seesaw", S_t in one chain issued before P_{t-1} W_{t-1},
+# so it runs under the other consumer's softmax; "split", S_t in two halves around
+# P_{t-1} W_{t-1}, which releases tile t - 1 under S_t's second half; "release-first",
+# an alternative not built (P_{t-1} W_{t-1} first, tile t - 1 released under S_t).
+ORDERS = ("kernel", "seesaw", "split", "release-first")
 # Who loads tile t + STAGES into tile t's buffer: "other", the kernel's (the consumer that
 # does not own tile t, once the owner has released it); "owner", the kernel's protocol
 # before (the owner, once the other consumer has released it: the owner then waits for
@@ -93,13 +95,30 @@ class Machine:
         return self.port_free + self.hw["l2_latency_clocks"]
 
 
+def halves_of(stages: int) -> int:
+    """The pieces of D a tile is loaded in, as dcq_ops.triton.hopper_seesaw.halves says:
+    2 with a ring of 2 buffers, else 1."""
+    return 2 if stages == 2 else 1
+
+
 def consumer(parity: int, tiles: int, stages: int, softmax: float, s_clocks: float, pw_clocks: float,
-             order: str = "seesaw", loader: str = "other"):
+             order: str = "kernel", loader: str = "other"):
     """Consumer warpgroup ``parity``'s program, as hopper_seesaw._consumer runs it with
-    the gradient (``order`` "seesaw", ``loader`` "other"): a sequence of steps (kind, arguments). A wait
-    is (barrier, index, the parity the kernel waits on, the completion it stands for);
-    the parities are the kernel's formulas."""
+    the gradient (``order`` "kernel", ``loader`` "other"): a sequence of steps (kind,
+    arguments). A wait is (barrier, index, the parity the kernel waits on, the
+    completion it stands for); the parities are the kernel's formulas. The ready
+    barrier of half h of buffer b is ready[h * stages + b]."""
     other = 1 - parity
+    halves = halves_of(stages)
+    if order == "kernel":
+        order = "split" if halves == 2 else "seesaw"
+
+    def wait_tile(t, half):
+        yield ("wait", "ready", half * stages + t % stages, (t // stages) & 1, t // stages)
+
+    def wait_whole_tile(t):
+        for half in range(halves):
+            yield from wait_tile(t, half)
 
     def own_tile_end(t):
         yield ("mma", pw_clocks)
@@ -119,7 +138,7 @@ def consumer(parity: int, tiles: int, stages: int, softmax: float, s_clocks: flo
             yield ("load", t + stages)
 
     if parity == 0:
-        yield ("wait", "ready", 0, 0, 0)
+        yield from wait_whole_tile(0)
         yield ("mma", s_clocks)
         yield ("wait_mma",)
         yield ("issue", softmax)
@@ -129,16 +148,26 @@ def consumer(parity: int, tiles: int, stages: int, softmax: float, s_clocks: flo
     for j in range(1 - parity, own_tiles):
         t = 2 * j + parity
         if order == "seesaw":
-            yield ("wait", "ready", t % stages, (t // stages) & 1, t // stages)
+            yield from wait_whole_tile(t)
             yield ("mma", s_clocks)
             yield ("wait", "handoff", other, (j - 1 + parity) & 1, (t - 1 - other) // 2)
             yield ("mma", pw_clocks)
             yield ("wait_mma",)
             yield from release(t - 1)
+        elif order == "split":
+            yield from wait_tile(t, 0)
+            yield ("mma", s_clocks / 2)
+            yield ("wait", "handoff", other, (j - 1 + parity) & 1, (t - 1 - other) // 2)
+            yield ("mma", pw_clocks)
+            yield from wait_tile(t, halves - 1)
+            yield ("mma", s_clocks / 2)
+            yield ("wait_mma_but_last",)
+            yield from release(t - 1)
+            yield ("wait_mma",)
         else:  # "release-first": P_{t-1} W_{t-1} before S_t, tile t - 1 released under S_t
             yield ("wait", "handoff", other, (j - 1 + parity) & 1, (t - 1 - other) // 2)
             yield ("mma", pw_clocks)
-            yield ("wait", "ready", t % stages, (t // stages) & 1, t // stages)
+            yield from wait_whole_tile(t)
             yield ("mma", s_clocks)
             yield ("wait_mma_but_last",)
             yield from release(t - 1)
@@ -153,7 +182,7 @@ def consumer(parity: int, tiles: int, stages: int, softmax: float, s_clocks: flo
 
 
 def simulate(tiles: int, stages: int, dim: int = 512, softmax: float = 1100.0, hardware: dict | None = None,
-             element_bytes: int = 2, order: str = "seesaw", loader: str = "other") -> dict:
+             element_bytes: int = 2, order: str = "kernel", loader: str = "other") -> dict:
     """Run both consumers over ``tiles`` tiles with a ring of ``stages`` buffers.
 
     Returns
@@ -179,11 +208,18 @@ def simulate(tiles: int, stages: int, dim: int = 512, softmax: float = 1100.0, h
     pw_clocks = (BLOCK_K // 16) * 2 * BLOCK_M * (dim // 2) * 16 / flops
     tile_bytes = BLOCK_K * dim * element_bytes
     machine = Machine(hw)
+    halves = halves_of(stages)
     barriers = {(name, i): Barrier(f"{name}[{i}]") for name in ("ready", "released", "handoff")
-                for i in range(max(stages, 2))}
+                for i in range(2 * max(stages, 2))}
+
+    def load(now: float, t: int) -> None:
+        """Tile t's TMA copies, each half of D completing on its own barrier."""
+        for half in range(halves):
+            barriers[("ready", half * stages + t % stages)].completions.append(machine.load(now, tile_bytes // halves))
+
     handoff_times: dict = {}
     for t in range(min(stages, tiles)):  # the prologue's loads, before the fork
-        barriers[("ready", t % stages)].completions.append(machine.load(0.0, tile_bytes))
+        load(0.0, t)
     programs = [consumer(p, tiles, stages, softmax, s_clocks, pw_clocks, order, loader) for p in (0, 1)]
     step = [next(p, None) for p in programs]
     pending = [0.0, 0.0]   # completion of the last wgmma group each issued
@@ -218,8 +254,7 @@ def simulate(tiles: int, stages: int, dim: int = 512, softmax: float = 1100.0, h
                     if name == "handoff":
                         handoff_times[tile] = now
                 elif kind == "load":
-                    t = step[p][1]
-                    barriers[("ready", t % stages)].completions.append(machine.load(now, tile_bytes))
+                    load(now, step[p][1])
                 step[p] = next(programs[p], None)
         # Jump to the next event: a barrier completion, a wgmma group's end, or the end of
         # an issue step (the warpgroups issuing at once share the schedulers evenly).
@@ -263,8 +298,8 @@ def main(argv=None) -> int:
     parser.add_argument("--softmax", default="1100", help="non-MMA instructions of one consumer iteration")
     parser.add_argument("--latency", default="300,600,1000", help="L2 latencies in clocks")
     parser.add_argument("--tiles", type=int, default=64)
-    parser.add_argument("--order", choices=ORDERS, default="seesaw",
-                        help="the consumers' order: the kernel's, or P_{t-1} W_{t-1} before S_t")
+    parser.add_argument("--order", choices=ORDERS, default="kernel",
+                        help="the consumers' order (see ORDERS): the kernel's by default")
     parser.add_argument("--loader", choices=LOADERS, default="other",
                         help="who loads the next tile into a released buffer: the kernel's rule, or the owner")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -65,6 +65,24 @@ def test_the_clocks_follow_the_resources():
     assert owner["clocks_per_tile"] > two["clocks_per_tile"]
 
 
+def test_the_kernels_order_is_the_faster_one_at_each_ring_depth():
+    """hopper_seesaw.halves' rule, simulated: with two buffers (D = 512) the tiles arrive
+    in two halves and S_t is split around P_{t-1} W_{t-1} (its first half on the first
+    half of the tile; tile t - 1 released a half sooner), faster than one S chain; with
+    four (D = 256) the one chain under the other consumer's softmax is faster. The
+    simulation's rule is the kernel's."""
+    from dcq_ops.triton import hopper_seesaw
+
+    assert all(seesaw_schedule.halves_of(s) == hopper_seesaw.halves(s) for s in (2, 3, 4))
+    for latency in (300, 600, 1000):
+        rates = dict(l2_latency_clocks=latency)
+        kernel, one_chain = (simulate(64, 2, 512, 1170.0, rates, order=o)["clocks_per_tile"]
+                             for o in ("kernel", "seesaw"))
+        assert kernel < one_chain, (latency, kernel, one_chain)
+        kernel, split = (simulate(64, 4, 256, 1039.0, rates, order=o)["clocks_per_tile"] for o in ("kernel", "split"))
+        assert kernel < split, (latency, kernel, split)
+
+
 def test_the_command_exits_2_on_bad_arguments():
     script = str(ROOT / "benchmarks" / "seesaw_schedule.py")
     for bad in (["--tiles", "3"], ["--dim", "100"], ["--stages", "1"], ["--latency", "-5"], ["--order", "x"],

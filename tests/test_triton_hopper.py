@@ -357,7 +357,9 @@ def test_the_launch_runs_the_kernel_chosen_with_its_own_arguments(monkeypatch, k
     [(grid, args, kwargs)] = recorders[kernel].calls
     signature = (seesaw_kernel if kernel == "seesaw" else pipelined_kernel).arg_names
     assert grid == (4,) and len(args) + len(kwargs) - 1 - (kernel == "seesaw") == len(signature), (args, kwargs)
-    assert args[0].block_shape == [64, 512] and args[1].block_shape == [64, 512] and args[4:7] == workspace
+    # The seesaw loads its 2-buffer ring's tiles (D = 512) in two halves of D.
+    assert args[0].block_shape == [64, 512] and args[4:7] == workspace
+    assert args[1].block_shape == ([64, 256] if kernel == "seesaw" else [64, 512]) and args[1].base is w
     assert args[7:] == (100, 1000, 512, 2, 512, 92.3, 0.2)
     assert kwargs["FILTER"] and kwargs["COMPUTE_GRAD"]
     assert kwargs["RESCALE_ON_GROWTH"] == hopper_launch.RESCALE_ON_GROWTH
@@ -378,9 +380,16 @@ import sys, torch
 sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
 import hopper_sass
 from dcq_ops.triton import hopper_launch
+from dcq_ops.triton import hopper_seesaw
 q, w = torch.zeros(100, 512, dtype={dtype}), torch.zeros(1000, 512, dtype={dtype})
-types = tuple(d.__mangle__() for d in hopper_launch.gluon_descriptors(q, w))
-assert types == hopper_sass.descriptor_types({'bf16' if dtype == torch.bfloat16 else 'fp16'!r}, 512), types
+name = {'bf16' if dtype == torch.bfloat16 else 'fp16'!r}
+q_desc, w_desc = hopper_launch.gluon_descriptors(q, w)
+types = (q_desc.__mangle__(), w_desc.__mangle__())
+assert types == hopper_sass.descriptor_types(name, 512), types
+# The seesaw's: the queue in half-width blocks (its ring of 2 buffers at D = 512).
+seesaw = (q_desc.__mangle__(), hopper_seesaw.queue_descriptor(w_desc).__mangle__())
+assert seesaw == hopper_sass.descriptor_types(name, 512, hopper_sass.seesaw_load_block(512)), seesaw
+assert seesaw[1] != types[1]
 print("same")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -35,10 +35,16 @@ t - 1 + STAGES; softmax of t, hand it over; rescale, P_t W_t, wait; release tile
 How far ahead the loads run (``stages``): with STAGES = 2 (D = 512, where a third
 buffer does not fit beside q) a consumer's next tile is loaded while it finishes
 the current one, and one load is in flight, covered by what the other consumer
-does meanwhile. With STAGES = 4 (a padded D up to 256) tile t + 4 is loaded
-while tiles t + 1 to t + 3 are in the ring: up to three loads in flight, each issued
-before the MMAs of the tiles before it. benchmarks/seesaw_schedule.py runs this
-protocol (its barriers with the hardware's parity rule) and estimates its clocks.
+does meanwhile. There the tiles arrive in two halves of D (``halves``), each on its
+own barrier, and S_t is issued in two halves around P_{t-1} W_{t-1}: the first as
+soon as the first half of tile t is in, the second behind P_{t-1} W_{t-1}, so tile
+t - 1 is released (its next load issued) while S_t's second half runs. The products
+are the same k-steps in the same order as one chain. With STAGES = 4 (a padded D
+up to 256) tile t + 4 is loaded while tiles t + 1 to t + 3 are in the ring: up to
+three loads in flight, each issued before the MMAs of the tiles before it, and S_t
+is one chain under the other consumer's softmax. benchmarks/seesaw_schedule.py
+runs this protocol (its barriers with the hardware's parity rule) and estimates its
+clocks.
 
 The algebra is kernels._block_partials', operation for operation: the same
 (m, l) recurrence per tile in tile order, the same rescale-then-accumulate of the
@@ -104,17 +110,45 @@ def stages(block_d: int, element_bytes: int = 2) -> int:
     return max(fits, default=MIN_STAGES)
 
 
+def halves(stages: int) -> int:
+    """The pieces of D a queue tile is loaded in: 2 with a ring of 2 buffers (D = 512,
+    where the loads show), each half completing on its own barrier, so that S_t starts
+    on the first half and is issued in two halves around P_{t-1} W_{t-1}, releasing
+    tile t - 1 a half sooner (benchmarks/seesaw_schedule.py: 64% -> 76% of peak at its
+    central rates); else 1, S_t in one chain under the other consumer's softmax."""
+    return 2 if stages == 2 else 1
+
+
+def load_block(block_d: int, element_bytes: int = 2) -> list:
+    """The block of the queue's descriptor that the kernel loads at a padded D: a tile's
+    rows by D, or by half of D (``halves``)."""
+    return [BLOCK_K, block_d // halves(stages(block_d, element_bytes))]
+
+
+def queue_descriptor(w_desc):
+    """The queue's descriptor the kernel loads from, made from the launcher's (blocks of a
+    tile's rows by the padded D): the same, or the same queue in half-width blocks
+    (``load_block``) with the same layout (the NVMMA swizzle of a block 64 or more
+    elements wide does not depend on its width)."""
+    block = load_block(w_desc.block_shape[1], w_desc.base.element_size())
+    if block == list(w_desc.block_shape):
+        return w_desc
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor(w_desc.base, list(w_desc.shape), list(w_desc.strides), block, w_desc.layout)
+
+
 def launch(grid, q_desc, w_desc, labels, queue_labels, workspace, scalars, *, filtering: bool, compute_grad: bool,
            rescale_on_growth: bool) -> None:
     """The seesaw queue pass over ``grid`` into ``workspace`` (max, sum, accumulator), on
     the host descriptors of dcq_ops.triton.hopper_launch.gluon_descriptors and the
     scalars of queue_pass_kernel (rows, queue size, D, splits, split size, scale in log2
     units, filtering threshold), with its ring depth (``stages``), warps and register cap."""
-    block_d = w_desc.block_shape[1]
-    seesaw_queue_pass_kernel[grid](q_desc, w_desc, labels, queue_labels, *workspace, *scalars, FILTER=filtering,
+    block_d, element_bytes = w_desc.block_shape[1], w_desc.base.element_size()
+    seesaw_queue_pass_kernel[grid](q_desc, queue_descriptor(w_desc), labels, queue_labels, *workspace, *scalars,
+                                   FILTER=filtering,
                                    COMPUTE_GRAD=compute_grad, RESCALE_ON_GROWTH=rescale_on_growth,
-                                   STAGES=stages(block_d, w_desc.base.element_size()),
-                                   num_warps=NUM_WARPS, maxnreg=MAXNREG)
+                                   STAGES=stages(block_d, element_bytes), num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
 if hopper.AVAILABLE:
     from triton.experimental import gluon
@@ -134,10 +168,20 @@ if hopper.AVAILABLE:
 
     @gluon.jit
     def _load_tile(w_desc, w_smem, ready, t, k_begin, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-        """Queue tile t into buffer t % STAGES, completing on ready[t % STAGES]."""
-        mbarrier.expect(ready.index(t % STAGES), w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [k_begin + t * BLOCK_K, 0], ready.index(t % STAGES),
-                                        w_smem.index(t % STAGES))
+        """Queue tile t into buffer t % STAGES, completing on ready[t % STAGES]; with two
+        halves of D (``w_desc``'s block half the buffer's width), the second half on
+        ready[STAGES + t % STAGES]."""
+        LOAD_D: gl.constexpr = w_desc.block_type.shape[1]
+        if LOAD_D == w_smem.shape[2]:
+            mbarrier.expect(ready.index(t % STAGES), w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [k_begin + t * BLOCK_K, 0], ready.index(t % STAGES),
+                                            w_smem.index(t % STAGES))
+        else:
+            for h in gl.static_range(2):
+                mbarrier.expect(ready.index(h * STAGES + t % STAGES), w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(w_desc, [k_begin + t * BLOCK_K, h * LOAD_D],
+                                                ready.index(h * STAGES + t % STAGES),
+                                                w_smem.index(t % STAGES).slice(h * LOAD_D, LOAD_D, dim=1))
 
     @gluon.jit
     def _hand_over(p, m_new, l_i, alpha, p_slot, stats, SLOT: gl.constexpr, handoff_bar, COMPUTE_GRAD: gl.constexpr):
@@ -214,6 +258,9 @@ if hopper.AVAILABLE:
         BLOCK_K: gl.constexpr = w_smem.shape[1]
         HALF: gl.constexpr = BLOCK_D // 2
         OTHER: gl.constexpr = 1 - PARITY
+        # The tiles arrive in two halves of D (``halves``): S_t is then issued in two
+        # halves around P_{t-1} W_{t-1}, which releases tile t - 1 a half sooner.
+        SPLIT_S: gl.constexpr = w_desc.block_type.shape[1] != BLOCK_D
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_K, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -235,6 +282,8 @@ if hopper.AVAILABLE:
         if PARITY == 0:
             # Tile 0 has no predecessor: (m, l) start at (-inf, 0).
             mbarrier.wait(ready.index(0), 0)
+            if SPLIT_S:
+                mbarrier.wait(ready.index(STAGES), 0)
             s_tok = warpgroup_mma(q_smem, w_smem.index(0).permute((1, 0)),
                                   gl.zeros([BLOCK_M, BLOCK_K], gl.float32, layout=s_layout), use_acc=False,
                                   is_async=True)
@@ -264,23 +313,38 @@ if hopper.AVAILABLE:
             mbarrier.wait(ready.index(buffer), (t // STAGES) & 1)
             # use_acc=False ignores the accumulator's input, but a zero tile made once
             # would hold 32 registers for the whole loop: made here, it costs 32 moves.
-            s_tok = warpgroup_mma(q_tile, tile_w.permute((1, 0)),
-                                  gl.zeros([BLOCK_M, BLOCK_K], gl.float32, layout=s_layout), use_acc=False,
-                                  is_async=True)
+            zeros = gl.zeros([BLOCK_M, BLOCK_K], gl.float32, layout=s_layout)
+            if SPLIT_S:  # the first half of D's k-steps (the same order of products as in one chain)
+                s_tok = warpgroup_mma(q_tile.slice(0, HALF, dim=1), tile_w.slice(0, HALF, dim=1).permute((1, 0)),
+                                      zeros, use_acc=False, is_async=True)
+            else:
+                s_tok = warpgroup_mma(q_tile, tile_w.permute((1, 0)), zeros, use_acc=False, is_async=True)
             # Tile t - 1 (the other consumer's, its (j - 1 + PARITY)-th) handed over.
             mbarrier.wait(handoff.index(OTHER), (j - 1 + PARITY) & 1)
             pv_tok, m_i, l_i = _other_tile(acc, stats, OTHER, other_p,
                                            prev_w.slice(PARITY * HALF, HALF, dim=1), rows_layout, acc_rows,
                                            COMPUTE_GRAD, RESCALE_ON_GROWTH)
-            # Both done before the softmax: tile t - 1's next load is issued at once, and
-            # no accumulator is held by a wgmma in flight while the softmax needs the
-            # registers; the tensor cores meanwhile run the other consumer's GEMMs.
-            if COMPUTE_GRAD:
-                cos, acc = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, pv_tok])
-            else:
+            if SPLIT_S:
+                # The second half of S_t behind P_{t-1} W_{t-1}: tile t - 1 is released
+                # (its next load issued) while it runs.
+                mbarrier.wait(ready.index(STAGES + buffer), (t // STAGES) & 1)
+                s_tok = warpgroup_mma(q_tile.slice(HALF, HALF, dim=1),
+                                      tile_w.slice(HALF, HALF, dim=1).permute((1, 0)), s_tok, is_async=True)
+                if COMPUTE_GRAD:
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=[pv_tok])
+                _barrier()  # every warp's reads of tile t - 1 done
+                _load_after(w_desc, w_smem, ready, released, t - 1, num_tiles, k_begin, STAGES)
                 cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-            _barrier()  # every warp's reads of tile t - 1 done
-            _load_after(w_desc, w_smem, ready, released, t - 1, num_tiles, k_begin, STAGES)
+            else:
+                # Both done before the softmax: tile t - 1's next load is issued at once, and
+                # no accumulator is held by a wgmma in flight while the softmax needs the
+                # registers; the tensor cores meanwhile run the other consumer's GEMMs.
+                if COMPUTE_GRAD:
+                    cos, acc = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, pv_tok])
+                else:
+                    cos = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+                _barrier()  # every warp's reads of tile t - 1 done
+                _load_after(w_desc, w_smem, ready, released, t - 1, num_tiles, k_begin, STAGES)
             m_i, l_i, alpha, p = _softmax_rows(cos, m_i, l_i, labels, queue_labels_ptr, k_begin + t * BLOCK_K,
                                                k_end, scale_log2, interclass_filtering_threshold, FILTER, BLOCK_K,
                                                cols_layout)
@@ -332,8 +396,9 @@ if hopper.AVAILABLE:
         FILTER: gl.constexpr, COMPUTE_GRAD: gl.constexpr, RESCALE_ON_GROWTH: gl.constexpr, STAGES: gl.constexpr,
     ):
         """queue_pass_kernel's program (same grid, same workspace) on the
-        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel, with a ring of
-        STAGES queue buffers, num_warps=NUM_WARPS and maxnreg=MAXNREG."""
+        descriptors of dcq_ops.triton.hopper.hopper_queue_pass_kernel (the queue's in
+        blocks of ``load_block``: ``queue_descriptor``), with a ring of STAGES queue
+        buffers, num_warps=NUM_WARPS and maxnreg=MAXNREG."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[0]
@@ -344,7 +409,8 @@ if hopper.AVAILABLE:
         # The STAGES queue buffers and q (BLOCK_M = BLOCK_K, the same layout) as one array.
         gl.static_assert(BLOCK_M == BLOCK_K)
         gl.static_assert(STAGES >= 2)
-        w_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, BLOCK_K, BLOCK_D], w_desc.layout)
+        gl.static_assert((BLOCK_D == w_desc.block_type.shape[1]) | (BLOCK_D == 2 * w_desc.block_type.shape[1]))
+        w_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, BLOCK_K, BLOCK_D], q_desc.layout)
         q_smem = w_smem.index(STAGES)
         p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_K], p_layout)
         # Rows 4p, 4p + 1, 4p + 2 of BLOCK_M: consumer p's (m, l, alpha) of its last
@@ -355,14 +421,16 @@ if hopper.AVAILABLE:
         done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         # Per buffer: its tile arrived; the owner of its tile released it (the other
         # consumer then loads the next). Per consumer: it handed its softmax over.
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        HALVES: gl.constexpr = BLOCK_D // w_desc.block_type.shape[1]
+        ready = gl.allocate_shared_memory(gl.int64, [HALVES * STAGES, 1], mbarrier.MBarrierLayout())
         released = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(done, count=2)
         for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
             mbarrier.init(released.index(s), count=1)
+        for s in gl.static_range(HALVES * STAGES):
+            mbarrier.init(ready.index(s), count=1)
         for s in gl.static_range(2):
             mbarrier.init(handoff.index(s), count=1)
         fence_async_shared()
