@@ -106,7 +106,7 @@ def seesaw_stages(dim: int) -> int:
 
 
 def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
-                   rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH, stages: int | None = None):
+                   rescale_on_growth: bool = hopper_launch.SEESAW_RESCALE_ON_GROWTH, stages: int | None = None):
     """The seesaw kernel compiled for sm_90, on the same descriptors, with the launch's
     ring depth at this D (or ``stages``)."""
     stages = seesaw_stages(dim) if stages is None else stages
@@ -232,7 +232,7 @@ def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES
 
 
 def report_seesaw(dtype: str, dim: int, compute_grad: bool,
-                  rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH, stages: int | None = None) -> dict:
+                  rescale_on_growth: bool = hopper_launch.SEESAW_RESCALE_ON_GROWTH, stages: int | None = None) -> dict:
     """The seesaw kernel's entry: its counts per iteration of consumer 0's loop (one
     tile: its S GEMM and softmax, and its half of two tiles' P W), each consumer
     loop's HGMMA, waits and local-memory accesses, and the cycle model with the two
@@ -353,10 +353,10 @@ def _seesaw_variants(variant_class, dtype: str, dim: int, block_d: int) -> list:
                      dtype=dtype, chain_rank=_chain_rank("seesaw"), default=_chain_rank("seesaw") == 0,
                      BLOCK_D=block_d, BLOCK_M=hopper_seesaw.BLOCK_M, BLOCK_K=hopper_seesaw.BLOCK_K,
                      num_warps=2 * hopper_seesaw.NUM_WARPS, num_stages=stages, schedule="seesaw",
-                     rescale_on_growth=hopper_launch.RESCALE_ON_GROWTH)
+                     rescale_on_growth=hopper_launch.SEESAW_RESCALE_ON_GROWTH)
 
         def build(dtype=dtype, compute_grad=compute_grad):
-            compiled = compile_seesaw(dtype, dim, compute_grad, hopper_launch.RESCALE_ON_GROWTH)
+            compiled = compile_seesaw(dtype, dim, compute_grad, hopper_launch.SEESAW_RESCALE_ON_GROWTH)
             return compiled, dict(**seesaw_counts(compiled, dim, compute_grad),
                                   chain_break="none (Gluon: the layouts are explicit)")
         # One consumer's loop: its own warpgroup's MMAs and warps; the other takes the next tile.
@@ -393,9 +393,9 @@ def main(argv=None) -> int:
                                     schedule=SCHEDULES[overlap_softmax], rescale_on_growth=rescale_on_growth,
                                     error=f"{type(exc).__name__}: {str(exc)[:600]}"))
         # The seesaw (not launched): with the gradient under both rescale rules, and without.
-        seesaw = [(True, hopper_launch.RESCALE_ON_GROWTH), (False, hopper_launch.RESCALE_ON_GROWTH)]
+        seesaw = [(True, hopper_launch.SEESAW_RESCALE_ON_GROWTH), (False, hopper_launch.SEESAW_RESCALE_ON_GROWTH)]
         if not args.defaults_only:
-            seesaw.append((True, not hopper_launch.RESCALE_ON_GROWTH))
+            seesaw.append((True, not hopper_launch.SEESAW_RESCALE_ON_GROWTH))
         for compute_grad, rescale_on_growth in seesaw:
             try:
                 entries.append(report_seesaw(dtype, args.dim, compute_grad, rescale_on_growth))

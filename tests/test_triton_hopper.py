@@ -362,7 +362,8 @@ def test_the_launch_runs_the_kernel_chosen_with_its_own_arguments(monkeypatch, k
     assert args[1].block_shape == ([64, 256] if kernel == "seesaw" else [64, 512]) and args[1].base is w
     assert args[7:] == (100, 1000, 512, 2, 512, 92.3, 0.2)
     assert kwargs["FILTER"] and kwargs["COMPUTE_GRAD"]
-    assert kwargs["RESCALE_ON_GROWTH"] == hopper_launch.RESCALE_ON_GROWTH
+    assert kwargs["RESCALE_ON_GROWTH"] == (hopper_launch.SEESAW_RESCALE_ON_GROWTH if kernel == "seesaw"
+                                          else hopper_launch.RESCALE_ON_GROWTH)
     if kernel == "seesaw":
         assert (kwargs["num_warps"], kwargs["maxnreg"]) == (hopper_seesaw.NUM_WARPS, hopper_seesaw.MAXNREG)
         assert kwargs["STAGES"] == hopper_seesaw.stages(512) == 2  # a third buffer does not fit beside q
@@ -450,7 +451,7 @@ def test_seesaw_kernel_compiles_for_sm90_at_ideal_work(sass_report):
     flight and its two warpgroups in step (no overlap: the model's serialized bound)."""
     entries = [e for e in sass_report if e["kernel"] == "hopper_seesaw_queue_pass"]
     assert {(e["gradient"], e["rescale_on_growth"]) for e in entries} == {
-        (True, True), (True, False), (False, hopper_launch.RESCALE_ON_GROWTH)}, entries
+        (True, True), (True, False), (False, hopper_launch.SEESAW_RESCALE_ON_GROWTH)}, entries
     launched = next(e for e in sass_report if e["kernel"] == "hopper_queue_pass" and e["default"] and e["gradient"])
     for e in entries:
         assert "error" not in e, e

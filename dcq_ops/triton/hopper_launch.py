@@ -87,9 +87,12 @@ RULES = {
 # Under Triton 3.6 the accumulator's conditional rescale (only when some row's
 # max grew) costs 52 B of spills in the gradient kernel (ptxas, sm_90a; 252
 # registers and none without it), under 3.8 none (218 registers):
-# benchmarks/hopper_sass.py. Both give the same bits. The seesaw takes the same
-# rule (without spills either way under both Tritons).
+# benchmarks/hopper_sass.py. Both give the same bits.
 RESCALE_ON_GROWTH = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
+# The seesaw rescales only on growth under both Tritons: 0 spills either way (255
+# registers; benchmarks/hopper_sass.py), and a tile whose rows' maxima did not grow
+# skips the 128 FMULs of each consumer's half of the accumulator.
+SEESAW_RESCALE_ON_GROWTH = True
 
 # The schedule of the loop (dcq_ops.triton.hopper): False issues each tile's load
 # a tile ahead and runs the softmax after both GEMMs; True is FA3's order (the
@@ -225,7 +228,8 @@ def launch(grid, q_gemm, labels, queue_weights, queue_labels, workspace, rows, q
     q_desc, w_desc = gluon_descriptors(q_gemm, queue_weights)
     if kernel == "seesaw":
         hopper_seesaw.launch(grid, q_desc, w_desc, labels, queue_labels, workspace[:3], scalars,
-                             filtering=threshold > 0, compute_grad=compute_grad, rescale_on_growth=RESCALE_ON_GROWTH)
+                             filtering=threshold > 0, compute_grad=compute_grad,
+                             rescale_on_growth=SEESAW_RESCALE_ON_GROWTH)
         return
     hopper.hopper_queue_pass_kernel[grid](
         q_desc, w_desc, labels, queue_labels, *workspace[:3], *scalars, FILTER=threshold > 0,
