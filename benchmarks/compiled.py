@@ -48,7 +48,7 @@ For each it reads:
 
 On sm_90 it compiles the two Gluon queue passes too (benchmarks/hopper_sass.py's
 variants_for, in EXTRA_KERNELS): the pipelined kernel (dcq_ops/triton/hopper.py)
-and the seesaw (dcq_ops/triton/hopper_seesaw.py, the ranked chain's first: the
+and the seesaw (dcq_ops/triton/hopper_seesaw_kernel.py, the ranked chain's first: the
 ``default``), bf16 and fp16, with the gradient and without. The seesaw's two
 consumer warpgroups each run their own loop over the tiles, so its counts and its
 cycle model read consumer 0's loop (one tile an iteration, one warpgroup's MMAs:
@@ -116,7 +116,7 @@ REASONS = {
 
 
 # The Gluon sm_90 queue passes (dcq_ops/triton/hopper_launch.CHAIN: the seesaw,
-# dcq_ops/triton/hopper_seesaw.py, then the pipelined kernel, dcq_ops/triton/hopper.py):
+# dcq_ops/triton/hopper_seesaw_kernel.py, then the pipelined kernel, dcq_ops/triton/hopper.py):
 # their variants and SASS reading live in benchmarks/hopper_sass.py.
 from hopper_sass import variants_for as _hopper_variants  # noqa: E402
 EXTRA_KERNELS.append(_hopper_variants(Variant))

@@ -36,7 +36,7 @@ max(busy + exposed load, smem, l2); both bounds are reported, ``clocks_per_tile`
 is the one the structure says.
 
 Warp-specialized consumers that take the tiles in turn (``interleave``, the seesaw
-of dcq_ops/triton/hopper_seesaw.py): the model reads one consumer's innermost MMA
+of dcq_ops/triton/hopper_seesaw_kernel.py): the model reads one consumer's innermost MMA
 loop (one tile an iteration, ``warps`` its own) for the counts, but how the two
 consumers' GEMMs, softmax and loads overlap is not in one loop's SASS: the clocks
 a tile come from benchmarks/seesaw_schedule.py, which runs the kernel's protocol

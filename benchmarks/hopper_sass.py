@@ -5,7 +5,7 @@ without a GPU under the running Triton:
     python benchmarks/hopper_sass.py                       # bf16 and fp16, with and without the gradient
     /tmp/t36h/bin/python benchmarks/hopper_sass.py --json out36.json   # another Triton
 
-Two kernels: dcq_ops/triton/hopper_seesaw.py (the seesaw: two warp-specialized
+Two kernels: dcq_ops/triton/hopper_seesaw_kernel.py (the seesaw: two warp-specialized
 consumer warpgroups taking the tiles in turn; first in the ranked sm_90 chain,
 dcq_ops.triton.hopper_launch.CHAIN) and dcq_ops/triton/hopper.py (the pipelined
 kernel, its fallback, with its two schedules). benchmarks/compiled.py reports both

@@ -5,7 +5,7 @@ clocks per tile estimated, without a GPU.
     python benchmarks/seesaw_schedule.py                      # D=512 and 256, the launch's ring depths
     python benchmarks/seesaw_schedule.py --dim 512 --stages 2,3 --softmax 1100 --latency 300,600,1000
 
-dcq_ops/triton/hopper_seesaw.py's two consumer warpgroups are written out here step
+dcq_ops/triton/hopper_seesaw_kernel.py's two consumer warpgroups are written out here step
 for step (``consumer``: the same waits, arrivals, loads and wgmma groups, in the same
 order, with the same phase formulas) and run against each other on a model SM:
 
@@ -103,7 +103,7 @@ def halves_of(stages: int) -> int:
 
 def consumer(parity: int, tiles: int, stages: int, softmax: float, s_clocks: float, pw_clocks: float,
              order: str = "kernel", loader: str = "other"):
-    """Consumer warpgroup ``parity``'s program, as hopper_seesaw._consumer runs it with
+    """Consumer warpgroup ``parity``'s program, as hopper_seesaw_kernel._consumer runs it with
     the gradient (``order`` "kernel", ``loader`` "other"): a sequence of steps (kind,
     arguments). A wait is (barrier, index, the parity the kernel waits on, the
     completion it stands for); the parities are the kernel's formulas. The ready

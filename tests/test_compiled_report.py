@@ -226,7 +226,7 @@ def test_report_keeps_ptxas_warnings_cubins_and_the_cycle_model(tmp_path):
 
 
 def test_report_holds_the_seesaw_read_from_a_consumer_loop(tmp_path):
-    """The seesaw sm_90 kernel (dcq_ops/triton/hopper_seesaw.py, the ranked chain's
+    """The seesaw sm_90 kernel (dcq_ops/triton/hopper_seesaw_kernel.py, the ranked chain's
     first) is in the report beside the pipelined one, bf16 with and without the
     gradient: no spill, the ideal work (FLOPs / ideal 1.0, at most 1.125 exponentials a
     logit) read per iteration of consumer 0's own loop, not of the dispatch loop around

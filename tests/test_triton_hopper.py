@@ -1,5 +1,5 @@
 """The Gluon sm_90 queue passes (the pipelined dcq_ops/triton/hopper.py and the seesaw
-dcq_ops/triton/hopper_seesaw.py) and where each applies.
+dcq_ops/triton/hopper_seesaw_kernel.py) and where each applies.
 
 The Gluon kernel cannot run without a GPU (Gluon has no interpreter). Its
 numerics rest on its plain-Triton twin (dcq_ops/triton/hopper_twin.py: the same
@@ -438,7 +438,7 @@ def test_gluon_kernel_compiles_for_sm90_at_ideal_work_without_serialized_wgmma(s
 
 @pytest.mark.skipif(not hopper.AVAILABLE, reason="this Triton has no Gluon")
 def test_seesaw_kernel_compiles_for_sm90_at_ideal_work(sass_report):
-    """The seesaw kernel (dcq_ops/triton/hopper_seesaw.py, the ranked chain's first),
+    """The seesaw kernel (dcq_ops/triton/hopper_seesaw_kernel.py, the ranked chain's first),
     bf16 at D=512: each consumer warpgroup's loop issues one tile's S GEMM as
     m64n64k16 and its half of two tiles' P W (40 HGMMA, FLOPs / ideal 1.0 for the
     tile it completes), at most one wgmma wait per four HGMMA, no serialized-wgmma
