@@ -171,7 +171,7 @@ def cycle_model(sass: str, tile_m: int, tile_n: int, dim: int, warps: int = 8, *
     l2 = tiles_per_iteration * tile_bytes / hw["l2_bytes_per_clock"]
 
     # How many iterations of work lie between a load's issue and its wait.
-    loads = loop if interleave > 1 and count(loop.body)["utmaldg"] else load_loop(sass)
+    loads = None if interleave > 1 else load_loop(sass)
     if interleave > 1:
         ahead, structure = 0.0, ""  # the schedule simulation below decides
     elif loads is None:

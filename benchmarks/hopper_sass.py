@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dcq_ops.triton import hopper, hopper_launch, hopper_seesaw  # noqa: E402
+from dcq_ops.triton.configs import block_d_of  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
@@ -65,7 +66,7 @@ def descriptor_types(dtype: str, dim: int, w_block: list | None = None) -> tuple
     descriptors, hopper_launch.gluon_descriptors, mangle to; the queue's in blocks of
     ``w_block`` where given, with the layout of the full block, as
     hopper_seesaw.queue_descriptor makes it)."""
-    block_d = max(16, 1 << (dim - 1).bit_length())
+    block_d = block_d_of(dim)
     out = []
     for rows, cols in ((hopper.BLOCK_M, block_d), tuple(w_block or (hopper.BLOCK_K, block_d))):
         layout = gl.NVMMASharedLayout.get_default_for([rows, block_d], DTYPES[dtype])
@@ -102,7 +103,7 @@ def compile_hopper(dtype: str, dim: int, compute_grad: bool, stages: int = hoppe
 
 def seesaw_stages(dim: int) -> int:
     """The seesaw's ring depth that a launch at D = ``dim`` (16-bit) uses."""
-    return hopper_seesaw.stages(max(16, 1 << (dim - 1).bit_length()))
+    return hopper_seesaw.stages(block_d_of(dim))
 
 
 def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
@@ -119,7 +120,7 @@ def compile_seesaw(dtype: str, dim: int, compute_grad: bool,
 def seesaw_load_block(dim: int, stages: int | None = None) -> list:
     """The block of the seesaw's queue descriptor at D = ``dim`` (hopper_seesaw.load_block:
     half of D with a ring of 2 buffers)."""
-    block_d = max(16, 1 << (dim - 1).bit_length())
+    block_d = block_d_of(dim)
     stages = seesaw_stages(dim) if stages is None else stages
     return [hopper_seesaw.BLOCK_K, block_d // hopper_seesaw.halves(stages)]
 
@@ -211,7 +212,7 @@ def loop_counts(sass: str, block_m: int, block_k: int, block_d: int, gemms: int,
 def report(dtype: str, dim: int, compute_grad: bool, stages: int = hopper.STAGES,
            rescale_on_growth: bool = hopper_launch.RESCALE_ON_GROWTH,
            overlap_softmax: bool = hopper_launch.OVERLAP_SOFTMAX) -> dict:
-    block_d = max(16, 1 << (dim - 1).bit_length())
+    block_d = block_d_of(dim)
     entry = dict(kernel="hopper_queue_pass", target="sm_90", dtype=dtype, gradient=compute_grad, BLOCK_M=hopper.BLOCK_M,
                  BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d, num_warps=hopper.NUM_WARPS, stages=stages,
                  schedule=SCHEDULES[overlap_softmax], rescale_on_growth=rescale_on_growth,
@@ -237,7 +238,7 @@ def report_seesaw(dtype: str, dim: int, compute_grad: bool,
     tile: its S GEMM and softmax, and its half of two tiles' P W), each consumer
     loop's HGMMA, waits and local-memory accesses, and the cycle model with the two
     consumers taking the tiles in turn."""
-    block_d = max(16, 1 << (dim - 1).bit_length())
+    block_d = block_d_of(dim)
     entry = dict(kernel="hopper_seesaw_queue_pass", target="sm_90", dtype=dtype, gradient=compute_grad,
                  BLOCK_M=hopper.BLOCK_M, BLOCK_K=hopper.BLOCK_K, BLOCK_D=block_d,
                  num_warps=2 * hopper_seesaw.NUM_WARPS, stages=stages, schedule="seesaw",
@@ -277,7 +278,7 @@ def seesaw_counts(compiled, dim: int, compute_grad: bool) -> dict:
     ValueError
         The SASS has no innermost loop with HGMMA (no consumer loop).
     """
-    block_d = max(16, 1 << (dim - 1).bit_length())
+    block_d = block_d_of(dim)
     sass = sass_of(compiled.asm["cubin"])
     bodies = consumer_loops(sass)
     if not bodies:
@@ -316,7 +317,7 @@ def variants_for(variant_class):
     def variants(arch: int, dtypes: list[str], dim: int, first_only: bool) -> list:
         if arch != 90 or not hopper.AVAILABLE:
             return []
-        block_d = max(16, 1 << (dim - 1).bit_length())
+        block_d = block_d_of(dim)
         tile = type("Tile", (), dict(block_m=hopper.BLOCK_M, block_k=hopper.BLOCK_K, num_warps=hopper.NUM_WARPS))
         out = []
         for dtype in (d for d in dtypes if d in DTYPES):

@@ -36,7 +36,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from cycle_model import HOPPER
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dcq_ops.triton.hopper_seesaw import halves as halves_of  # noqa: E402  (the kernel's rule itself)
 
 BLOCK_M = BLOCK_K = 64
 # The consumers' orders: "kernel", the kernel's ("split" where a tile arrives in two
@@ -93,12 +98,6 @@ class Machine:
         start = max(now, self.port_free)
         self.port_free = start + nbytes / self.hw["l2_port_bytes_per_clock"]
         return self.port_free + self.hw["l2_latency_clocks"]
-
-
-def halves_of(stages: int) -> int:
-    """The pieces of D a tile is loaded in, as dcq_ops.triton.hopper_seesaw.halves says:
-    2 with a ring of 2 buffers, else 1."""
-    return 2 if stages == 2 else 1
 
 
 def consumer(parity: int, tiles: int, stages: int, softmax: float, s_clocks: float, pw_clocks: float,
@@ -317,7 +316,6 @@ def main(argv=None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if stage_list is None:
-        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
         from dcq_ops.triton import hopper_seesaw
     results = []
     for dim in dims:

@@ -36,6 +36,7 @@ import triton
 from typing import Callable, NamedTuple
 
 from dcq_ops.triton import hopper, hopper_probe, hopper_seesaw
+from dcq_ops.triton.configs import block_d_of
 from dcq_ops.triton.hopper_probe_class import ProbeClass
 from dcq_ops.triton.kernels import INTERPRETED
 
@@ -152,7 +153,7 @@ def applies(kernel: str, q_gemm: torch.Tensor, queue_weights: torch.Tensor, spli
             rules.block_m, rules.block_k, rules.num_warps):
         return False
     return ((block_m, block_k) == (rules.block_m, rules.block_k) and dim % 8 == 0
-            and rules.min_block_d <= _block_d(dim) <= rules.max_block_d)
+            and rules.min_block_d <= block_d_of(dim) <= rules.max_block_d)
 
 
 def choose_kernel(q_gemm: torch.Tensor, queue_weights: torch.Tensor, split_size: int, block_m: int, block_k: int,
@@ -182,11 +183,7 @@ def probe_class(kernel: str, q_gemm: torch.Tensor, queue_weights: torch.Tensor, 
     rules = RULES[kernel]
     return ProbeClass.of_launch(kernel, q_gemm.dtype, q_gemm.shape[0], queue_weights.shape[0], q_gemm.shape[1],
                                 split_size, compute_grad, filtering, rules.block_m, rules.block_k,
-                                rules.stages(_block_d(q_gemm.shape[1])))
-
-
-def _block_d(dim: int) -> int:
-    return max(16, 1 << max(0, int(dim) - 1).bit_length())
+                                rules.stages(block_d_of(q_gemm.shape[1])))
 
 
 def gluon_descriptors(q_gemm: torch.Tensor, queue_weights: torch.Tensor):
@@ -199,7 +196,7 @@ def gluon_descriptors(q_gemm: torch.Tensor, queue_weights: torch.Tensor):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     gl_dtype = gl.bfloat16 if q_gemm.dtype == torch.bfloat16 else gl.float16
-    block_d = _block_d(q_gemm.shape[1])
+    block_d = block_d_of(q_gemm.shape[1])
     out = []
     for tensor, rows in ((q_gemm, hopper.BLOCK_M), (queue_weights, hopper.BLOCK_K)):
         layout = gl.NVMMASharedLayout.get_default_for([rows, block_d], gl_dtype)
@@ -212,7 +209,7 @@ def launch(grid, q_gemm, labels, queue_weights, queue_labels, workspace, rows, q
     """``kernel``'s queue pass ("seesaw" or "pipelined", as ``choose_kernel`` said) over
     ``grid`` into the workspace (the repair kernel runs after it as after the classic
     one); under the interpreter the twin for either."""
-    block_d = _block_d(dim)
+    block_d = block_d_of(dim)
     scalars = (rows, queue_size, dim, num_splits, split_size, scale_log2, threshold)
     if INTERPRETED:
         from triton.tools.tensor_descriptor import TensorDescriptor
